@@ -1,0 +1,39 @@
+"""diffusionret: generative text-video retrieval (DiffusionRet, ICCV 2023) as real software.
+
+Public API (imported lazily so that ``import diffusionret`` stays light):
+
+- :func:`load_model` — official DiffusionRet checkpoints, this project's safetensors checkpoints.
+- :func:`save_model` — write a model as safetensors + JSON architecture config.
+- :func:`build_model` — a fresh model from a :class:`ModelConfig` (optionally from CLIP weights).
+- :func:`tokenize` — CLIP BPE tokenisation with the reference's truncation and padding.
+- :mod:`diffusionret.metrics` — retrieval metrics.
+- :class:`VideoIndex`, :class:`Searcher` — on-disk video index and cascade search.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "diffusionret.models.checkpoint",
+    "save_model": "diffusionret.models.checkpoint",
+    "build_model": "diffusionret.models.factory",
+    "ModelConfig": "diffusionret.models.config",
+    "DiffusionRet": "diffusionret.models.diffusionret",
+    "tokenize": "diffusionret.tokenizer",
+    "VideoIndex": "diffusionret.index.store",
+    "Searcher": "diffusionret.index.searcher",
+}
+
+__all__ = sorted([*_LAZY, "metrics", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "metrics":
+        return importlib.import_module("diffusionret.evaluation.metrics")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffusionret' has no attribute {name!r}")
