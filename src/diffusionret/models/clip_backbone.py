@@ -1,0 +1,247 @@
+"""The CLIP backbone, built through open_clip, with the token-level outputs DiffusionRet needs.
+
+We do not carry CLIP code: the towers are open_clip's ``CLIP`` (whose parameter names are the
+OpenAI ones, so OpenAI-format state dicts and the ``clip.*`` part of DiffusionRet checkpoints load
+without renaming). This module adds what open_clip does not expose: every text position through
+``ln_final`` and the projection, with the reference's per-sample key-padding mask (SPEC.md 1.2.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from diffusionret.models.config import ClipConfig
+
+logger = logging.getLogger(__name__)
+
+# Entries of OpenAI's TorchScript archives that are not parameters.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class ClipFormatError(ValueError):
+    """A CLIP weight file or state dict does not have the OpenAI ViT layout."""
+
+
+def infer_clip_config(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> ClipConfig:
+    """Infer the CLIP architecture from OpenAI-format tensor shapes (SPEC.md 1.1 step 3).
+
+    Args:
+        state_dict: keys without prefix (``visual.conv1.weight``, ``transformer.resblocks.0...``).
+        source: what to name in error messages (a file path).
+    """
+    required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                "positional_embedding", "token_embedding.weight", "ln_final.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        if any(k.startswith("visual.layer1.") for k in state_dict):
+            raise ClipFormatError(f"{source}: ResNet CLIP checkpoints are not supported (ViT only)")
+        raise ClipFormatError(f"{source}: not an OpenAI-format ViT CLIP state dict; missing {missing}")
+    conv = state_dict["visual.conv1.weight"]
+    if conv.ndim != 4:
+        raise ClipFormatError(f"{source}: visual.conv1.weight has shape {tuple(conv.shape)}, expected 4-D")
+    vision_layers = len([k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+    text_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
+    patch = conv.shape[-1]
+    n_pos = state_dict["visual.positional_embedding"].shape[0]
+    grid = round((n_pos - 1) ** 0.5)
+    if grid * grid + 1 != n_pos:
+        raise ClipFormatError(f"{source}: visual.positional_embedding has {n_pos} rows, not a square grid + 1")
+    return ClipConfig(
+        embed_dim=int(state_dict["text_projection"].shape[1]),
+        image_size=int(patch * grid),
+        vision_width=int(conv.shape[0]),
+        vision_layers=vision_layers,
+        vision_patch_size=int(patch),
+        text_width=int(state_dict["ln_final.weight"].shape[0]),
+        text_layers=text_layers,
+        context_length=int(state_dict["positional_embedding"].shape[0]),
+        vocab_size=int(state_dict["token_embedding.weight"].shape[0]),
+    )
+
+
+def read_openai_clip_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an OpenAI CLIP file: a TorchScript archive (``ViT-B-32.pt``) or a plain state dict.
+
+    Like the reference, a TorchScript archive is tried first and a plain ``torch.load`` second. The
+    archive's non-parameter entries (``input_resolution`` ...) are dropped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP weights not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ClipFormatError(f"{path}: file is empty")
+    state = None
+    errors = []
+    if zipfile.is_zipfile(path):
+        try:
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+        except (RuntimeError, ValueError) as exc:  # not TorchScript: a zip-format torch.save file
+            errors.append(f"torch.jit.load: {exc}".splitlines()[0])
+    if state is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path and both causes
+            errors.append(f"torch.load: {exc}".splitlines()[0])
+            raise ClipFormatError(f"{path}: cannot read as a TorchScript archive or a state dict ({'; '.join(errors)})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ClipFormatError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS and isinstance(v, torch.Tensor)}
+
+
+def build_open_clip(cfg: ClipConfig) -> nn.Module:
+    """An fp32 open_clip ``CLIP`` with OpenAI's layout (QuickGELU, width//64 heads, token projection)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, head_width=cfg.vision_width // cfg.vision_heads,
+                           patch_size=cfg.vision_patch_size, image_size=cfg.image_size)
+    text = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                       heads=cfg.text_heads, layers=cfg.text_layers)
+    model = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True, cast_dtype=None)
+    return model.float()
+
+
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                     ignore: tuple[str, ...] = ()) -> None:
+    """Raise a ``ValueError`` listing missing keys, unexpected keys and shape mismatches."""
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict and not k.endswith(ignore or ("\0",)))
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    shapes = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in state_dict if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_short(shapes)}")
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def _short(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_clip_weights(clip: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly copy OpenAI-format weights into an open_clip ``CLIP`` (casting dtypes on copy)."""
+    check_state_dict(clip, state_dict, source)
+    own = clip.state_dict()
+    clip.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def clip_config_from_open_clip(name: str) -> ClipConfig:
+    """ClipConfig of a named open_clip architecture (e.g. ``ViT-B-32``), for OpenAI-layout ViTs."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(open_clip.list_models()[:20])} ...")
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    if not isinstance(v.get("layers"), int) or "timm_model_name" in v or "hf_model_name" in t:
+        raise ValueError(f"open_clip model {name!r} is not an OpenAI-layout ViT CLIP")
+    return ClipConfig(embed_dim=cfg["embed_dim"], image_size=v.get("image_size", 224), vision_width=v["width"],
+                      vision_layers=v["layers"], vision_patch_size=v["patch_size"], text_width=t.get("width", 512),
+                      text_layers=t.get("layers", 12), context_length=t.get("context_length", 77),
+                      vocab_size=t.get("vocab_size", 49408), open_clip_name=name)
+
+
+def load_open_clip_weights(name: str, pretrained: str) -> dict[str, torch.Tensor]:
+    """State dict of an open_clip model from a pretrained tag (local cache only) or a local file."""
+    import open_clip
+
+    if os.path.isfile(pretrained):
+        return read_openai_clip_file(pretrained)
+    model = open_clip.create_model(name, pretrained=pretrained, cache_dir=os.environ.get("OPEN_CLIP_CACHE"))
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def causal_key_padding_mask(text_mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask of the reference text tower (SPEC.md 1.2.2).
+
+    ``A[b, i, j] = 0`` where ``j <= i`` and token ``j`` is valid, ``-inf`` elsewhere; repeated
+    sample-major over heads as ``nn.MultiheadAttention`` expects.
+
+    Args:
+        text_mask: (B, L) 0/1.
+    Returns:
+        (B * heads, L, L) float mask.
+    """
+    batch, length = text_mask.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
+    allowed = causal.unsqueeze(0) & text_mask.bool().unsqueeze(1)
+    # Position 0 (SOT) is always a valid key, so no row is fully masked; guard all-padding rows anyway.
+    allowed[:, :, 0] |= ~allowed.any(-1)
+    mask = torch.zeros(batch, length, length, dtype=dtype, device=text_mask.device)
+    mask.masked_fill_(~allowed, float("-inf"))
+    return mask.repeat_interleave(heads, dim=0)
+
+
+def encode_text_tokens(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level text features of an open_clip ``CLIP``.
+
+    Args:
+        text_ids: (B, L) int64, SOT ... EOT then 0-padding (L <= context length).
+        text_mask: (B, L) 0/1.
+    Returns:
+        tokens (B, L, D): every position through ``ln_final`` and ``text_projection`` (float32);
+        cls (B, D): the projected EOT token (the largest id of each row).
+    """
+    length = text_ids.shape[1]
+    if length > clip.positional_embedding.shape[0]:
+        raise ValueError(f"text length {length} exceeds the CLIP context length {clip.positional_embedding.shape[0]}")
+    dtype = clip.token_embedding.weight.dtype
+    x = clip.token_embedding(text_ids).to(dtype) + clip.positional_embedding[:length].to(dtype)
+    heads = clip.transformer.resblocks[0].attn.num_heads
+    mask = causal_key_padding_mask(text_mask, heads, x.dtype)
+    if not getattr(clip.transformer, "batch_first", True):
+        x = x.transpose(0, 1)
+        x = clip.transformer(x, attn_mask=mask).transpose(0, 1)
+    else:
+        x = clip.transformer(x, attn_mask=mask)
+    x = clip.ln_final(x)
+    proj = clip.text_projection
+    hidden = proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
+    hidden = hidden.float()
+    eot = text_ids.argmax(dim=-1)
+    cls = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot]
+    return hidden, cls
+
+
+def encode_frames(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+    """Projected CLS feature of every frame.
+
+    Args:
+        frames: (N, 3, H, W) normalised images.
+    Returns:
+        (N, D) float32.
+    """
+    dtype = clip.visual.conv1.weight.dtype
+    return clip.encode_image(frames.to(dtype)).float()
+
+
+_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.*)$")
+
+
+def text_layers_for_temporal_init(clip_state: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """The reference's initialisation trick: CLIP text layers ``0..layers-1`` as temporal layers.
+
+    Returns a dict keyed like the temporal transformer's state dict (``resblocks.{i}.*``).
+    """
+    out = {}
+    for key, value in clip_state.items():
+        match = _RESBLOCK.match(key)
+        if match and int(match.group(1)) < layers:
+            out[f"resblocks.{match.group(1)}.{match.group(2)}"] = value
+    return out

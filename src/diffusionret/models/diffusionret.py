@@ -1,0 +1,286 @@
+"""The DiffusionRet model: CLIP towers, temporal module, WTI head and the two denoisers.
+
+Attribute names follow the reference so that its state dicts map one-to-one onto ours
+(``clip.*``, ``text_weight_fc``, ``video_weight_fc``, ``frame_position_embeddings``,
+``transformerClip``, ``lstm_visual``, ``diffusion_model``, ``diffusion_model_v``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from diffusionret.diffusion.gaussian import GaussianDiffusion
+from diffusionret.models import clip_backbone
+from diffusionret.models.config import ModelConfig
+from diffusionret.models.denoiser import T2VDenoiser, V2TDenoiser
+from diffusionret.models.similarity import wti_similarity
+from diffusionret.models.temporal import TemporalTransformer, aggregate_seq_lstm, aggregate_seq_transf
+from diffusionret.rerank import rerank_rows
+
+logger = logging.getLogger(__name__)
+
+
+def _weight_mlp(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(inplace=True), nn.Linear(2 * dim, 1))
+
+
+def init_head_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """The reference's init: Linear/Embedding weights N(0, 0.02^2), Linear biases 0, LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            with torch.no_grad():
+                m.weight.normal_(0.0, 0.02, generator=generator)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DiffusionRet(nn.Module):
+    """Generative text-video retrieval model (SPEC.md 1).
+
+    Build it with :func:`diffusionret.build_model` or :func:`diffusionret.load_model`.
+    """
+
+    def __init__(self, config: ModelConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.clip = clip_backbone.build_open_clip(config.clip)
+        self.text_weight_fc = _weight_mlp(dim)
+        self.video_weight_fc = _weight_mlp(dim)
+        if config.agg_module in ("seqTransf", "seqLSTM"):
+            self.frame_position_embeddings = nn.Embedding(config.max_position, dim)
+        if config.agg_module == "seqTransf":
+            self.transformerClip = TemporalTransformer(dim, config.temporal_layers, max(1, dim // 64))
+        elif config.agg_module == "seqLSTM":
+            self.lstm_visual = nn.LSTM(dim, dim, batch_first=True, bidirectional=False, num_layers=1)
+        for name in ("text_weight_fc", "video_weight_fc", "frame_position_embeddings", "transformerClip"):
+            if hasattr(self, name):
+                init_head_weights(getattr(self, name), generator)
+        self.diffusion = GaussianDiffusion(config.diffusion_steps, config.noise_schedule)
+        if config.stage == "generation":
+            self._create_denoisers(generator)
+        # conv1 is frozen in every stage of the reference (SPEC.md 1.8).
+        self.clip.visual.conv1.weight.requires_grad_(False)
+        self.eval()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.config.clip.image_size
+
+    @property
+    def has_denoisers(self) -> bool:
+        return hasattr(self, "diffusion_model")
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def _create_denoisers(self, generator: torch.Generator | None) -> None:
+        dim = self.config.embed_dim
+        self.diffusion_model = T2VDenoiser(dim, self.config.denoiser_temp)
+        self.diffusion_model_v = V2TDenoiser(dim, self.config.denoiser_temp)
+        init_head_weights(self.diffusion_model, generator)
+        init_head_weights(self.diffusion_model_v, generator)
+        device = self.text_weight_fc[0].weight.device
+        self.diffusion_model.to(device)
+        self.diffusion_model_v.to(device)
+
+    def add_denoisers(self, generator: torch.Generator | None = None) -> None:
+        """Turn a discrimination-stage model into a generation-stage one (fresh denoisers)."""
+        if self.has_denoisers:
+            raise RuntimeError("model already has denoisers")
+        self._create_denoisers(generator)
+        self.config = dataclasses.replace(self.config, stage="generation")
+
+    def set_sampler(self, diffusion_steps: int, noise_schedule: str) -> None:
+        """Replace the diffusion sampler (official checkpoints do not record it)."""
+        self.config = dataclasses.replace(self.config, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule)
+        device = self.text_weight_fc[0].weight.device
+        self.diffusion = GaussianDiffusion(diffusion_steps, noise_schedule).to(device)
+
+    def freeze_backbone(self) -> None:
+        """Generation stage: everything but the two denoisers is frozen (SPEC.md 1.8)."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith(("diffusion_model.", "diffusion_model_v.")))
+
+    def init_temporal_from_clip(self) -> None:
+        """The reference's initialisation trick (SPEC.md 1.1 step 13).
+
+        Frame positions from CLIP's text positional table and, for seqTransf, the first
+        ``temporal_layers`` CLIP text layers as the temporal transformer.
+        """
+        clip_state = self.clip.state_dict()
+        if not hasattr(self, "frame_position_embeddings"):
+            return
+        pos = clip_state["positional_embedding"]
+        if pos.shape != self.frame_position_embeddings.weight.shape:
+            logger.warning("CLIP text width %s differs from the embedding width %s: keeping random temporal init",
+                           tuple(pos.shape), tuple(self.frame_position_embeddings.weight.shape))
+            return
+        with torch.no_grad():
+            self.frame_position_embeddings.weight.copy_(pos)
+        if hasattr(self, "transformerClip"):
+            layers = clip_backbone.text_layers_for_temporal_init(clip_state, self.config.temporal_layers)
+            own = self.transformerClip.state_dict()
+            usable = {k: v.to(own[k].dtype) for k, v in layers.items() if k in own and own[k].shape == v.shape}
+            self.transformerClip.load_state_dict(usable, strict=False)
+            if len(usable) < len(own):
+                logger.info("temporal transformer: %d of %d tensors initialised from CLIP text layers", len(usable), len(own))
+
+    # ------------------------------------------------------------------ encoders
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features.
+
+        Args:
+            text_ids: (B, L) int64 (SOT ... EOT then 0); (B, 1, L) paragraph batches are flattened.
+            text_mask: (B, L) 0/1.
+        Returns:
+            tokens (B, L, D) float32, every position projected; cls (B, D): the projected EOT token.
+        """
+        text_ids = _flatten_text(text_ids, "text_ids")
+        text_mask = _flatten_text(text_mask, "text_mask")
+        if text_ids.shape != text_mask.shape:
+            raise ValueError(f"text_ids {tuple(text_ids.shape)} and text_mask {tuple(text_mask.shape)} differ in shape")
+        if text_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"text_ids must be integer token ids, got {text_ids.dtype}")
+        return clip_backbone.encode_text_tokens(self.clip, text_ids.long(), text_mask)
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Per-frame projected CLS features before the temporal module.
+
+        Args:
+            frames: (B, T, 3, H, W) normalised frames (H = W = ``image_size``).
+        Returns:
+            (B, T, D) float32.
+        """
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be (B, T, 3, H, W), got {tuple(frames.shape)}")
+        size = self.image_size
+        if frames.shape[-2:] != (size, size):
+            raise ValueError(f"frames must be {size}x{size} for this model, got {tuple(frames.shape[-2:])}")
+        b, t = frames.shape[:2]
+        return clip_backbone.encode_frames(self.clip, frames.reshape(b * t, *frames.shape[2:])).view(b, t, -1)
+
+    def aggregate(self, frame_feats: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Temporal module: (B, T, D), (B, T) -> (B, T, D)."""
+        if frame_mask.shape != frame_feats.shape[:2]:
+            raise ValueError(f"frame_mask {tuple(frame_mask.shape)} does not match frames {tuple(frame_feats.shape[:2])}")
+        agg = self.config.agg_module
+        if agg == "seqTransf":
+            return aggregate_seq_transf(frame_feats, frame_mask, self.frame_position_embeddings, self.transformerClip)
+        if agg == "seqLSTM":
+            return aggregate_seq_lstm(frame_feats, frame_mask, self.lstm_visual)
+        return frame_feats
+
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W), (B, T) -> (B, T, D) frame features after the temporal module."""
+        if frame_mask.ndim != 2 or frame_mask.shape != frames.shape[:2]:
+            raise ValueError(f"frame_mask must be (B, T) = {tuple(frames.shape[:2])}, got {tuple(frame_mask.shape)}")
+        return self.aggregate(self.encode_frames(frames), frame_mask)
+
+    def similarity(self, tokens: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
+                   *, chunk_size: int | None = None) -> torch.Tensor:
+        """WTI scores (Nt, Nv) in [-1, 1]; no logit scale (SPEC.md 1.4)."""
+        text_mask = _flatten_text(text_mask, "text_mask")
+        return wti_similarity(self.text_weight_fc, self.video_weight_fc, tokens, text_mask, video, frame_mask, chunk_size)
+
+    # ------------------------------------------------------------------ denoisers
+    def _require_denoisers(self) -> None:
+        if not self.has_denoisers:
+            raise RuntimeError("this is a discrimination-stage (stage 1) model: it has no denoisers, so it cannot "
+                               "re-rank; train stage 2 or evaluate without re-ranking")
+
+    def denoise_t2v(self, x_t: torch.Tensor, t: torch.Tensor, cls: torch.Tensor, cand_video: torch.Tensor,
+                    cand_mask: torch.Tensor) -> torch.Tensor:
+        """Text->video denoiser: x_t (B, K), t (B,), cls (B, D), cand_video (B, K, T, D), cand_mask (B, K, T) -> (B, K)."""
+        self._require_denoisers()
+        _check_shapes("denoise_t2v", x_t=(x_t, 2), t=(t, 1), cls=(cls, 2), cand_video=(cand_video, 4), cand_mask=(cand_mask, 3))
+        if cand_video.shape[:2] != x_t.shape or cand_mask.shape != cand_video.shape[:3] or cls.shape[0] != x_t.shape[0]:
+            raise ValueError(f"denoise_t2v: inconsistent shapes x_t {tuple(x_t.shape)}, cls {tuple(cls.shape)}, "
+                             f"cand_video {tuple(cand_video.shape)}, cand_mask {tuple(cand_mask.shape)}")
+        return self.diffusion_model(x_t, t, cls, cand_video, cand_mask)
+
+    def denoise_v2t(self, x_t: torch.Tensor, t: torch.Tensor, cand_cls: torch.Tensor, video: torch.Tensor,
+                    frame_mask: torch.Tensor) -> torch.Tensor:
+        """Video->text denoiser: x_t (B, K), t (B,), cand_cls (B, K, D), video (B, T, D), frame_mask (B, T) -> (B, K)."""
+        self._require_denoisers()
+        _check_shapes("denoise_v2t", x_t=(x_t, 2), t=(t, 1), cand_cls=(cand_cls, 3), video=(video, 3), frame_mask=(frame_mask, 2))
+        if cand_cls.shape[:2] != x_t.shape or frame_mask.shape != video.shape[:2] or video.shape[0] != x_t.shape[0]:
+            raise ValueError(f"denoise_v2t: inconsistent shapes x_t {tuple(x_t.shape)}, cand_cls {tuple(cand_cls.shape)}, "
+                             f"video {tuple(video.shape)}, frame_mask {tuple(frame_mask.shape)}")
+        return self.diffusion_model_v(x_t, t, cand_cls, video, frame_mask)
+
+    # ------------------------------------------------------------------ re-ranking
+    def rerank_t2v(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
+                   top_k: int = 32, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   alpha: float = 1.0, temp: float = 1.0) -> torch.Tensor:
+        """Re-rank text->video rows: sim (Nt, Nv), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nt, Nv)."""
+        self._require_denoisers()
+        if sim.shape != (cls.shape[0], video.shape[0]):
+            raise ValueError(f"sim {tuple(sim.shape)} does not match cls {tuple(cls.shape)} x video {tuple(video.shape)}")
+        cls, video = cls.float(), video.float()
+
+        def prepare(rows: torch.Tensor, idx: torch.Tensor):
+            return self.diffusion_model.prepare(cls[rows], video[idx], frame_mask[idx])
+
+        return rerank_rows(sim, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator, alpha=alpha, temp=temp)
+
+    def rerank_v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
+                   top_k: int = 32, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   alpha: float = 1.0, temp: float = 1.0) -> torch.Tensor:
+        """Re-rank video->text rows: sim_v2t (Nv, Nt), cls (Nt, D), video (Nv, T, D) -> (Nv, Nt)."""
+        self._require_denoisers()
+        if sim_v2t.shape != (video.shape[0], cls.shape[0]):
+            raise ValueError(f"sim_v2t {tuple(sim_v2t.shape)} does not match video {tuple(video.shape)} x cls {tuple(cls.shape)}")
+        cls, video = cls.float(), video.float()
+
+        def prepare(rows: torch.Tensor, idx: torch.Tensor):
+            return self.diffusion_model_v.prepare(cls[idx], video[rows], frame_mask[rows])
+
+        return rerank_rows(sim_v2t, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator, alpha=alpha, temp=temp)
+
+    def rerank(self, sim: torch.Tensor, tokens: torch.Tensor | None, text_mask: torch.Tensor | None, cls: torch.Tensor,
+               video: torch.Tensor, frame_mask: torch.Tensor, *, top_k: int = 32, noise_t2v: torch.Tensor | None = None,
+               noise_v2t: torch.Tensor | None = None, generator: torch.Generator | None = None, alpha: float = 1.0,
+               temp: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both directions from the same base matrix (SPEC.md 3.3).
+
+        Args:
+            sim: (Nt, Nv) WTI scores. ``tokens``/``text_mask`` are accepted for API symmetry; the
+                denoisers only use ``cls`` (Nt, D) and ``video`` (Nv, T, D), ``frame_mask`` (Nv, T).
+            noise_t2v, noise_v2t: (Nt, K), (Nv, K) initial x_T per query in descending-score order;
+                drawn from ``generator`` (t2v first, then v2t) when not given.
+        Returns:
+            t2v (Nt, Nv), v2t (Nv, Nt).
+        """
+        t2v = self.rerank_t2v(sim, cls, video, frame_mask, top_k=top_k, noise=noise_t2v, generator=generator, alpha=alpha, temp=temp)
+        v2t = self.rerank_v2t(sim.T, cls, video, frame_mask, top_k=top_k, noise=noise_v2t, generator=generator, alpha=alpha, temp=temp)
+        return t2v, v2t
+
+
+def _flatten_text(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.ndim == 3 and x.shape[1] == 1:  # ActivityNet/DiDeMo loaders give (B, 1, L)
+        return x[:, 0]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be (B, L), got {tuple(x.shape)}")
+    return x
+
+
+def _check_shapes(where: str, **tensors: tuple[torch.Tensor, int]) -> None:
+    for name, (tensor, ndim) in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.ndim != ndim:
+            raise ValueError(f"{where}: {name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
