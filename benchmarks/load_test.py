@@ -1,0 +1,171 @@
+"""Bounded load test of ``diffusionret serve``: concurrent searches over loopback, p50/p99 latency and errors.
+
+Either point it at a running server or let it start one (``diffusionret serve`` in a subprocess on a
+free loopback port, stopped afterwards)::
+
+    python benchmarks/load_test.py --spawn INDEX_DIR [--model CKPT]          # start, load, stop
+    python benchmarks/load_test.py --url http://127.0.0.1:8000 --token-file T
+
+Bounded: a fixed number of requests (``--requests``), a fixed number in flight (``--concurrency``)
+and a wall-clock cap (``--max-seconds``). Only loopback addresses are accepted, so it cannot be
+turned against another machine. ``503`` answers (the server shedding load) are reported apart from
+other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from _common import report
+
+DEFAULT_QUERIES = [
+    "a small red circle moves to the left on a black background",
+    "a large blue square rises over a white background",
+    "a green ring stays still",
+    "a yellow triangle falls on a gray backdrop",
+    "a purple cross circles around",
+    "an orange disc drifts to the right",
+    "a man is cooking pasta",
+    "two dogs play in the snow",
+]
+
+
+def require_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"refusing to load-test {host!r}: only loopback servers (127.0.0.1, ::1, localhost)")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def run_load(url: str, queries: list[str], *, requests: int, concurrency: int, k: int, token: str | None,
+                   max_seconds: float, timeout: float) -> dict:
+    """Send ``requests`` searches, ``concurrency`` at a time; returns latencies and status counts."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    deadline = time.monotonic() + max_seconds
+    counter = iter(range(requests))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            if time.monotonic() > deadline:
+                statuses["not sent (time cap)"] = statuses.get("not sent (time cap)", 0) + 1
+                continue
+            start = time.perf_counter()
+            try:
+                response = await client.get("/api/search", params={"q": queries[i % len(queries)], "k": k})
+                key = str(response.status_code)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
+        await client.get("/api/search", params={"q": queries[0], "k": k})  # warm-up (first call loads caches)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"latencies": latencies, "statuses": statuses, "elapsed": elapsed}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_server(index: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "diffusionret", "--log-level", "WARNING", "serve", index, "--host", "127.0.0.1",
+               "--port", str(port), *(["--model", model] if model else []), *extra]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.terminate()
+    raise SystemExit("server did not become healthy in 300 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server (loopback only)")
+    target.add_argument("--spawn", metavar="INDEX_DIR", help="start `diffusionret serve INDEX_DIR` for the test")
+    parser.add_argument("--model", help="with --spawn: model checkpoint (default: the index's)")
+    parser.add_argument("--serve-args", default="", help="with --spawn: extra `serve` options, e.g. '--rerank 8'")
+    parser.add_argument("--requests", type=int, default=200, help="searches to send")
+    parser.add_argument("--concurrency", type=int, default=8, help="searches in flight")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--queries", type=Path, help="file with one query per line (default: built-in captions)")
+    parser.add_argument("--token-file", type=Path, help="bearer token file (or $DIFFUSIONRET_TOKEN)")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="wall-clock cap for the whole run")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    args = parser.parse_args()
+    if args.requests <= 0 or args.concurrency <= 0:
+        parser.error("--requests and --concurrency must be positive")
+
+    queries = DEFAULT_QUERIES
+    if args.queries:
+        queries = [q.strip() for q in args.queries.read_text().splitlines() if q.strip()] or DEFAULT_QUERIES
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("DIFFUSIONRET_TOKEN")
+    process = None
+    if args.spawn:
+        process, url = spawn_server(args.spawn, args.model, args.serve_args.split())
+    else:
+        url = args.url.rstrip("/")
+    require_loopback(url)
+    try:
+        result = asyncio.run(run_load(url, queries, requests=args.requests, concurrency=args.concurrency, k=args.k,
+                                      token=token, max_seconds=args.max_seconds, timeout=args.timeout))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+    latencies = [1000.0 * s for s in result["latencies"]]
+    statuses = result["statuses"]
+    ok = statuses.get("200", 0)
+    shed = statuses.get("503", 0)
+    errors = sum(n for key, n in statuses.items() if key not in ("200", "503"))
+    values = {"requests": args.requests, "concurrency": args.concurrency, "ok": ok, "shed_503": shed,
+              "errors": errors, "throughput_rps": ok / result["elapsed"] if result["elapsed"] else 0.0}
+    if latencies:
+        values.update(p50_ms=percentile(latencies, 50), p90_ms=percentile(latencies, 90),
+                      p99_ms=percentile(latencies, 99), max_ms=max(latencies), mean_ms=statistics.fmean(latencies))
+    report("serve_load", **values, statuses=statuses)
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
