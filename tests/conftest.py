@@ -17,6 +17,12 @@ def golden() -> dict:
     return torch.load(GOLDEN, weights_only=True)
 
 
+def pytest_configure(config):
+    # Tiny models: one intra-op thread is faster than two and avoids oversubscribing the 2-core
+    # CI machine when tests spawn worker processes.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

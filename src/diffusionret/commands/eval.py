@@ -1,0 +1,78 @@
+"""``diffusionret eval --checkpoint CKPT --config FILE [key=value ...]``: retrieval metrics of a checkpoint.
+
+Encodes every caption and every unique video of the split (batched, with progress bars), computes
+the WTI matrix in bounded-memory chunks, re-ranks the top-K candidates with the diffusion denoisers
+(unless ``--no-rerank`` or the model has none), prints the metrics table for both directions and
+writes it as JSON. Re-ranking noise is seeded (``eval.seed``), so two runs give the same numbers.
+``--features FILE`` caches the encoded split and re-uses it on the next run (see ``diffusionret
+extract``). Runs under ``torchrun`` too (sharded encoding and re-ranking).
+
+CKPT: a trainer checkpoint (``checkpoints/last.pt``), a run folder or ``model.safetensors``, or an
+official DiffusionRet ``best.pth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint, model file or run folder")
+    parser.add_argument("--config", required=True, help="run config YAML (its data/eval/diffusion sections are used)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.top_k=16")
+    parser.add_argument("--split", help="train / val / test or a reader split name (default: eval.split)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights of a trainer checkpoint")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint (metrics table + JSON)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--no-rerank", action="store_true", help="WTI ranking only (no diffusion re-ranking)")
+    parser.add_argument("--features", metavar="FILE",
+                        help="feature cache: re-used when it exists and matches, written otherwise")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="report metrics although some videos of the split could not be read")
+    parser.add_argument("--output", metavar="JSON", help="metrics file (default: <output_dir>/eval_<split>.json)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusionret.config import load_run_config
+    from diffusionret.config_utils import ConfigError
+    from diffusionret.data.errors import MissingVideosError, VideoDecodeError
+    from diffusionret.evaluation.evaluate import evaluate, results_table
+    from diffusionret.training.distributed import destroy_distributed, init_distributed
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    split = args.split or cfg.eval.split
+    output = Path(args.output) if args.output else Path(cfg.output_dir) / f"eval_{split}.json"
+    ctx = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    try:
+        results = evaluate(cfg, args.checkpoint, split=split, dist=ctx, features=args.features,
+                           rerank=False if args.no_rerank else None,
+                           allow_missing=True if args.allow_missing else None, use_ema=args.ema, output=output)
+    except MissingVideosError as exc:
+        logger.error("%s", exc)
+        return 1
+    except VideoDecodeError as exc:
+        logger.error("%s (set data.on_error=skip to leave unreadable videos out, then --allow-missing to report "
+                     "metrics without them)", exc)
+        return 1
+    finally:
+        destroy_distributed(ctx)
+    if ctx.is_main:
+        missing = results.get("num_missing_videos", 0)
+        print(f"{results['split']}: {results['num_captions']} captions, {results['num_videos']} videos"
+              + (f" ({missing} missing)" if missing else ""))
+        print(results_table(results))
+        print(f"metrics: {output}")
+    return 0

@@ -1,0 +1,225 @@
+"""Trainer checkpoints: everything needed to continue a killed run exactly where it stopped.
+
+One ``torch.save`` file (read back with ``weights_only=True``; no pickled code) holding
+
+* ``model``: the unwrapped model's ``state_dict`` (no ``module.`` prefix) and ``model_config``
+  (so the file alone rebuilds the network, and ``diffusionret eval`` can read it);
+* ``optimizer``, ``scheduler``, ``scaler`` (fp16 loss scaling), ``ema`` (or ``None``);
+* ``rng``: one entry per rank (Python, NumPy, torch CPU/CUDA and the stage's own generators);
+* ``progress``: optimizer steps done, epoch, steps done inside that epoch, best validation score;
+* ``run_config``: the resolved run config as a plain dict.
+
+Files are written to a temporary name in the same folder and renamed, so a kill during the write
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TRAINER_FORMAT = "diffusionret-trainer"
+TRAINER_FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainProgress:
+    """Where a run stands. ``epoch`` is the epoch in progress; ``step_in_epoch`` its finished steps."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    best_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainProgress":
+        return cls(**dict(data))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """This process's random-number state (Python, NumPy, torch CPU and CUDA, named generators)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # NumPy's state holds an ndarray; stored as a list so weights_only loading accepts it.
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Inverse of :func:`capture_rng_state`; generators are restored in place."""
+    version, keys, pos, has_gauss, cached = state["numpy"]
+    random.setstate(_as_tuple(state["python"]))
+    np.random.set_state((version, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    for name, gen in (generators or {}).items():
+        saved = state["generators"].get(name)
+        if saved is None:
+            raise KeyError(f"checkpoint has no state for generator {name!r}")
+        gen.set_state(saved)
+
+
+def _as_tuple(value: Any) -> Any:
+    # random.setstate needs tuples; a round trip through some serialisers yields lists.
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file in the destination folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_trainer_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler: Any, scaler: Any | None, ema: Any | None, rng: list[dict[str, Any]],
+                            progress: TrainProgress, run_config: Mapping[str, Any]) -> Path:
+    """Write a complete trainer checkpoint atomically (call on rank 0 only).
+
+    Args:
+        model: the model (wrappers are removed here).
+        rng: one :func:`capture_rng_state` per rank, in rank order.
+    """
+    from diffusionret.config_utils import to_dict
+
+    bare = unwrap_model(model)
+    payload = {
+        "format": TRAINER_FORMAT,
+        "format_version": TRAINER_FORMAT_VERSION,
+        "model_config": to_dict(bare.config),
+        "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "rng": rng,
+        "progress": progress.to_dict(),
+        "run_config": dict(run_config),
+    }
+    out = atomic_torch_save(payload, path)
+    logger.info("checkpoint written: %s (step %d)", out, progress.step)
+    return out
+
+
+def is_trainer_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == TRAINER_FORMAT
+
+
+def load_trainer_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a trainer checkpoint (on CPU) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not is_trainer_checkpoint(payload):
+        raise ValueError(f"{path}: not a diffusionret trainer checkpoint")
+    if payload["format_version"] != TRAINER_FORMAT_VERSION:
+        raise ValueError(f"{path}: trainer checkpoint version {payload['format_version']} is not supported "
+                         f"(expected {TRAINER_FORMAT_VERSION})")
+    return payload
+
+
+def model_from_trainer_checkpoint(payload: Mapping[str, Any], *, use_ema: bool = False) -> nn.Module:
+    """Rebuild the model of a trainer checkpoint (eval mode, CPU), optionally with its EMA weights."""
+    from diffusionret.config_utils import from_dict
+    from diffusionret.models.config import ModelConfig
+    from diffusionret.models.diffusionret import DiffusionRet
+
+    config = from_dict(ModelConfig, payload["model_config"])
+    model = DiffusionRet(config)
+    model.load_state_dict(payload["model"], strict=True)
+    if use_ema:
+        if payload.get("ema") is None:
+            raise ValueError("this checkpoint has no EMA weights")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in payload["ema"]["shadow"].items():
+                params[name].copy_(value.to(params[name].dtype))
+    return model.eval()
+
+
+def load_any_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", use_ema: bool = False,
+                   diffusion_steps: int | None = None, noise_schedule: str | None = None) -> nn.Module:
+    """A model from any checkpoint this project reads.
+
+    Args:
+        path: a trainer checkpoint (``last.pt``), a run folder / ``.safetensors`` model file written by
+            :func:`diffusionret.save_model`, or an official DiffusionRet ``best.pth``.
+        use_ema: take the EMA weights of a trainer checkpoint.
+        diffusion_steps, noise_schedule: override the re-ranking sampler.
+
+    Returns:
+        The model in eval mode on ``device``.
+    """
+    from diffusionret.models.checkpoint import load_model
+
+    path = Path(path)
+    if path.is_file() and _is_zip(path):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if is_trainer_checkpoint(payload):
+            model = model_from_trainer_checkpoint(payload, use_ema=use_ema)
+            if diffusion_steps is not None or noise_schedule is not None:
+                model.set_sampler(diffusion_steps or model.config.diffusion_steps,
+                                  noise_schedule or model.config.noise_schedule)
+            return model.to(device).eval()
+        if use_ema:
+            raise ValueError(f"{path}: only trainer checkpoints carry EMA weights")
+        return load_model(payload, device=device, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule)
+    if use_ema:
+        raise ValueError(f"{path}: only trainer checkpoints carry EMA weights")
+    return load_model(path, device=device, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule)
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"

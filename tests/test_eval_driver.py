@@ -1,0 +1,85 @@
+"""Evaluation driver: missing videos are refused unless allowed, chunking does not change the scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusionret.cli import main
+from diffusionret.config import load_run_config
+from diffusionret.data.errors import MissingVideosError
+from diffusionret.evaluation.evaluate import evaluate, extract_features, similarity_matrix
+from diffusionret.models.checkpoint import save_model
+from diffusionret.models.config import ModelConfig
+from diffusionret.models.factory import build_model
+from diffusionret.training.distributed import DistContext
+from test_train_e2e import SMOKE2, write_smoke_corpus
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads fighting for cores are ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = write_smoke_corpus(tmp_path_factory.mktemp("eval"))
+    torch.manual_seed(0)
+    config = ModelConfig.tiny(stage="generation", diffusion_steps=10)
+    model = build_model(config, generator=torch.Generator().manual_seed(0))
+    ckpt = save_model(model, root / "model.safetensors")
+    return root, ckpt
+
+
+def _cfg(root: Path, *overrides: str):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFUSIONRET_SMOKE", str(root))
+        return load_run_config(SMOKE2, [f"output_dir={root / 'out'}", *overrides])
+
+
+def test_missing_test_videos_are_refused_unless_allowed(setup: tuple[Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    root, ckpt = setup
+    full = evaluate(_cfg(root), ckpt)
+    assert (full["num_captions"], full["num_videos"], full["num_missing_videos"]) == (3, 2, 0)
+    broken = tmp_path / "videos"
+    broken.mkdir()
+    for video in (root / "videos").iterdir():
+        if video.name != "v11.mp4":  # the test video with two captions
+            (broken / video.name).symlink_to(video)
+    cfg = _cfg(root, f"data.video_path={broken}", "data.on_error=skip")
+    with pytest.raises(MissingVideosError, match="1 of 2 test videos"):
+        evaluate(cfg, ckpt)
+    partial = evaluate(cfg, ckpt, allow_missing=True)
+    assert (partial["num_captions"], partial["num_videos"], partial["num_missing_videos"]) == (1, 1, 1)
+    # The CLI: refusal is an error exit, --allow-missing reports (and says how many are missing).
+    monkeypatch.setenv("DIFFUSIONRET_SMOKE", str(root))
+    base = ["eval", "--checkpoint", str(ckpt), "--config", str(SMOKE2), f"output_dir={root / 'out'}",
+            f"data.video_path={broken}", "data.on_error=skip", "--output", str(tmp_path / "m.json")]
+    assert main(base) == 1
+    assert main(base + ["--allow-missing"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["num_missing_videos"] == 1
+    # With the default on_error=raise an unreadable video is an error exit, not a traceback.
+    assert main(base[:-4] + [f"data.video_path={broken}", "--output", str(tmp_path / "m.json")]) == 1
+
+
+def test_chunked_similarity_equals_one_block(setup: tuple[Path, Path]) -> None:
+    root, ckpt = setup
+    from diffusionret.models.checkpoint import load_model
+
+    model = load_model(ckpt)
+    feats = extract_features(_cfg(root), model, split="train")
+    assert feats.num_captions == 10 and feats.num_videos == 8  # two train videos have two captions
+    one = similarity_matrix(model, feats, chunk_size=64, ctx=DistContext(), progress=False)
+    chunked = similarity_matrix(model, feats, chunk_size=3, ctx=DistContext(), progress=False)
+    assert one.shape == (10, 8)
+    torch.testing.assert_close(chunked, one)
+    direct = model.similarity(feats.tokens, feats.text_mask, feats.video, feats.frame_mask)
+    torch.testing.assert_close(one, direct)

@@ -1,0 +1,154 @@
+"""End to end through the CLI: tiny config, stage 1 and stage 2 a few steps, evaluate, metrics written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusionret.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE1 = ROOT / "configs" / "smoke_stage1.yaml"
+SMOKE2 = ROOT / "configs" / "smoke_stage2.yaml"
+
+COLOURS = [(230, 30, 30), (30, 200, 40), (40, 90, 255), (250, 230, 20), (150, 40, 220), (255, 140, 0),
+           (0, 225, 230), (255, 120, 200), (120, 120, 120), (105, 60, 25), (255, 255, 255), (20, 20, 20)]
+NAMES = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "gray", "brown", "white", "black"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads fighting for cores are ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_smoke_corpus(root: Path) -> Path:
+    """12 tiny videos (32x32, 8 frames at 4 fps) and train/val/test CSVs in the ``custom`` format.
+
+    Train has 10 records over 8 videos (two videos have two captions, so batches can hold
+    duplicates), val 2 videos, test 2 videos with 3 captions (a multi-caption video).
+    """
+    from diffusionret.data.synthetic import write_video
+
+    videos = root / "videos"
+    for i, colour in enumerate(COLOURS):
+        frames = []
+        for f in range(8):
+            frame = np.zeros((32, 32, 3), dtype=np.uint8)
+            frame[:] = colour
+            x = (f * 3 + i) % 24
+            frame[8:16, x:x + 8] = 255 - np.array(colour, dtype=np.uint8)
+            frames.append(frame)
+        write_video(videos / f"v{i}.mp4", frames, fps=4)
+    anno = root / "annotations"
+    anno.mkdir(parents=True, exist_ok=True)
+    train = [(f"v{i}", f"a {NAMES[i]} clip with a moving square") for i in range(8)]
+    train += [("v0", f"{NAMES[0]} background"), ("v3", f"{NAMES[3]} background")]
+    val = [(f"v{i}", f"a {NAMES[i]} video") for i in (8, 9)]
+    test = [("v10", "a white video"), ("v11", "a black video"), ("v11", "something dark moving")]
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        lines = ["video,caption"] + [f"{v},{c}" for v, c in rows]
+        (anno / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage 1 then stage 2 through ``diffusionret train`` (shared by the tests of this module)."""
+    root = write_smoke_corpus(tmp_path_factory.mktemp("smoke"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFUSIONRET_SMOKE", str(root))
+        assert main(["train", "--config", str(SMOKE1)]) == 0
+        assert main(["train", "--config", str(SMOKE2)]) == 0
+    return root
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stage1_run_folder(smoke_runs: Path) -> None:
+    run = smoke_runs / "runs" / "stage1"
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "checkpoints/last.pt", "model.safetensors",
+                 "test_metrics.json", "plots/loss.png", "plots/recall.png"):
+        assert (run / name).is_file(), name
+    assert (run / "config.yaml").read_text().startswith("# resolved config; re-run with: diffusionret train")
+    records = _records(run)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # 10 samples / global batch 4 = 2 steps, 2 epochs
+    assert all(np.isfinite(r["loss"]) for r in train)
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["epoch"] for r in val] == [1, 2]
+    assert "t2v/R1" in val[0] and "ema/t2v/R1" in val[0] and "rerank/t2v/R1" not in val[0]
+    test = json.loads((run / "test_metrics.json").read_text())
+    # The multi-caption test video is encoded once: 3 captions, 2 videos.
+    assert test["num_captions"] == 3 and test["num_videos"] == 2 and "rerank" not in test
+
+
+def test_stage2_trains_only_the_denoisers(smoke_runs: Path) -> None:
+    from diffusionret.models.checkpoint import load_model
+
+    stage1 = load_model(smoke_runs / "runs" / "stage1" / "model.safetensors")
+    stage2 = load_model(smoke_runs / "runs" / "stage2" / "model.safetensors")
+    assert not stage1.has_denoisers and stage2.has_denoisers
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    for name, value in s1.items():  # the frozen backbone is bit-identical
+        assert torch.equal(value, s2[name]), name
+    payload = torch.load(smoke_runs / "runs" / "stage2" / "checkpoints" / "last.pt", weights_only=True)
+    trained = {n for group in payload["optimizer"]["param_groups"] for n in group["params"]}
+    assert len(trained) == sum(1 for n, p in stage2.named_parameters() if n.startswith("diffusion_model"))
+    records = _records(smoke_runs / "runs" / "stage2")
+    train = [r for r in records if r["kind"] == "train"]
+    # Global batch 4: at most 3 negatives per query (fewer when it holds two copies of a video).
+    assert all(1 <= r["num_negatives"] <= 3 for r in train)
+    assert all(np.isfinite(r["gen_t2v"]) and np.isfinite(r["gen_v2t"]) for r in train)
+    val = [r for r in records if r["kind"] == "val"]
+    assert val and "rerank/t2v/R1" in val[-1] and "rerank/v2t/R5" in val[-1]
+    assert "rerank" in json.loads((smoke_runs / "runs" / "stage2" / "test_metrics.json").read_text())
+
+
+def test_eval_command_is_seeded_and_caches_features(smoke_runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DIFFUSIONRET_SMOKE", str(smoke_runs))
+    ckpt = smoke_runs / "runs" / "stage2" / "model.safetensors"
+    feats = smoke_runs / "feats.safetensors"
+    outs = [smoke_runs / f"eval_{i}.json" for i in range(3)]
+    base = ["eval", "--checkpoint", str(ckpt), "--config", str(SMOKE2)]
+    assert main(base + ["--output", str(outs[0])]) == 0
+    table = capsys.readouterr().out
+    assert "t2v (re-ranked)" in table and "v2t" in table
+    assert main(base + ["--output", str(outs[1]), "--features", str(feats)]) == 0
+    assert feats.is_file()
+    assert main(base + ["--output", str(outs[2]), "--features", str(feats)]) == 0  # re-uses the cache
+    results = [json.loads(p.read_text()) for p in outs]
+    assert results[0] == results[1] == results[2]
+    assert set(results[0]) >= {"t2v", "v2t", "rerank", "num_captions", "num_videos"}
+    # Without re-ranking: the same WTI numbers, no re-ranked ones.
+    assert main(base + ["--output", str(outs[0]), "--no-rerank"]) == 0
+    plain = json.loads(outs[0].read_text())
+    assert "rerank" not in plain and plain["t2v"] == results[0]["t2v"]
+    # The cache refuses another model.
+    stage1 = smoke_runs / "runs" / "stage1" / "model.safetensors"
+    with pytest.raises(ValueError, match="do not match"):
+        main(["eval", "--checkpoint", str(stage1), "--config", str(SMOKE2), "--features", str(feats)])
+
+
+def test_extract_command(smoke_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusionret.evaluation.features import CorpusFeatures
+
+    monkeypatch.setenv("DIFFUSIONRET_SMOKE", str(smoke_runs))
+    out = smoke_runs / "extract.safetensors"
+    ckpt = smoke_runs / "runs" / "stage1" / "checkpoints" / "last.pt"
+    assert main(["extract", "--checkpoint", str(ckpt), "--config", str(SMOKE1), "--split", "val",
+                 "--output", str(out)]) == 0
+    feats = CorpusFeatures.load(out)
+    assert feats.num_captions == 2 and feats.num_videos == 2 and feats.video_ids == ["v8", "v9"]
+    assert feats.tokens.shape == (2, 16, 64) and feats.video.shape == (2, 3, 64)
+    assert feats.caption_to_video.tolist() == [0, 1] and feats.meta["split"] == "val"
