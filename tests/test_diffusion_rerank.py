@@ -28,6 +28,8 @@ def test_linear_schedule():
     betas = linear_betas(50)
     assert betas[0] == pytest.approx(0.002) and betas[-1] == pytest.approx(0.4) and betas.dtype == np.float64
     np.testing.assert_allclose(linear_betas(1000)[[0, -1]], [1e-4, 0.02])
+    with pytest.raises(ValueError, match="more than 20 steps"):
+        linear_betas(20)
 
 
 def test_sinusoidal_table():

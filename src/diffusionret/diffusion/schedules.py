@@ -10,6 +10,9 @@ import numpy as np
 def linear_betas(steps: int) -> np.ndarray:
     """Linear betas scaled so that any number of steps spans the 1000-step range (1e-4 .. 0.02)."""
     scale = 1000.0 / steps
+    if scale * 0.02 >= 1.0:
+        # beta_T >= 1 would zero alpha_bar (and the DDIM coefficients would divide by zero).
+        raise ValueError(f"the linear schedule needs more than 20 steps (beta_T = {scale * 0.02:.3g} for {steps} steps)")
     return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
 
 
