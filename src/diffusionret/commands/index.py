@@ -1,0 +1,195 @@
+"""``diffusionret index build|update|info``: create, refresh and inspect an on-disk video index.
+
+Under ``torchrun`` every rank encodes its share of the pending videos and rank 0 merges the shards::
+
+    torchrun --nproc_per_node 4 -m diffusionret index build --model ckpt.safetensors --videos videos/ --out idx/
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+
+def user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report the errors a user can fix (wrong model, missing index, locked index) without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from diffusionret.index.builder import IndexLockedError
+        from diffusionret.index.identity import ModelMismatchError
+        from diffusionret.models.checkpoint import CheckpointError
+
+        try:
+            return func(args)
+        except (ModelMismatchError, IndexLockedError, FileNotFoundError, CheckpointError) as exc:
+            logger.error("%s", exc)
+            return 2
+
+    return wrapper
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("index", help="build, update or inspect a video index",
+                                   description="Build, update or inspect a persistent index of video features.")
+    actions = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    build = actions.add_parser("build", help="index a video collection (resumes an interrupted build)",
+                               description="Find videos (recursively, or from .txt/.csv lists), encode them in "
+                                           "batches and write an index. Re-running a killed build resumes it.")
+    build.add_argument("--model", required=True, help="model checkpoint (.safetensors, or an official .pth)")
+    build.add_argument("--videos", required=True, nargs="+", metavar="DIR_OR_LIST",
+                       help="folder(s) scanned recursively, .txt lists (one path per line) or .csv (path column)")
+    build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder")
+    build.add_argument("--video-root", metavar="DIR",
+                       help="folder that relative paths in .txt/.csv lists refer to (default: the list's folder)")
+    build.add_argument("--frames", type=int, default=None,
+                       help="frames sampled per video, T (default: the checkpoint's training setting, else 12)")
+    build.add_argument("--fps", type=float, default=None,
+                       help="frame sampling rate before reducing to T (default: the checkpoint's, else 1)")
+    build.add_argument("--sampling", default=None, choices=("uniform", "head", "tail", "reference"),
+                       help="how T frames are chosen from the sampled ones (default: the checkpoint's, else uniform)")
+    _add_run_options(build)
+    build.set_defaults(func=run_build)
+
+    update = actions.add_parser("update", help="add new and changed videos, drop deleted ones",
+                                description="Re-scan the recorded sources (or --videos) and bring the index "
+                                            "up to date.")
+    update.add_argument("index", metavar="INDEX_DIR")
+    update.add_argument("--model", help="model checkpoint (default: the one recorded in the index)")
+    update.add_argument("--videos", nargs="+", metavar="DIR_OR_LIST",
+                        help="sources to scan (default: the recorded ones)")
+    update.add_argument("--video-root", metavar="DIR",
+                        help="folder for relative paths in lists (default: the recorded one)")
+    _add_run_options(update)
+    update.set_defaults(func=run_update)
+
+    info = actions.add_parser("info", help="show what an index holds")
+    info.add_argument("index", metavar="INDEX_DIR")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=run_info)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=16, help="videos encoded per forward pass")
+    parser.add_argument("--shard-size", type=int, default=256,
+                        help="videos per shard file (the unit of resumable progress)")
+    parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding videos ahead of the model")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
+    from diffusionret.index.encode import ModelVideoEncoder, checkpoint_data_settings
+    from diffusionret.models.checkpoint import load_model
+
+    model = load_model(model_path, device=device or "cpu")
+    options = dict(batch_size=args.batch_size, decode_workers=args.decode_workers, model_path=model_path)
+    if settings is not None:
+        return ModelVideoEncoder.from_settings(model, settings, **options)
+    trained = checkpoint_data_settings(model_path)
+    return ModelVideoEncoder(
+        model,
+        max_frames=args.frames or int(trained.get("max_frames", 12)),
+        fps=args.fps or float(trained.get("fps", 1.0)),
+        sampling=args.sampling or str(trained.get("sampling", "uniform")),
+        **options,
+    )
+
+
+def _distributed(device: str | None):
+    """Join the torchrun job when there is one: (rank, world_size, barrier, device, context)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        import torch
+
+        return 0, 1, None, device or ("cuda" if torch.cuda.is_available() else "cpu"), None
+    from diffusionret.training.distributed import barrier, init_distributed
+
+    ctx = init_distributed(device)
+    return ctx.rank, ctx.world_size, (lambda: barrier(ctx)), str(ctx.device), ctx
+
+
+def _finish(ctx: Any) -> None:
+    if ctx is not None:
+        from diffusionret.training.distributed import destroy_distributed
+
+        destroy_distributed(ctx)
+
+
+def _report(report: Any, rank: int) -> None:
+    if rank == 0:
+        sys.stdout.write(
+            f"{report.total} videos indexed: {report.added} added, {report.replaced} re-encoded, {report.removed} "
+            f"removed, {report.unchanged} unchanged, {report.failed} failed\n"
+        )
+
+
+@user_errors
+def run_build(args: argparse.Namespace) -> int:
+    from diffusionret.index.store import VideoIndex
+
+    rank, world_size, barrier, device, ctx = _distributed(args.device)
+    try:
+        encoder = _encoder(args, args.model, device)
+        report = VideoIndex.build(args.out, args.videos, encoder, video_root=args.video_root,
+                                  shard_size=args.shard_size, rank=rank, world_size=world_size, barrier=barrier,
+                                  progress=not args.no_progress)
+        _report(report, rank)
+    finally:
+        _finish(ctx)
+    return 0
+
+
+@user_errors
+def run_update(args: argparse.Namespace) -> int:
+    from diffusionret.index.store import VideoIndex
+
+    info = VideoIndex.read_info(args.index)
+    model_path = args.model or info.model_path
+    if model_path is None:
+        logger.error("%s does not record its model; pass --model", args.index)
+        return 2
+    rank, world_size, barrier, device, ctx = _distributed(args.device)
+    try:
+        encoder = _encoder(args, model_path, device, settings=info.settings)
+        report = VideoIndex.update(args.index, encoder, args.videos, video_root=args.video_root,
+                                   shard_size=args.shard_size, rank=rank, world_size=world_size, barrier=barrier,
+                                   progress=not args.no_progress)
+        _report(report, rank)
+    finally:
+        _finish(ctx)
+    return 0
+
+
+@user_errors
+def run_info(args: argparse.Namespace) -> int:
+    import contextlib
+    from pathlib import Path
+
+    from diffusionret.index import catalog
+    from diffusionret.index.store import VideoIndex
+
+    info = VideoIndex.read_info(args.index)
+    with contextlib.closing(catalog.connect(Path(args.index), readonly=True)) as conn:
+        videos, failures = catalog.count_videos(conn), catalog.count_failures(conn)
+        shards = len(catalog.shard_sizes(conn))
+    data = {"index": str(Path(args.index).resolve()), "videos": videos, "failures": failures, "shards": shards,
+            "model_id": info.model_id, "model_path": info.model_path, "settings": info.settings,
+            "num_frames": info.num_frames, "embed_dim": info.embed_dim, "sources": info.sources,
+            "video_root": info.video_root,
+            "created_at": info.created_at, "updated_at": info.updated_at}
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        width = max(len(key) for key in data)
+        for key, value in data.items():
+            sys.stdout.write(f"{key:<{width}}  {value}\n")
+    return 0

@@ -1,0 +1,454 @@
+"""Build, resume and update an on-disk index (the writing side of :class:`~diffusionret.index.store.VideoIndex`).
+
+One routine, :func:`sync_index`, makes the index match a list of video files:
+
+1. (rank 0) open the catalogue under an exclusive lock, check the model, recover from a killed run:
+   delete partial ``.tmp`` files and register complete shards that never got registered;
+2. plan: files that are new, changed (size or mtime) or gone; unchanged files and unchanged
+   files that failed to decode before are skipped;
+3. every rank encodes its slice of the pending files in shards of ``shard_size`` videos, each written
+   atomically; rank 0 registers each of its own shards at once, so a killed build resumes after
+   the last complete shard;
+4. (rank 0) register the other ranks' shards (the merge), drop deleted files, compact shards
+   left with dead rows, and record the update time.
+
+Because a shard is self-contained and registration is one SQLite transaction, any kill leaves an
+index that is consistent and that the next run completes without duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import diffusionret
+from diffusionret.config_utils import atomic_write_text
+from diffusionret.index import catalog
+from diffusionret.index.catalog import VideoRecord, video_id
+from diffusionret.index.discover import FileState
+from diffusionret.index.features import (
+    ExtractionFailure,
+    FeatureExtractor,
+    VideoFeatures,
+    pool_frames,
+    stack_features,
+)
+from diffusionret.index.identity import ModelMismatchError
+from diffusionret.index.shards import (
+    SHARD_DIR,
+    SHARD_SUFFIX,
+    ShardContents,
+    ShardEntry,
+    ShardFailure,
+    new_shard_name,
+    read_shard_metadata,
+    read_shard_rows,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+PLAN_NAME = ".plan.json"  # rank 0's plan, read by the other ranks of a torchrun build
+
+
+class IndexLockedError(RuntimeError):
+    """Another process is building or updating the same index."""
+
+
+@dataclass
+class SyncReport:
+    """What a build or update did (rank 0 has the complete picture; other ranks count their own work).
+
+    Attributes:
+        discovered: video files in the sources.
+        added: new files encoded.
+        replaced: changed files re-encoded.
+        removed: files dropped because they left the sources.
+        failed: files that failed to decode in this run (a changed file that no longer decodes
+            also loses its old entry).
+        unchanged: files already indexed with the same size and mtime.
+        shards_written: shard files this process wrote.
+        total: videos in the index afterwards (rank 0 only).
+    """
+
+    discovered: int = 0
+    added: int = 0
+    replaced: int = 0
+    removed: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    shards_written: int = 0
+    total: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    pending: list[tuple[str, FileState]]  # files to encode, sorted by path
+    replaced: set[str]
+    gone: list[str]
+    unchanged: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pending": [[p, s.size, s.mtime_ns] for p, s in self.pending], "replaced": sorted(self.replaced),
+                "gone": self.gone, "unchanged": self.unchanged}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "_Plan":
+        return cls(pending=[(p, FileState(size, mtime)) for p, size, mtime in data["pending"]],
+                   replaced=set(data["replaced"]), gone=list(data["gone"]), unchanged=int(data["unchanged"]))
+
+
+def sync_index(
+    root: str | os.PathLike,
+    videos: Sequence[Path],
+    extractor: FeatureExtractor,
+    *,
+    sources: Sequence[str] | None = None,
+    video_root: str | None = None,
+    create: bool = True,
+    shard_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> SyncReport:
+    """Make the index at ``root`` hold exactly ``videos``, encoding only what is new or changed.
+
+    Args:
+        root: index folder (created when ``create``).
+        videos: absolute paths of the collection (see :func:`~diffusionret.index.discover.discover_videos`);
+            rank 0's list is the one that counts (it plans, the other ranks follow its plan).
+        extractor: decodes and encodes videos; its model must be the one that built the index.
+        sources: the folders/lists the videos came from, recorded so that ``index update`` can
+            re-scan them.
+        video_root: folder for relative paths in list sources (recorded with ``sources``).
+        create: allow creating a new index (``index build``); ``False`` requires an existing one.
+        shard_size: videos per shard file (the unit of atomic progress).
+        rank, world_size: this process's place in a torchrun job.
+        barrier: synchronises ranks (required when ``world_size > 1``).
+        progress: show a tqdm bar (rank 0).
+
+    Returns:
+        A :class:`SyncReport`.
+
+    Raises:
+        ModelMismatchError: the index was built by another model or with other decoding settings.
+        IndexLockedError: another process holds the index.
+        FileNotFoundError: ``create`` is false and there is no index.
+    """
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if world_size > 1 and barrier is None:
+        raise ValueError("a multi-rank build needs a barrier")
+    sync = barrier or (lambda: None)
+    root = Path(root)
+    report = SyncReport(discovered=len(videos))
+    with contextlib.ExitStack() as stack:
+        conn: sqlite3.Connection | None = None
+        if rank == 0:
+            stack.enter_context(_exclusive_lock(root, create))
+            conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
+            _init_or_check(conn, extractor, sources, video_root, create)
+            _recover(conn, root, extractor.identity.model_id)
+            plan = _plan(conn, videos)
+            if world_size > 1:
+                # One plan for every rank: ranks planning on their own could see different catalogue
+                # states (rank 0 registers shards as it goes) or file states, and slice differently.
+                atomic_write_text(root / PLAN_NAME, json.dumps(plan.to_json()))
+            report.removed = catalog.remove_paths(conn, plan.gone)
+        sync()
+        if rank != 0:
+            plan = _Plan.from_json(json.loads((root / PLAN_NAME).read_text()))
+        report.unchanged = plan.unchanged
+        mine = plan.pending[rank::world_size]
+        _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress)
+        sync()
+        if conn is not None:
+            _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
+            _compact(conn, root, shard_size)
+            catalog.write_info(conn, {"updated_at": time.time()})
+            _count_outcomes(conn, plan, report)
+            (root / PLAN_NAME).unlink(missing_ok=True)
+        sync()
+    logger.info(
+        "index %s: %d added, %d replaced, %d removed, %d failed, %d unchanged; %d videos",
+        root, report.added, report.replaced, report.removed, report.failed, report.unchanged, report.total,
+    )
+    return report
+
+
+def _count_outcomes(conn: sqlite3.Connection, plan: _Plan, report: SyncReport) -> None:
+    """Rank 0's report covers every rank: the outcome of each planned file is in the catalogue."""
+    indexed = catalog.file_states(conn)
+    failed = catalog.failure_states(conn)
+    report.added = report.replaced = report.failed = 0
+    report.failures = []
+    for path, state in plan.pending:
+        key = (state.size, state.mtime_ns)
+        if indexed.get(path) == key:
+            if path in plan.replaced:
+                report.replaced += 1
+            else:
+                report.added += 1
+        elif failed.get(path) == key:
+            report.failed += 1
+            report.failures.append(path)
+    report.total = catalog.count_videos(conn)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(root: Path, create: bool) -> Iterator[None]:
+    if not create and not (root / catalog.CATALOG_NAME).is_file():
+        raise FileNotFoundError(f"no index at {root}; create one with `diffusionret index build`")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_NAME, "a+") as handle:
+        try:
+            # flock is released by the kernel when the process dies, so a killed build never leaves
+            # a stale lock behind.
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise IndexLockedError(f"{root} is being built or updated by another process") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _init_or_check(
+    conn: sqlite3.Connection, extractor: FeatureExtractor, sources: Sequence[str] | None, video_root: str | None,
+    create: bool,
+) -> None:
+    info = catalog.read_info(conn)
+    identity = extractor.identity
+    if not info:
+        if not create:
+            raise FileNotFoundError("the index catalogue is empty; create it with `diffusionret index build`")
+        catalog.write_info(conn, {
+            "format_version": catalog.FORMAT_VERSION,
+            "model_id": identity.model_id,
+            "model_config": identity.config,
+            "model_path": identity.path,
+            "settings": extractor.settings,
+            "num_frames": extractor.num_frames,
+            "embed_dim": extractor.embed_dim,
+            "sources": list(sources or []),
+            "video_root": video_root,
+            "created_at": time.time(),
+            "diffusionret_version": diffusionret.__version__,
+        })
+        return
+    if info.get("format_version") != catalog.FORMAT_VERSION:
+        raise ValueError(f"index format {info.get('format_version')} is not supported "
+                         f"(expected {catalog.FORMAT_VERSION})")
+    if info["model_id"] != identity.model_id:
+        raise ModelMismatchError(
+            f"the index was built by model {info['model_id'][:12]} ({info.get('model_path')}); "
+            f"this model is {identity.model_id[:12]} ({identity.path}). Build a new index for it."
+        )
+    if info["settings"] != extractor.settings:
+        raise ModelMismatchError(f"the index was built with settings {info['settings']}, not {extractor.settings}")
+    updates: dict[str, Any] = {}
+    if sources:
+        updates["sources"] = list(sources)
+        updates["video_root"] = video_root
+    if identity.path:  # the same weights may have moved; remember where to load them from
+        updates["model_path"] = identity.path
+    if updates:
+        catalog.write_info(conn, updates)
+
+
+def _plan(conn: sqlite3.Connection, videos: Sequence[Path]) -> _Plan:
+    indexed = catalog.file_states(conn)
+    failed = catalog.failure_states(conn)
+    wanted = {str(p) for p in videos}
+    pending: list[tuple[str, FileState]] = []
+    replaced: set[str] = set()
+    unchanged = 0
+    for path in sorted(wanted):
+        try:
+            state = FileState.of(path)
+        except OSError:
+            logger.warning("video disappeared before indexing: %s", path)
+            continue
+        known = indexed.get(path) or failed.get(path)
+        if known == (state.size, state.mtime_ns):
+            unchanged += 1
+            continue
+        if path in indexed:
+            replaced.add(path)
+        pending.append((path, state))
+    gone = sorted(set(indexed) - wanted) + sorted(set(failed) - wanted - set(indexed))
+    return _Plan(pending=pending, replaced=replaced, gone=gone, unchanged=unchanged)
+
+
+def _encode_all(
+    root: Path,
+    pending: Sequence[tuple[str, FileState]],
+    replaced: set[str],
+    extractor: FeatureExtractor,
+    shard_size: int,
+    rank: int,
+    conn: sqlite3.Connection | None,
+    report: SyncReport,
+    progress: bool,
+) -> None:
+    shard_dir = root / SHARD_DIR
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(pending), desc=f"encoding (rank {rank})" if rank else "encoding", unit="video",
+               disable=not progress, position=rank)
+    with bar:
+        for sequence, start in enumerate(range(0, len(pending), shard_size)):
+            chunk = pending[start:start + shard_size]
+            results = []
+            for result in extractor.extract([Path(path) for path, _ in chunk]):
+                results.append(result)
+                bar.update(1)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"extractor returned {len(results)} results for {len(chunk)} videos")
+            name = _write_chunk(shard_dir, rank, sequence, chunk, results, extractor)
+            for (path, _), result in zip(chunk, results, strict=True):
+                if isinstance(result, ExtractionFailure):
+                    report.failed += 1
+                    report.failures.append(path)
+                elif path in replaced:
+                    report.replaced += 1
+                else:
+                    report.added += 1
+            report.shards_written += 1
+            if conn is not None:
+                _register(conn, read_shard_metadata(shard_dir / name))
+
+
+def _write_chunk(
+    shard_dir: Path,
+    rank: int,
+    sequence: int,
+    chunk: Sequence[tuple[str, FileState]],
+    results: Sequence[VideoFeatures | ExtractionFailure],
+    extractor: FeatureExtractor,
+) -> str:
+    entries: list[ShardEntry] = []
+    features: list[VideoFeatures] = []
+    failures: list[ShardFailure] = []
+    for (path, state), result in zip(chunk, results, strict=True):
+        if isinstance(result, ExtractionFailure):
+            logger.warning("cannot index %s: %s", path, result.error)
+            failures.append(ShardFailure(path, state.size, state.mtime_ns, result.error))
+            continue
+        entries.append(ShardEntry(
+            id=video_id(path), path=path, size=state.size, mtime_ns=state.mtime_ns, duration=result.duration,
+            width=result.width, height=result.height, num_frames=int(result.frame_mask.sum()),
+        ))
+        features.append(result)
+    frames, frame_mask = stack_features(features, extractor.num_frames, extractor.embed_dim)
+    name = new_shard_name(rank, sequence)
+    write_shard(
+        shard_dir, name, model_id=extractor.identity.model_id, entries=entries, failures=failures,
+        frames=frames, frame_mask=frame_mask, pooled=pool_frames(frames, frame_mask),
+        thumbnails=[f.thumbnail for f in features],
+    )
+    return name
+
+
+def _register(conn: sqlite3.Connection, shard: ShardContents) -> None:
+    records = [
+        VideoRecord(e.id, e.path, e.size, e.mtime_ns, e.duration, e.width, e.height, e.num_frames, shard.name, row)
+        for row, e in enumerate(shard.entries)
+    ]
+    failures = [(f.path, f.size, f.mtime_ns, f.error) for f in shard.failures]
+    catalog.register_shard(conn, shard.name, shard.created_ns, records, shard.thumbnails, failures)
+
+
+def _recover(conn: sqlite3.Connection, root: Path, model_id: str) -> None:
+    """Finish what a killed or multi-rank run left on disk (rank 0, holding the lock)."""
+    shard_dir = root / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    for partial in shard_dir.glob(".*.tmp"):  # an atomic write that never reached its rename
+        partial.unlink(missing_ok=True)
+    _delete_retired(conn, shard_dir)
+    known = catalog.shard_names(conn)
+    orphans: list[ShardContents] = []
+    for path in sorted(shard_dir.glob(f"*{SHARD_SUFFIX}")):
+        if path.name in known:
+            continue
+        try:
+            contents = read_shard_metadata(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside, never trusted
+            logger.warning("setting aside unreadable shard %s: %s", path.name, exc)
+            path.rename(path.with_name(f".{path.name}.corrupt"))
+            continue
+        if contents.model_id != model_id:
+            raise ModelMismatchError(f"shard {path.name} was written by another model ({contents.model_id[:12]})")
+        orphans.append(contents)
+    # Oldest first, so that a file encoded twice keeps its newest features.
+    for contents in sorted(orphans, key=lambda c: (c.created_ns, c.name)):
+        _register(conn, contents)
+        logger.info("registered shard %s (%d videos)", contents.name, len(contents.entries))
+
+
+def _delete_retired(conn: sqlite3.Connection, shard_dir: Path) -> None:
+    retired = catalog.retired_shards(conn)
+    for name in retired:
+        (shard_dir / name).unlink(missing_ok=True)
+    catalog.forget_shards(conn, retired)
+
+
+def _compact(conn: sqlite3.Connection, root: Path, shard_size: int) -> None:
+    """Rewrite shards with dead rows, merge small shards, drop empty ones.
+
+    Dead rows come from replaced or removed videos; small shards from the tail of each rank's
+    slice. Rows are re-packed in path order into full shards, so repeated updates do not fragment
+    the index.
+    """
+    live = catalog.live_rows(conn)
+    sizes = catalog.shard_sizes(conn)
+    empty = [name for name, count in live.items() if count == 0]
+    holey = [name for name, count in live.items() if 0 < count < sizes[name]]
+    small = [name for name, count in live.items() if 0 < count < shard_size // 2]
+    rewrite = sorted(set(holey) | set(small)) if holey or len(small) > 1 else []
+    shard_dir = root / SHARD_DIR
+    if rewrite:
+        records = [r for r in catalog.list_records(conn) if r.shard in set(rewrite)]
+        for sequence, start in enumerate(range(0, len(records), shard_size)):
+            _rewrite(conn, shard_dir, records[start:start + shard_size], sequence)
+        logger.info("compacted %d shards into %d", len(rewrite), -(-len(records) // shard_size))
+    catalog.retire_shards(conn, sorted(set(empty) | set(rewrite)))
+    _delete_retired(conn, shard_dir)
+
+
+def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoRecord], sequence: int) -> None:
+    parts: dict[str, list[int]] = {}
+    for position, record in enumerate(records):
+        parts.setdefault(record.shard, []).append(position)
+    frames: list[torch.Tensor] = [torch.empty(0)] * len(records)
+    masks, pooled = list(frames), list(frames)
+    for shard, positions in parts.items():
+        rows = [records[i].row for i in positions]
+        shard_frames, shard_masks, shard_pooled = read_shard_rows(shard_dir / shard, rows)
+        for j, i in enumerate(positions):
+            frames[i], masks[i], pooled[i] = shard_frames[j], shard_masks[j], shard_pooled[j]
+    entries = [ShardEntry(r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames)
+               for r in records]
+    name = new_shard_name(0, sequence)
+    write_shard(
+        shard_dir, name, model_id=catalog.read_info(conn)["model_id"], entries=entries, failures=[],
+        frames=torch.stack(frames), frame_mask=torch.stack(masks), pooled=torch.stack(pooled),
+        thumbnails=[catalog.thumbnail(conn, r.id) for r in records],
+    )
+    created_ns = read_shard_metadata(shard_dir / name).created_ns
+    # Old shards are retired by the caller once every rewrite has committed; here only rows move.
+    catalog.move_rows(conn, name, len(records), created_ns, [(r.id, row) for row, r in enumerate(records)])

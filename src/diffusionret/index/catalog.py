@@ -1,0 +1,263 @@
+"""The index catalogue: one SQLite file with the index settings, the videos and the shards.
+
+SQLite gives atomic multi-row commits, so "register a shard" (insert its videos, replace older
+entries of the same files, record the shard) is a single transaction: a build killed at any
+moment leaves either all of a shard's rows or none. WAL mode lets ``serve`` read while ``index
+update`` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+CATALOG_NAME = "catalog.sqlite"
+FORMAT_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY,
+    num_rows INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    retired INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS videos (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    duration REAL,
+    width INTEGER,
+    height INTEGER,
+    num_frames INTEGER NOT NULL,
+    shard TEXT NOT NULL REFERENCES shards(name),
+    row INTEGER NOT NULL,
+    thumbnail BLOB,
+    indexed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS videos_by_shard ON videos(shard);
+CREATE TABLE IF NOT EXISTS failures (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    error TEXT NOT NULL
+);
+"""
+
+_RECORD_COLUMNS = "id, path, size, mtime_ns, duration, width, height, num_frames, shard, row"
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One indexed video as the catalogue knows it.
+
+    Attributes:
+        id: stable 16-hex-digit id derived from the path (see :func:`video_id`).
+        path: absolute path of the file.
+        size, mtime_ns: the file state when it was encoded.
+        duration: seconds, if known.
+        width, height: frame size, if known.
+        num_frames: real (unpadded) frames that were encoded.
+        shard, row: where the features live.
+    """
+
+    id: str
+    path: str
+    size: int
+    mtime_ns: int
+    duration: float | None
+    width: int | None
+    height: int | None
+    num_frames: int
+    shard: str
+    row: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public, JSON-ready view (no storage location)."""
+        return {
+            "id": self.id,
+            "path": self.path,
+            "name": Path(self.path).name,
+            "size": self.size,
+            "mtime": self.mtime_ns / 1e9,
+            "duration": self.duration,
+            "width": self.width,
+            "height": self.height,
+            "num_frames": self.num_frames,
+        }
+
+
+def video_id(path: str) -> str:
+    """The stable public id of a video: 16 hex digits of sha256 of its absolute path.
+
+    Derived from the path (not an autoincrement), so ids do not depend on build order, resumption
+    or the number of torchrun ranks, and URLs stay valid across ``index update``.
+    """
+    return hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+
+
+def connect(root: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the catalogue of the index at ``root`` (created when writable and missing).
+
+    Raises:
+        FileNotFoundError: ``readonly`` and there is no catalogue.
+    """
+    path = Path(root) / CATALOG_NAME
+    if readonly:
+        if not path.is_file():
+            raise FileNotFoundError(f"no index at {root} (missing {CATALOG_NAME})")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit that returned is on disk, so a registered shard survives a power cut.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+    return conn
+
+
+def read_info(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The ``info`` table as a dict of JSON-decoded values (empty for a fresh catalogue)."""
+    return {key: json.loads(value) for key, value in conn.execute("SELECT key, value FROM info")}
+
+
+def write_info(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+    with conn:
+        conn.executemany(
+            "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+            [(key, json.dumps(value, sort_keys=True)) for key, value in values.items()],
+        )
+
+
+def list_records(conn: sqlite3.Connection) -> list[VideoRecord]:
+    """All videos, sorted by path (the row order of a loaded index)."""
+    rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM videos ORDER BY path")
+    return [VideoRecord(*row) for row in rows]
+
+
+def file_states(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """``path -> (size, mtime_ns)`` for every indexed video."""
+    return {path: (size, mtime) for path, size, mtime in conn.execute("SELECT path, size, mtime_ns FROM videos")}
+
+
+def failure_states(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """``path -> (size, mtime_ns)`` for every file that failed to decode."""
+    return {path: (size, mtime) for path, size, mtime in conn.execute("SELECT path, size, mtime_ns FROM failures")}
+
+
+def shard_names(conn: sqlite3.Connection) -> set[str]:
+    """Every shard the catalogue knows, retired ones included (anything else on disk is an orphan)."""
+    return {name for (name,) in conn.execute("SELECT name FROM shards")}
+
+
+def retired_shards(conn: sqlite3.Connection) -> list[str]:
+    return [name for (name,) in conn.execute("SELECT name FROM shards WHERE retired = 1 ORDER BY name")]
+
+
+def retire_shards(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    """Mark shards whose rows are all dead; they stay listed until their file is gone.
+
+    Keeping the name is what stops crash recovery from mistaking a not-yet-deleted file for an
+    unregistered shard and resurrecting its stale rows.
+    """
+    with conn:
+        conn.executemany("UPDATE shards SET retired = 1 WHERE name = ?", [(n,) for n in names])
+
+
+def forget_shards(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    """Drop retired shards from the catalogue once their files are deleted."""
+    with conn:
+        conn.executemany("DELETE FROM shards WHERE name = ? AND retired = 1", [(n,) for n in names])
+
+
+def thumbnail(conn: sqlite3.Connection, video_id: str) -> bytes | None:
+    row = conn.execute("SELECT thumbnail FROM videos WHERE id = ?", (video_id,)).fetchone()
+    return None if row is None or row[0] is None else bytes(row[0])
+
+
+def register_shard(
+    conn: sqlite3.Connection,
+    name: str,
+    created_ns: int,
+    records: Sequence[VideoRecord],
+    thumbnails: Sequence[bytes | None],
+    failures: Iterable[tuple[str, int, int, str]],
+) -> None:
+    """Record a shard and its videos in one transaction.
+
+    A video already indexed under the same path (a changed file re-encoded) is replaced, so a path
+    is never listed twice; its old features become dead rows of the old shard (see compaction).
+    """
+    now = time.time()
+    with conn:
+        conn.execute("INSERT INTO shards (name, num_rows, created_ns) VALUES (?, ?, ?)",
+                     (name, len(records), created_ns))
+        conn.executemany(
+            "INSERT OR REPLACE INTO videos (id, path, size, mtime_ns, duration, width, height, num_frames, shard, row,"
+            " thumbnail, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames, name, r.row,
+                 thumb, now)
+                for r, thumb in zip(records, thumbnails, strict=True)
+            ],
+        )
+        conn.executemany("DELETE FROM failures WHERE path = ?", [(r.path,) for r in records])
+        failures = list(failures)
+        # A changed file that no longer decodes loses its stale features along with its old state.
+        conn.executemany("DELETE FROM videos WHERE path = ?", [(f[0],) for f in failures])
+        conn.executemany("INSERT OR REPLACE INTO failures (path, size, mtime_ns, error) VALUES (?, ?, ?, ?)", failures)
+
+
+def remove_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> int:
+    """Drop videos (and failure notes) by path in one transaction; returns the number of videos removed."""
+    paths = list(paths)
+    with conn:
+        before = conn.total_changes
+        conn.executemany("DELETE FROM videos WHERE path = ?", [(p,) for p in paths])
+        removed = conn.total_changes - before
+        conn.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
+    return removed
+
+
+def live_rows(conn: sqlite3.Connection) -> dict[str, int]:
+    """``shard -> number of rows still referenced by a video`` (0 for fully dead shards)."""
+    counts = {name: 0 for (name,) in conn.execute("SELECT name FROM shards WHERE retired = 0")}
+    for name, count in conn.execute("SELECT shard, COUNT(*) FROM videos GROUP BY shard"):
+        counts[name] = count
+    return counts
+
+
+def shard_sizes(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT name, num_rows FROM shards WHERE retired = 0"))
+
+
+def move_rows(conn: sqlite3.Connection, new_shard: str, new_rows: int, created_ns: int,
+              moves: Sequence[tuple[str, int]]) -> None:
+    """Register a rewritten shard and point its videos at it, atomically.
+
+    Args:
+        new_shard: name of the freshly written shard.
+        new_rows: rows in it.
+        created_ns: its creation time.
+        moves: ``(video id, new row)`` for every video it holds.
+    """
+    with conn:
+        conn.execute("INSERT INTO shards (name, num_rows, created_ns) VALUES (?, ?, ?)",
+                     (new_shard, new_rows, created_ns))
+        conn.executemany("UPDATE videos SET shard = ?, row = ? WHERE id = ?",
+                         [(new_shard, row, vid) for vid, row in moves])
+
+
+def count_videos(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM videos").fetchone()[0]
+
+
+def count_failures(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM failures").fetchone()[0]

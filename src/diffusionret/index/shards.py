@@ -1,0 +1,177 @@
+"""Self-contained feature shards: one safetensors file per batch of encoded videos.
+
+A shard holds the features *and* everything the catalogue needs about its videos (paths, file
+states, durations, thumbnails, decode failures), so that a shard written by any process, including
+a torchrun rank that never touches SQLite or a build killed before it registered the shard, can be
+registered later from the file alone. Files appear through ``temp + fsync + rename``: a shard on
+disk under its final name is always complete.
+
+Tensors:
+    ``frames`` (N, T, D) float16: per-frame features after the temporal module.
+    ``frame_mask`` (N, T) uint8: 1 for real frames.
+    ``pooled`` (N, D) float32: the first-stage embedding (:func:`~diffusionret.index.features.pool_frames`).
+    ``thumbs`` (B,) uint8 and ``thumb_offsets`` (N + 1,) int64: concatenated JPEG thumbnails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from diffusionret.config_utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
+_SHARD_FORMAT = "diffusionret-index-shard/1"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """Facts about one video stored in a shard (row ``i`` of the tensors)."""
+
+    id: str
+    path: str
+    size: int
+    mtime_ns: int
+    duration: float | None
+    width: int | None
+    height: int | None
+    num_frames: int
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    path: str
+    size: int
+    mtime_ns: int
+    error: str
+
+
+@dataclass
+class ShardContents:
+    """A shard read back from disk (tensors optional: registration needs only the metadata).
+
+    Attributes:
+        name: file name.
+        model_id: the model that encoded it.
+        created_ns: creation time, which orders registration (newer entries win).
+        entries: one per row.
+        failures: videos that failed to decode.
+        thumbnails: one JPEG (or ``None``) per row.
+    """
+
+    name: str
+    model_id: str
+    created_ns: int
+    entries: list[ShardEntry]
+    failures: list[ShardFailure]
+    thumbnails: list[bytes | None]
+
+
+def new_shard_name(rank: int, sequence: int) -> str:
+    """A unique, time-ordered file name: ``s<ns>-r<rank>-<seq>.safetensors``."""
+    return f"s{time.time_ns():020d}-r{rank:03d}-{sequence:06d}{SHARD_SUFFIX}"
+
+
+def write_shard(
+    directory: Path,
+    name: str,
+    *,
+    model_id: str,
+    entries: Sequence[ShardEntry],
+    failures: Sequence[ShardFailure],
+    frames: Tensor,
+    frame_mask: Tensor,
+    pooled: Tensor,
+    thumbnails: Sequence[bytes | None],
+) -> Path:
+    """Write a shard atomically (see module docstring for the tensor layout); returns its path."""
+    if not (len(entries) == frames.shape[0] == frame_mask.shape[0] == pooled.shape[0] == len(thumbnails)):
+        raise ValueError("shard entries, tensors and thumbnails disagree in length")
+    blobs = [t or b"" for t in thumbnails]
+    offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in blobs], dtype=torch.int64), 0)
+    payload = b"".join(blobs)
+    # frombuffer rejects an empty buffer
+    thumbs = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
+    metadata = {
+        "format": _SHARD_FORMAT,
+        "model_id": model_id,
+        "created_ns": str(time.time_ns()),
+        "entries": json.dumps([e.__dict__ for e in entries]),
+        "failures": json.dumps([f.__dict__ for f in failures]),
+    }
+    tensors = {
+        "frames": frames.to(torch.float16).contiguous(),
+        "frame_mask": frame_mask.to(torch.uint8).contiguous(),
+        "pooled": pooled.to(torch.float32).contiguous(),
+        "thumbs": thumbs,
+        "thumb_offsets": offsets,
+    }
+    path = directory / name
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    _fsync_directory(directory)
+    return path
+
+
+def read_shard_metadata(path: Path) -> ShardContents:
+    """Read a shard's metadata and thumbnails (not its feature tensors).
+
+    Raises:
+        ValueError: the file is not a diffusionret shard.
+    """
+    with safe_open(str(path), framework="pt") as handle:
+        meta: dict[str, Any] = handle.metadata() or {}
+        if meta.get("format") != _SHARD_FORMAT:
+            raise ValueError(f"{path}: not a diffusionret index shard")
+        thumbs = handle.get_tensor("thumbs")
+        offsets = handle.get_tensor("thumb_offsets").tolist()
+    raw = thumbs.numpy().tobytes()
+    thumbnails = [raw[a:b] or None for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    entries = [ShardEntry(**e) for e in json.loads(meta["entries"])]
+    failures = [ShardFailure(**f) for f in json.loads(meta["failures"])]
+    if len(entries) != len(thumbnails):
+        raise ValueError(f"{path}: {len(entries)} entries but {len(thumbnails)} thumbnails")
+    return ShardContents(path.name, meta["model_id"], int(meta["created_ns"]), entries, failures, thumbnails)
+
+
+def read_shard_rows(path: Path, rows: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Load selected rows of a shard.
+
+    Args:
+        path: shard file.
+        rows: row numbers to load, in the order wanted.
+
+    Returns:
+        ``frames`` (R, T, D) float16, ``frame_mask`` (R, T) bool, ``pooled`` (R, D) float32.
+    """
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    with safe_open(str(path), framework="pt") as handle:
+        frames = handle.get_tensor("frames")
+        frame_mask = handle.get_tensor("frame_mask")
+        pooled = handle.get_tensor("pooled")
+    return frames[index], frame_mask[index].bool(), pooled[index]
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

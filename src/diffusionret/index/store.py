@@ -1,0 +1,344 @@
+"""``VideoIndex``: a persistent on-disk index of video features, and its exact first-stage search.
+
+On disk (one folder)::
+
+    catalog.sqlite        settings, model identity, one row per video (path, size, mtime, duration,
+                          thumbnail, where its features live), shards, decode failures
+    shards/*.safetensors  features: frames after the temporal module (N, T, D) fp16, frame masks,
+                          pooled first-stage embeddings (N, D) fp32 (see :mod:`diffusionret.index.shards`)
+
+In memory, a loaded index keeps every video's features in path order: row ``i`` of
+:attr:`VideoIndex.frames` belongs to ``VideoIndex.records[i]``. Memory is about
+``N * (T * D * 2 + D * 4)`` bytes (N = 100k ViT-B/32 videos at T = 12: about 1.4 GB).
+
+Writing goes through :func:`diffusionret.index.builder.sync_index`; :meth:`VideoIndex.build` and
+:meth:`VideoIndex.update` are its two entry points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from diffusionret.index import catalog
+from diffusionret.index.builder import SyncReport, sync_index
+from diffusionret.index.catalog import VideoRecord
+from diffusionret.index.discover import discover_videos
+from diffusionret.index.features import FeatureExtractor
+from diffusionret.index.identity import ModelMismatchError
+from diffusionret.index.shards import SHARD_DIR, read_shard_rows
+
+logger = logging.getLogger(__name__)
+
+# Above this many videos the first stage uses FAISS (exact inner product) when it is installed;
+# below it a chunked matrix product is as fast and has no extra dependency.
+FAISS_MIN_VIDEOS = 100_000
+# Rows per block of the chunked matrix product: bounds the (Nq, chunk) score buffer.
+_SCORE_CHUNK = 65_536
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """Settings recorded in an index's catalogue.
+
+    Attributes:
+        model_id: identity of the model that built the index.
+        model_config: its architecture config.
+        model_path: checkpoint it was loaded from (the default model for ``search``/``serve``).
+        settings: decoding settings (frames, fps, image size, ...).
+        num_frames: T, frames stored per video.
+        embed_dim: D.
+        sources: folders/lists the collection was discovered from.
+        video_root: folder that relative paths in list sources refer to (``None``: each list's folder).
+        created_at, updated_at: UNIX times.
+    """
+
+    model_id: str
+    model_config: dict[str, Any]
+    model_path: str | None
+    settings: dict[str, Any]
+    num_frames: int
+    embed_dim: int
+    sources: list[str] = field(default_factory=list)
+    video_root: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+
+    @classmethod
+    def from_catalog(cls, values: dict[str, Any]) -> "IndexInfo":
+        return cls(
+            model_id=values["model_id"], model_config=values.get("model_config", {}),
+            model_path=values.get("model_path"), settings=values.get("settings", {}),
+            num_frames=int(values["num_frames"]), embed_dim=int(values["embed_dim"]),
+            sources=list(values.get("sources", [])), video_root=values.get("video_root"),
+            created_at=values.get("created_at"),
+            updated_at=values.get("updated_at"),
+        )
+
+
+class VideoIndex:
+    """A loaded index: per-video features, metadata and an exact first-stage search.
+
+    Use :meth:`load` (or :meth:`build` / :meth:`update` to write one).
+
+    Attributes:
+        root: index folder.
+        info: recorded settings and model identity.
+        records: one :class:`VideoRecord` per row, sorted by path.
+        frames: (N, T, D) float16 frame features after the temporal module.
+        frame_mask: (N, T) bool, True for real frames.
+        pooled: (N, D) float32 unit-norm first-stage embeddings.
+    """
+
+    def __init__(self, root: Path, info: IndexInfo, records: list[VideoRecord], frames: Tensor,
+                 frame_mask: Tensor, pooled: Tensor) -> None:
+        self.root = Path(root)
+        self.info = info
+        self.records = records
+        self.frames = frames
+        self.frame_mask = frame_mask
+        self.pooled = pooled
+        self._rows = {record.id: row for row, record in enumerate(records)}
+        self._faiss: Any = None
+
+    # ----------------------------------------------------------------------------------- writing
+    @staticmethod
+    def build(
+        root: str | os.PathLike,
+        videos: str | os.PathLike | Sequence[str | os.PathLike],
+        extractor: FeatureExtractor,
+        *,
+        video_root: str | os.PathLike | None = None,
+        shard_size: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
+        progress: bool = True,
+    ) -> SyncReport:
+        """Create (or resume building) an index of the videos found in ``videos``.
+
+        Re-running a killed build with the same arguments resumes it: shards that were written
+        completely are kept, nothing is encoded twice.
+
+        Args:
+            root: index folder.
+            videos: folder(s) scanned recursively, ``.txt``/``.csv`` lists, or video files.
+            extractor: decoder + model (e.g. :class:`~diffusionret.index.encode.ModelVideoEncoder`).
+            video_root: folder that relative paths in list files refer to (default: the list's folder).
+            shard_size: videos per atomically written shard.
+            rank, world_size, barrier: torchrun sharding (each rank encodes ``pending[rank::world_size]``).
+            progress: show a progress bar.
+
+        Raises:
+            ModelMismatchError: ``root`` already holds an index built by another model.
+            FileNotFoundError: the sources hold no video.
+        """
+        sources = _source_list(videos)
+        root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
+        return sync_index(root, _discover_some(sources, root_dir), extractor, sources=sources, video_root=root_dir,
+                          create=True, shard_size=shard_size, rank=rank, world_size=world_size, barrier=barrier,
+                          progress=progress)
+
+    @staticmethod
+    def update(
+        root: str | os.PathLike,
+        extractor: FeatureExtractor,
+        videos: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        video_root: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> SyncReport:
+        """Bring an existing index up to date: encode new and changed files, drop deleted ones.
+
+        Args:
+            root: index folder.
+            extractor: must carry the model that built the index.
+            videos: sources to scan; default: the sources recorded at build time.
+            video_root: folder for relative paths in list files; default: the recorded one.
+            **kwargs: as for :meth:`build` (``shard_size``, ``rank``, ...).
+
+        Raises:
+            FileNotFoundError: no index at ``root``, or the sources hold no video (an unmounted
+                disk must not empty the index).
+        """
+        info = VideoIndex.read_info(root)
+        sources = _source_list(videos) if videos is not None else info.sources
+        if not sources:
+            raise ValueError(f"{root}: no video sources recorded; pass the videos to scan")
+        if video_root is not None:
+            video_root = str(Path(video_root).expanduser().resolve())
+        elif videos is None:
+            video_root = info.video_root
+        return sync_index(root, _discover_some(sources, video_root), extractor, sources=sources,
+                          video_root=video_root, create=False, **kwargs)
+
+    # ----------------------------------------------------------------------------------- reading
+    @staticmethod
+    def read_info(root: str | os.PathLike) -> IndexInfo:
+        """The recorded settings of the index at ``root``, without loading features."""
+        with contextlib.closing(catalog.connect(Path(root), readonly=True)) as conn:
+            values = catalog.read_info(conn)
+        if not values:
+            raise FileNotFoundError(f"{root}: the index is empty (was its build interrupted before the first shard?)")
+        return IndexInfo.from_catalog(values)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, *, model_id: str | None = None) -> "VideoIndex":
+        """Load the index at ``root`` into memory.
+
+        Args:
+            root: index folder.
+            model_id: when given, the identity of the model that will query the index.
+
+        Raises:
+            FileNotFoundError: no index at ``root``.
+            ModelMismatchError: ``model_id`` is not the model that built the index.
+        """
+        root = Path(root)
+        info = cls.read_info(root)
+        if model_id is not None and model_id != info.model_id:
+            raise ModelMismatchError(
+                f"{root} was built by model {info.model_id[:12]} ({info.model_path}); refusing to query it "
+                f"with model {model_id[:12]}: its features live in another embedding space"
+            )
+        # A concurrent `index update` may retire a shard between reading the catalogue and the file.
+        for attempt in range(3):
+            try:
+                return cls._load_once(root, info)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                logger.info("index changed while loading; retrying")
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, root: Path, info: IndexInfo) -> "VideoIndex":
+        with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+            records = catalog.list_records(conn)
+        n, t, d = len(records), info.num_frames, info.embed_dim
+        frames = torch.zeros(n, t, d, dtype=torch.float16)
+        frame_mask = torch.zeros(n, t, dtype=torch.bool)
+        pooled = torch.zeros(n, d, dtype=torch.float32)
+        by_shard: dict[str, list[int]] = {}
+        for row, record in enumerate(records):
+            by_shard.setdefault(record.shard, []).append(row)
+        for shard, rows in by_shard.items():
+            target = torch.as_tensor(rows, dtype=torch.long)
+            f, m, p = read_shard_rows(root / SHARD_DIR / shard, [records[r].row for r in rows])
+            frames[target], frame_mask[target], pooled[target] = f, m, p
+        logger.info("loaded index %s: %d videos, %d frames x %d dims", root, n, t, d)
+        return cls(root, info, records, frames, frame_mask, pooled)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    def row(self, video_id: str) -> int | None:
+        """Row of a video id, or ``None`` when the id is not in the index."""
+        return self._rows.get(video_id)
+
+    def record(self, video_id: str) -> VideoRecord | None:
+        row = self._rows.get(video_id)
+        return None if row is None else self.records[row]
+
+    def thumbnail(self, video_id: str) -> bytes | None:
+        """The JPEG thumbnail of a video (read from the catalogue on demand), or ``None``."""
+        if video_id not in self._rows:
+            return None
+        with contextlib.closing(catalog.connect(self.root, readonly=True)) as conn:
+            return catalog.thumbnail(conn, video_id)
+
+    def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Features of selected rows for the second stage.
+
+        Args:
+            rows: (n,) long row indices.
+
+        Returns:
+            ``frames`` (n, T, D) float32 and ``frame_mask`` (n, T) long (0/1, the mask type the model uses).
+        """
+        return self.frames[rows].float(), self.frame_mask[rows].long()
+
+    # ------------------------------------------------------------------------------ first stage
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact maximum-inner-product search over the pooled embeddings.
+
+        Args:
+            queries: (Nq, D) query embeddings (normalise them for cosine scores).
+            k: results per query (clipped to the index size).
+
+        Returns:
+            ``scores`` (Nq, k') float32 and ``rows`` (Nq, k') long, sorted by descending score,
+            with ``k' = min(k, len(self))``.
+        """
+        if queries.dim() != 2 or queries.shape[1] != self.info.embed_dim:
+            raise ValueError(f"queries must be (Nq, {self.info.embed_dim}), got {tuple(queries.shape)}")
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        queries = queries.detach().to("cpu", torch.float32)
+        k = min(k, len(self))
+        if k == 0:
+            return torch.zeros(queries.shape[0], 0), torch.zeros(queries.shape[0], 0, dtype=torch.long)
+        if len(self) >= FAISS_MIN_VIDEOS:
+            faiss_index = self._faiss_index()
+            if faiss_index is not None:
+                scores, rows = faiss_index.search(queries.contiguous().numpy(), k)
+                return torch.from_numpy(scores), torch.from_numpy(rows).long()
+        return exact_topk(queries, self.pooled, k)
+
+    def _faiss_index(self) -> Any:
+        if self._faiss is None:
+            try:
+                import faiss  # optional: only large indexes benefit
+            except ImportError:
+                self._faiss = False
+                return None
+            index = faiss.IndexFlatIP(self.info.embed_dim)
+            index.add(self.pooled.contiguous().numpy())
+            self._faiss = index
+        return self._faiss or None
+
+
+def exact_topk(queries: Tensor, database: Tensor, k: int, chunk: int = _SCORE_CHUNK) -> tuple[Tensor, Tensor]:
+    """Top-``k`` inner products of each query against every database row, in bounded memory.
+
+    Args:
+        queries: (Nq, D).
+        database: (N, D), ``N >= k``.
+        k: results per query.
+        chunk: database rows scored at once.
+
+    Returns:
+        ``scores`` (Nq, k) and ``rows`` (Nq, k) long, sorted descending.
+    """
+    best_scores = torch.empty(queries.shape[0], 0, dtype=torch.float32)
+    best_rows = torch.empty(queries.shape[0], 0, dtype=torch.long)
+    for start in range(0, database.shape[0], chunk):
+        scores = queries @ database[start:start + chunk].T  # (Nq, chunk)
+        top_scores, top_rows = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, top_scores], dim=1)
+        merged_rows = torch.cat([best_rows, top_rows + start], dim=1)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_rows = merged_rows.gather(1, order)
+    return best_scores, best_rows
+
+
+def _discover_some(sources: Sequence[str], video_root: str | None) -> list[Path]:
+    videos = discover_videos(sources, video_root)
+    if not videos:
+        raise FileNotFoundError(f"no videos found in {', '.join(sources)}")
+    return videos
+
+
+def _source_list(videos: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    items = [videos] if isinstance(videos, (str, os.PathLike)) else list(videos)
+    return [str(Path(item).expanduser().resolve()) for item in items]

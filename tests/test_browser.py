@@ -1,0 +1,121 @@
+"""The web page in a real browser: headless Chromium (Debian's ``chromium``) driven by Playwright.
+
+The page is served by uvicorn over loopback from an index of real mp4 clips (the demo renderer),
+with synthetic features, so the browser sees real thumbnails and real video streaming. A screenshot
+of the result grid is saved to ``$DIFFUSIONRET_ARTIFACTS`` (default ``tests/artifacts/``).
+
+Requires ``apt-get install chromium`` and ``pip install playwright`` (``playwright install`` is not
+needed: the system browser is used).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_serve import running_server  # noqa: E402
+
+from diffusionret.demo.corpus import CorpusConfig, write_corpus  # noqa: E402
+from diffusionret.index.store import VideoIndex  # noqa: E402
+from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher  # noqa: E402
+from diffusionret.serve.app import ServeConfig, create_app  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("DIFFUSIONRET_ARTIFACTS", Path(__file__).parent / "artifacts"))
+THUMBS_LOADED = "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Eight rendered demo clips, renamed after what they show (the synthetic features read names)."""
+    root = tmp_path_factory.mktemp("browser")
+    corpus = write_corpus(root / "demo", CorpusConfig(num_train=1, num_test=8, frame_size=64),
+                          np.random.default_rng(3))
+    videos = root / "videos"
+    videos.mkdir()
+    names = []
+    for spec in corpus.test:
+        name = f"{spec.colour}_{spec.shape}_{spec.motion}_on_{spec.background}"
+        shutil.copy(corpus.video_dir / f"{spec.video_id}.mp4", videos / f"{name}.mp4")
+        names.append(name)
+    VideoIndex.build(root / "idx", videos, SyntheticExtractor(decode_media=True), progress=False)
+    return root / "idx", names
+
+
+def test_search_page_in_headless_chromium(clips: tuple[Path, list[str]]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    index_dir, names = clips
+    target = names[0]
+    query = " ".join(target.split("_")[:3])  # colour, shape, motion
+    app = create_app(SyntheticSearcher(VideoIndex.load(index_dir)))
+    with running_server(app) as port, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#query", query)
+            page.press("#query", "Enter")
+            page.wait_for_selector(".card")
+            cards = page.locator(".card")
+            assert cards.count() == len(names)  # k=12 > 8 videos: all of them, ranked
+            assert cards.first.locator(".name").inner_text() == f"{target}.mp4"
+            assert cards.first.locator(".rank").inner_text() == "#1"
+            assert "score" in cards.first.locator(".score").inner_text()
+            assert "result" in page.locator("#status").inner_text()
+            assert not page.locator("#token-form").is_visible()  # only shown after a 401
+            assert cards.first.locator(".duration").inner_text() == "0:02"
+            page.wait_for_function(THUMBS_LOADED)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shot = ARTIFACTS / "browser_search.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"\nscreenshot: {shot}")
+            assert shot.stat().st_size > 10_000
+
+            # Inline playback: the thumbnail becomes a <video> streamed from /media with Range requests.
+            cards.first.locator(".play").click()
+            page.wait_for_selector(".card video")
+            page.wait_for_function("document.querySelector('.card video').readyState >= 1 || "
+                                   "document.querySelector('.card video').error !== null", timeout=15000)
+            state = page.evaluate("(() => { const v = document.querySelector('.card video');"
+                                  " return {ready: v.readyState, error: v.error && v.error.code,"
+                                  " duration: v.duration, src: v.currentSrc}; })()")
+            assert state["error"] is None and state["ready"] >= 1, state
+            assert state["duration"] == pytest.approx(2.0, abs=0.2)
+            assert "/media/" in state["src"]
+            assert page.url.endswith(f"?q={query.replace(' ', '+')}&k=12")
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_page_asks_for_the_token(clips: tuple[Path, list[str]]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    index_dir, names = clips
+    app = create_app(SyntheticSearcher(VideoIndex.load(index_dir)), ServeConfig(token="let-me-in"))
+    with running_server(app) as port, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/?q=red&k=24")  # the query in the URL runs at once
+            page.wait_for_selector("#token-form:not([hidden])")
+            assert "token" in page.locator("#status").inner_text()
+            page.fill("#token", "let-me-in")
+            page.click("#token-form button")
+            page.wait_for_selector(".card")
+            assert page.locator(".card").count() == len(names)
+            # Thumbnails load through signed URLs (an <img> cannot send the bearer token).
+            page.wait_for_function(THUMBS_LOADED)
+        finally:
+            browser.close()

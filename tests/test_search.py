@@ -1,0 +1,235 @@
+"""Cascade search with a real (tiny, randomly initialised) DiffusionRet model.
+
+Covers the model-backed path end to end: decoding + encoding into the index (compared with the
+evaluation pipeline), the cascade against brute force at every stage, determinism, and the
+``index``/``search`` commands (in process), including the refusal of another model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusionret.cli import main
+from diffusionret.data.decode import read_frames
+from diffusionret.data.transforms import ClipTransform
+from diffusionret.demo.corpus import CorpusConfig, write_corpus
+from diffusionret.index.features import pool_frames
+from diffusionret.index.identity import ModelMismatchError
+from diffusionret.index.searcher import SearchConfig, Searcher
+from diffusionret.index.store import VideoIndex
+from diffusionret.models.checkpoint import load_model, save_model
+from diffusionret.models.config import ModelConfig
+from diffusionret.models.factory import build_model
+from diffusionret.tokenizer import tokenize
+
+FRAMES, FPS = 4, 3.0
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``cli.main`` installs its own root handler (on the stream of the moment); undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("search")
+    paths = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        model = build_model(ModelConfig.tiny(stage="generation"), generator=torch.Generator().manual_seed(seed))
+        paths[name] = save_model(model, root / f"model_{name}.safetensors")
+    corpus = write_corpus(root / "corpus", CorpusConfig(num_train=1, num_test=16), np.random.default_rng(0))
+    (corpus.video_dir / "train_0000.mp4").unlink()  # index the test clips only
+    index_dir = root / "idx"
+    code = main(["index", "build", "--model", str(paths["a"]), "--videos", str(corpus.video_dir), "--out",
+                 str(index_dir), "--frames", str(FRAMES), "--fps", str(FPS), "--batch-size", "5", "--shard-size", "6",
+                 "--no-progress"])
+    assert code == 0
+    model = load_model(paths["a"])
+    return {"root": root, "models": paths, "model": model, "corpus": corpus, "index_dir": index_dir,
+            "index": VideoIndex.load(index_dir)}
+
+
+def test_index_holds_the_evaluation_features(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    assert len(index) == 16
+    assert index.info.settings == {"extractor": "diffusionret", "max_frames": FRAMES, "fps": FPS,
+                                   "sampling": "uniform", "image_size": 32}
+    transform = ClipTransform(model.image_size)
+    frames = torch.zeros(len(index), FRAMES, 3, 32, 32)
+    mask = torch.zeros(len(index), FRAMES, dtype=torch.long)
+    for row, record in enumerate(index.records):  # decoded the way evaluation decodes
+        raw, _ = read_frames(record.path, fps=FPS, max_frames=FRAMES, size=model.image_size)
+        frames[row, : len(raw)] = transform(raw)
+        mask[row, : len(raw)] = 1
+        assert record.duration == pytest.approx(2.0, abs=0.1) and record.width == record.height == 32
+        assert index.thumbnail(record.id)[:2] == b"\xff\xd8"
+    with torch.no_grad():
+        expected = model.encode_video(frames, mask)
+    assert torch.equal(index.frame_mask, mask.bool())
+    real = mask.bool()
+    torch.testing.assert_close(index.frames[real].float(), expected[real], atol=2e-3, rtol=2e-3)
+    assert not index.frames[~real].any()  # padded frames are stored as zeros
+
+
+def _brute_force(model, index: VideoIndex, query: str) -> tuple[torch.Tensor, ...]:
+    """(coarse (Nv,), wti (Nv,), cls (1, D), frames (Nv, T, D)) for one query over the whole index."""
+    ids, mask = tokenize([query], 32)
+    with torch.no_grad():
+        tokens, cls = model.encode_text(ids, mask)
+        video, frame_mask = index.frames.float(), index.frame_mask.long()
+        wti = model.similarity(tokens, mask, video, frame_mask)[0]
+    coarse = F.normalize(cls, dim=-1)[0] @ pool_frames(video, frame_mask).T
+    return coarse, wti, cls, video
+
+
+def test_cascade_without_pruning_equals_brute_force_wti(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    searcher = Searcher(model, index, SearchConfig(candidates=len(index), rerank_top_k=0))
+    for query in setup["corpus"].test_captions[:4]:
+        _, wti, _, _ = _brute_force(model, index, query)
+        hits = searcher.search(query, k=len(index))
+        # Same scores in the same order; every hit carries its own brute-force score (ties may swap).
+        expected = torch.sort(wti, descending=True).values
+        torch.testing.assert_close(torch.tensor([h.score for h in hits]), expected, atol=1e-5, rtol=0)
+        assert sorted(index.row(h.id) for h in hits) == list(range(len(index)))
+        for hit in hits:
+            assert hit.score == pytest.approx(float(wti[index.row(hit.id)]), abs=1e-5)
+        assert all("rerank" not in h.stage_scores for h in hits)
+
+
+def test_first_stage_prunes_to_the_pooled_top_n(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    n = 5
+    searcher = Searcher(model, index, SearchConfig(candidates=n, rerank_top_k=0))
+    for query in setup["corpus"].test_captions[4:8]:
+        coarse, wti, _, _ = _brute_force(model, index, query)
+        hits = searcher.search(query, k=n)
+        expected_rows = set(coarse.topk(n).indices.tolist())
+        assert {index.row(h.id) for h in hits} == expected_rows
+        for hit in hits:
+            row = index.row(hit.id)
+            assert hit.stage_scores["coarse"] == pytest.approx(float(coarse[row]), abs=1e-5)
+            assert hit.stage_scores["wti"] == pytest.approx(float(wti[row]), abs=1e-5)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_diffusion_reranks_the_top_k(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    n, k_rerank = 10, 4
+    config = SearchConfig(candidates=n, rerank_top_k=k_rerank, seed=7)
+    searcher = Searcher(model, index, config)
+    assert searcher.reranks
+    query = setup["corpus"].test_captions[0]
+    coarse, wti, cls, video = _brute_force(model, index, query)
+    rows = coarse.topk(n).indices
+    with torch.no_grad():
+        expected = model.rerank_t2v(wti[rows][None], cls, video[rows], index.frame_mask[rows].long(), top_k=k_rerank,
+                                    generator=torch.Generator().manual_seed(7))[0]
+    order = torch.sort(expected, descending=True, stable=True).indices
+    hits = searcher.search(query, k=n)
+    assert [index.row(h.id) for h in hits] == rows[order].tolist()
+    torch.testing.assert_close(torch.tensor([h.score for h in hits]), expected[order], atol=1e-5, rtol=0)
+    # The K re-ranked candidates got a positive bonus and lead; the rest keep their WTI order and score.
+    assert [("rerank" in h.stage_scores) for h in hits] == [True] * k_rerank + [False] * (n - k_rerank)
+    for hit in hits[:k_rerank]:
+        assert 0 < hit.score - hit.stage_scores["wti"] < 1
+    assert [h.score for h in hits[k_rerank:]] == [h.stage_scores["wti"] for h in hits[k_rerank:]]
+    # Deterministic, and independent of batching.
+    again = searcher.search(query, k=n)
+    assert [(h.id, h.score) for h in again] == [(h.id, h.score) for h in hits]
+    other = setup["corpus"].test_captions[1]
+    batch = searcher.search_batch([query, other], k=n)
+    assert [[(h.id, h.score) for h in result] for result in batch] == [
+        [(h.id, h.score) for h in searcher.search(q, k=n)] for q in (query, other)]
+
+
+def test_searcher_rejects_bad_arguments(setup: dict) -> None:
+    searcher = Searcher(setup["model"], setup["index"])
+    with pytest.raises(ValueError):
+        searcher.search("x", k=0)
+    with pytest.raises(ValueError):
+        searcher.search_batch("not a list", k=1)
+    with pytest.raises(ValueError):
+        SearchConfig(candidates=0)
+
+
+def test_cli_search_prints_table_and_json(setup: dict, capsys: pytest.CaptureFixture) -> None:
+    index_dir, query = str(setup["index_dir"]), setup["corpus"].test_captions[2]
+    assert main(["search", index_dir, query, "-k", "3", "--json", "--rerank", "4"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["query"] == query and [r["rank"] for r in body["results"]] == [1, 2, 3]
+    expected = Searcher.open(index_dir, config=SearchConfig(rerank_top_k=4)).search(query, 3)
+    assert [r["id"] for r in body["results"]] == [h.id for h in expected]
+    assert main(["search", index_dir, query, "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "score", "duration", "path"] and len(lines) == 4
+    assert lines[1].split()[0] == "1" and lines[1].split()[2] == "2.0s" and lines[1].endswith(".mp4")
+
+
+def test_another_model_is_refused(setup: dict, capsys: pytest.CaptureFixture) -> None:
+    index_dir, other = setup["index_dir"], setup["models"]["b"]
+    with pytest.raises(ModelMismatchError):
+        Searcher.open(index_dir, other)
+    with pytest.raises(ModelMismatchError):
+        Searcher(load_model(other), setup["index"])
+    assert main(["search", str(index_dir), "a red circle", "--model", str(other)]) == 2
+    assert "refusing to query it with model" in capsys.readouterr().err
+    assert main(["index", "update", str(index_dir), "--model", str(other), "--no-progress"]) == 2
+    assert "Build a new index for it" in capsys.readouterr().err
+
+
+def test_torchrun_build_equals_single_process_build(setup: dict, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m diffusionret index build`: each rank encodes a share, rank 0 merges."""
+    out = tmp_path / "idx"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "diffusionret", "index", "build", "--model", str(setup["models"]["a"]), "--videos",
+               str(setup["corpus"].video_dir), "--out", str(out), "--frames", str(FRAMES), "--fps", str(FPS),
+               "--shard-size", "3", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "16 videos indexed: 16 added" in result.stdout
+    merged = VideoIndex.load(out)
+    single = setup["index"]
+    assert [r.path for r in merged.records] == [r.path for r in single.records]
+    assert [r.id for r in merged.records] == [r.id for r in single.records]
+    assert torch.equal(merged.frame_mask, single.frame_mask)
+    torch.testing.assert_close(merged.frames.float(), single.frames.float(), atol=2e-3, rtol=0)
+    shard_ranks = {p.name.split("-")[1] for p in (out / "shards").iterdir()}
+    assert shard_ranks == {"r000", "r001"}  # both ranks wrote shards
+
+
+def test_cli_update_and_info(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    videos = tmp_path / "videos"
+    shutil.copytree(setup["corpus"].video_dir, videos)
+    index_dir = tmp_path / "idx"
+    model = str(setup["models"]["a"])
+    assert main(["index", "build", "--model", model, "--videos", str(videos), "--out", str(index_dir), "--frames", "4",
+                 "--fps", "3", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("16 videos indexed: 16 added")
+    shutil.copy(videos / "test_0000.mp4", videos / "copy_of_0.mp4")
+    (videos / "test_0001.mp4").unlink()
+    (videos / "test_0002.mp4").write_bytes(b"\x00 broken now")
+    assert main(["index", "update", str(index_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("15 videos indexed: 1 added, 0 re-encoded, 1 removed, 14 unchanged, 1 failed"), out
+    assert main(["index", "info", str(index_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["videos"] == 15 and info["failures"] == 1 and info["model_path"] == str(Path(model).resolve())
+    assert info["settings"]["max_frames"] == 4 and info["sources"] == [str(videos.resolve())]
