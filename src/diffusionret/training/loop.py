@@ -324,7 +324,11 @@ def _save_selected(run: _Run, source: str, score: float | None) -> Path:
 
     path = run.run_dir / "model.safetensors"
     meta = {"epoch": str(run.progress.epoch), "step": str(run.progress.step), "weights": source,
-            "selection": run.cfg.eval.model_selection, "score": "" if score is None else f"{score:.4f}"}
+            "selection": run.cfg.eval.model_selection, "score": "" if score is None else f"{score:.4f}",
+            # the frame/text settings the model was trained with: `index build` and `search` default to them
+            "data": json.dumps({"max_frames": run.cfg.data.max_frames, "fps": run.cfg.data.fps,
+                                "sampling": run.cfg.data.sampling, "max_words": run.cfg.data.max_words,
+                                "size": run.cfg.data.size})}
     context = run.ema.applied_to(run.model) if source == "ema" and run.ema is not None else contextlib.nullcontext()
     with context:
         run.selected_state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
