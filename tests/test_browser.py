@@ -50,6 +50,18 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     return root / "idx", names
 
 
+
+def _wait_until(page, expression: str, timeout: float = 15.0) -> None:
+    """Poll a JS expression with ``page.evaluate``: the page's CSP forbids the ``eval`` that
+    Playwright's string predicates in ``wait_for_function`` rely on."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {expression}")
+        page.wait_for_timeout(100)
+
 def test_search_page_in_headless_chromium(clips: tuple[Path, list[str]]) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -75,7 +87,7 @@ def test_search_page_in_headless_chromium(clips: tuple[Path, list[str]]) -> None
             assert "result" in page.locator("#status").inner_text()
             assert not page.locator("#token-form").is_visible()  # only shown after a 401
             assert cards.first.locator(".duration").inner_text() == "0:02"
-            page.wait_for_function(THUMBS_LOADED)
+            _wait_until(page, THUMBS_LOADED)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "browser_search.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -85,8 +97,8 @@ def test_search_page_in_headless_chromium(clips: tuple[Path, list[str]]) -> None
             # Inline playback: the thumbnail becomes a <video> streamed from /media with Range requests.
             cards.first.locator(".play").click()
             page.wait_for_selector(".card video")
-            page.wait_for_function("document.querySelector('.card video').readyState >= 1 || "
-                                   "document.querySelector('.card video').error !== null", timeout=15000)
+            _wait_until(page, "document.querySelector('.card video').readyState >= 1 || "
+                              "document.querySelector('.card video').error !== null")
             state = page.evaluate("(() => { const v = document.querySelector('.card video');"
                                   " return {ready: v.readyState, error: v.error && v.error.code,"
                                   " duration: v.duration, src: v.currentSrc}; })()")
@@ -116,6 +128,6 @@ def test_page_asks_for_the_token(clips: tuple[Path, list[str]]) -> None:
             page.wait_for_selector(".card")
             assert page.locator(".card").count() == len(names)
             # Thumbnails load through signed URLs (an <img> cannot send the bearer token).
-            page.wait_for_function(THUMBS_LOADED)
+            _wait_until(page, THUMBS_LOADED)
         finally:
             browser.close()
