@@ -108,7 +108,8 @@ class T2VDenoiser(_DenoiserBase):
         vbar = _pool_frames(text_emb.unsqueeze(1), video_emb, video_mask, self.temp)
         qc = self.q_proj(text_emb)  # (B, D)
         kv = self.k_proj(vbar)  # (B, N, D)
-        return self._prepared(qc.unsqueeze(1).expand_as(kv), kv, self.v_proj(vbar), vbar)
+        # (B, 1, D): the text query is shared by its N candidates; broadcasting avoids N copies.
+        return self._prepared(qc.unsqueeze(1), kv, self.v_proj(vbar), vbar)
 
     def _prepared(self, q_static: torch.Tensor, k_static: torch.Tensor, v_static: torch.Tensor,
                   dec_static: torch.Tensor) -> "PreparedDenoiser":
@@ -162,26 +163,39 @@ class PreparedDenoiser:
 
     module: _DenoiserBase
     qk: torch.Tensor  # (B, N)
-    q_static: torch.Tensor  # (B, N, D)
+    q_static: torch.Tensor  # (B, N, D), or (B, 1, D) when shared by the candidates
     k_static: torch.Tensor  # (B, N, D)
     g: torch.Tensor  # (B, N, 2D)
     c: torch.Tensor  # (B, N, 2D)
+    _buffer: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, N), t: (B,) -> x0 (B, N)."""
         m = self.module
         d = m.dim
-        e_unique, inverse = m._time_terms(t)
-        qe = m.q_proj(e_unique)  # (U, D)
-        ke = m.k_proj(e_unique)
         w1_h = m.decoder[0].weight[:, :d]
-        # decoder h-columns applied to proj(Wv e) + proj bias: per distinct timestep, (U, 2D)
-        he = (m.proj(m.v_proj(e_unique))) @ w1_h.T
-        qe, ke, he = qe[inverse], ke[inverse], he[inverse]  # (B, ...)
-        logits = (self.qk + torch.einsum("bnd,bd->bn", self.q_static, ke) + torch.einsum("bnd,bd->bn", self.k_static, qe)
-                  + (qe * ke).sum(-1, keepdim=True) + x)
+        if bool((t == t[0]).all()):
+            # DDIM: one timestep for the whole batch, so its terms are single vectors (broadcast,
+            # no per-row gathers).
+            e = m.embed_timestep(t[:1])  # (1, D)
+            qe, ke = m.q_proj(e)[0], m.k_proj(e)[0]  # (D,)
+            he = (m.proj(m.v_proj(e)) @ w1_h.T)[0]  # (2D,)
+            logits = self.qk + self.q_static @ ke + self.k_static @ qe + (qe @ ke) + x
+        else:
+            e_unique, inverse = m._time_terms(t)
+            qe, ke = m.q_proj(e_unique)[inverse], m.k_proj(e_unique)[inverse]  # (B, D)
+            he = (m.proj(m.v_proj(e_unique)) @ w1_h.T)[inverse]  # (B, 2D)
+            logits = (self.qk + torch.einsum("bnd,bd->bn", self.q_static, ke)
+                      + torch.einsum("bnd,bd->bn", self.k_static, qe) + (qe * ke).sum(-1, keepdim=True) + x)
         w = torch.softmax(logits, dim=-1)
-        hidden = torch.einsum("bn,bnk->bk", w, self.g) + he  # (B, 2D): W1_h h
-        pre = torch.relu(hidden.unsqueeze(1) + self.c)  # (B, N, 2D)
-        out = pre @ m.decoder[2].weight.squeeze(0) + m.decoder[2].bias
+        hidden = torch.bmm(w.unsqueeze(1), self.g).squeeze(1) + he  # (B, 2D): W1_h h
+        # One reused (B, N, 2D) buffer: a fresh allocation of that size every step costs more in
+        # page faults than the arithmetic.
+        if torch.is_grad_enabled():
+            pre = torch.relu(self.c + hidden.unsqueeze(1))
+        else:
+            if self._buffer is None or self._buffer.shape != self.c.shape:
+                self._buffer = torch.empty_like(self.c)
+            pre = torch.add(self.c, hidden.unsqueeze(1), out=self._buffer).relu_()
+        out = pre @ m.decoder[2].weight[0] + m.decoder[2].bias
         return out + w
