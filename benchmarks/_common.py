@@ -1,19 +1,52 @@
-"""Helpers shared by the benchmark scripts (timing, machine description, result lines)."""
+"""Helpers shared by the benchmark scripts (timing, machine description, memory, result lines).
+
+Every script prints a human line and a ``JSON {...}`` line per result; both carry the 1-minute
+load average at the time of the measurement (``load_1m``), because the machine the numbers in
+BENCHMARKS.md come from is shared and timings move with its load.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
+import threading
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 
 
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads, load average {load_text()}")
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (``uptime``)."""
+    try:
+        return os.getloadavg()
+    except OSError:  # not available on this platform
+        return (math.nan, math.nan, math.nan)
+
+
+def load_text() -> str:
+    return " ".join(f"{v:.2f}" for v in load_average())
+
+
+def add_thread_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's default, one per core)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
@@ -35,8 +68,65 @@ def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation between order statistics."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled by a background thread.
+
+    torch releases the GIL inside its kernels, so a 1 ms poll of ``/proc/self/statm`` sees the
+    working set of the measured code (allocations shorter than a millisecond can be missed).
+
+        with PeakRSS() as mem:
+            work()
+        mem.peak_mib  # MiB above the RSS at entry
+    """
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        self.interval_s = interval_s
+        self.base = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def peak_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
 def report(name: str, **values: object) -> None:
-    """Print a human line and a JSON line (for BENCHMARKS.md and scripts)."""
+    """Print a human line and a JSON line (for BENCHMARKS.md and scripts), with the current load average."""
+    values = {**values, "load_1m": round(load_average()[0], 2)}
     human = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-    print(f"{name}: {human}")
-    print("JSON " + json.dumps({"benchmark": name, **values}))
+    print(f"{name}: {human}", flush=True)
+    print("JSON " + json.dumps({"benchmark": name, **values}), flush=True)

@@ -1,22 +1,46 @@
-"""WTI similarity at MSR-VTT scale vs this machine's float32 matmul throughput.
+"""WTI similarity at MSR-VTT scale vs this machine's float32 matmul throughput, and its peak memory.
 
     python benchmarks/bench_wti.py            # 1000 texts x 1000 videos, L=32, T=12, D=512
+    python benchmarks/bench_wti.py --threads 1
 
-FLOPs counted: the token-frame product 2*Nt*L*Nv*T*D (the maxima and weighted sums are O(Nt*L*Nv*T)).
-Peak memory is the largest extra allocation measured with tracemalloc-free accounting: the (A, L, B, T)
-block of one chunk, which bounds the working set whatever Nt and Nv are.
+Runs the model's own head (``DiffusionRet.similarity``: weight MLPs, normalisation, chunked
+token-frame products). FLOPs counted: the token-frame product ``2*Nt*L*Nv*T*D`` (the weight MLPs,
+maxima and weighted sums are not counted, so the ratio is conservative). The matmul reference is
+an n x n x n float32 product measured in the same run with the same threads.
+
+Memory: peak resident memory above the level before the call (sampled every millisecond), for
+1000 x 1000 and for twice the texts and twice the videos, next to the size of one chunk's
+(A, L, B, T) score block. If the peak is bounded by the chunk size it does not grow with Nt or Nv
+beyond the (Nt, Nv) output itself. Each memory run is a fresh process with
+``MALLOC_MMAP_THRESHOLD_=65536``, so that freed blocks go back to the system at once and the
+resident size follows the live tensors (otherwise glibc keeps freed blocks below 32 MiB and a
+second call reuses them unseen).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import os
+import subprocess
+import sys
 
 import torch
-from torch import nn
+from diffusionret.models.config import ClipConfig, ModelConfig
+from diffusionret.models.diffusionret import DiffusionRet
+from diffusionret.models.similarity import default_chunk_size
 
-from _common import machine, matmul_gflops, report, timeit
-from diffusionret.models.similarity import default_chunk_size, wti_similarity
+from _common import PeakRSS, add_thread_arg, apply_threads, machine, matmul_gflops, report, timeit
+
+
+def inputs(texts: int, videos: int, words: int, frames: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens, video = torch.randn(texts, words, dim, generator=g), torch.randn(videos, frames, dim, generator=g)
+    tmask = torch.zeros(texts, words, dtype=torch.long)
+    lengths = torch.randint(6, min(words, 20) + 1, (texts,), generator=g)  # typical caption lengths
+    tmask[torch.arange(words)[None, :] < lengths[:, None]] = 1
+    vmask = torch.ones(videos, frames, dtype=torch.long)
+    vmask[videos // 4:videos // 2, frames // 2:] = 0  # some short videos
+    return tokens, tmask, video, vmask
 
 
 def main() -> None:
@@ -27,27 +51,60 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=None, help="texts/videos per chunk (default: from a 64 MiB budget)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the memory runs at 2x texts and 2x videos")
+    parser.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)  # internal: one memory run
+    add_thread_arg(parser)
     args = parser.parse_args()
+    apply_threads(args)
     torch.manual_seed(0)
-    d = args.dim
-    text_fc = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, 1))
-    video_fc = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, 1))
-    tokens, video = torch.randn(args.texts, args.words, d), torch.randn(args.videos, args.frames, d)
-    tmask = torch.ones(args.texts, args.words, dtype=torch.long)
-    tmask[:, 12:] = 0  # typical caption length
-    vmask = torch.ones(args.videos, args.frames, dtype=torch.long)
-    chunk = args.chunk or default_chunk_size(args.words, args.frames)
+    d, L, T = args.dim, args.words, args.frames
+    clip = ClipConfig(embed_dim=d, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16, text_width=d,
+                      text_layers=1, vocab_size=1000)
+    model = DiffusionRet(ModelConfig(clip=clip, temporal_layers=1)).eval()
+    chunk = args.chunk or default_chunk_size(L, T)
+    if args.probe_memory:
+        return probe(model, args)
     print(f"machine: {machine()}")
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"inputs: {args.texts} texts x {args.videos} videos, L={L}, T={T}, D={d}, chunk={chunk}")
+
+    tokens, tmask, video, vmask = inputs(args.texts, args.videos, L, T, d)
     with torch.no_grad():
-        seconds = timeit(lambda: wti_similarity(text_fc, video_fc, tokens, tmask, video, vmask, chunk), repeat=3)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    flops = 2 * args.texts * args.words * args.videos * args.frames * d
+        seconds = timeit(lambda: model.similarity(tokens, tmask, video, vmask, chunk_size=args.chunk), repeat=3)
+    flops = 2 * args.texts * L * args.videos * T * d
     achieved = flops / seconds / 1e9
     peak = matmul_gflops()
-    block_mib = min(chunk, args.texts) * args.words * min(chunk, args.videos) * args.frames * 4 / 2**20
     report("wti", texts=args.texts, videos=args.videos, seconds=seconds, gflops=achieved, matmul_gflops=peak,
-           ratio_to_matmul=achieved / peak, chunk=chunk, chunk_block_mib=block_mib, rss_growth_mib=(rss1 - rss0) / 1024)
+           ratio_to_matmul=achieved / peak, chunk=chunk)
+
+    sizes = [(args.texts, args.videos)]
+    if not args.no_scaling:
+        sizes += [(2 * args.texts, args.videos), (args.texts, 2 * args.videos)]
+    for nt, nv in sizes:
+        peak_mib = memory_probe(args, nt, nv)
+        block = min(chunk, nt) * L * min(chunk, nv) * T * 4 / 2**20
+        report("wti_memory", texts=nt, videos=nv, peak_extra_mib=peak_mib, chunk_block_mib=block,
+               output_mib=nt * nv * 4 / 2**20, text_features_mib=nt * L * d * 4 / 2**20,
+               video_features_mib=nv * T * d * 4 / 2**20)
+
+
+def memory_probe(args: argparse.Namespace, texts: int, videos: int) -> float:
+    """Peak MiB above the pre-call level of one ``similarity`` call, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--probe-memory", "--texts", str(texts), "--videos", str(videos),
+           "--words", str(args.words), "--frames", str(args.frames), "--dim", str(args.dim)]
+    if args.chunk:
+        cmd += ["--chunk", str(args.chunk)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def probe(model: DiffusionRet, args: argparse.Namespace) -> None:
+    feats = inputs(args.texts, args.videos, args.words, args.frames, args.dim)
+    with torch.no_grad(), PeakRSS() as mem:
+        model.similarity(*feats, chunk_size=args.chunk)
+    print(mem.peak_mib)
 
 
 if __name__ == "__main__":
