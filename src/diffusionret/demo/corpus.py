@@ -45,13 +45,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "brown": (105, 60, 25),
     "navy": (15, 25, 85),
     "olive": (95, 100, 20),
+    "maroon": (90, 10, 35),
+    "teal": (0, 95, 95),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "still", "orbit")
 SIZES: tuple[str, ...] = ("small", "large")
 
 # Radius of each size as a fraction of the frame side.
-_RADIUS = {"small": 0.17, "large": 0.24}
+_RADIUS = {"small": 0.15, "large": 0.26}
 
 # Words and phrases; the first entry of every list is the canonical name.
 _COLOUR_WORDS = {
@@ -71,6 +73,8 @@ _BACKGROUND_WORDS = {
     "brown": ["brown"],
     "navy": ["navy"],
     "olive": ["olive"],
+    "maroon": ["maroon"],
+    "teal": ["teal"],
 }
 _SHAPE_WORDS = {
     "circle": ["circle", "disc", "ball", "dot"],
@@ -310,7 +314,7 @@ def render_clip(spec: ClipSpec, config: CorpusConfig, rng: np.random.Generator, 
         (T, H, W, 3) uint8 RGB frames.
     """
     size, num_frames = config.frame_size, config.num_frames
-    radius = _RADIUS[spec.size] * size * rng.uniform(0.9, 1.1)
+    radius = _RADIUS[spec.size] * size * rng.uniform(0.95, 1.05)
     centres = _trajectory(spec.motion, num_frames, size, radius, rng)
     # Sample points at the centre of each sub-pixel cell.
     grid = (np.arange(size * supersample) + 0.5) / supersample

@@ -1,0 +1,126 @@
+"""End to end on the demo: index the demo corpus with the trained demo model, then search it.
+
+The demo model is trained by ``diffusionret demo --quick`` (the same run as ``tests/test_demo.py``). Its
+test captions must retrieve their own clip in the top 5 for most captions, through the CLI, the Python
+API and the HTTP API, and the index's WTI ranking must agree with the demo's own evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from diffusionret.cli import main
+from diffusionret.index.searcher import SearchConfig, Searcher
+from diffusionret.serve.app import create_app
+
+
+@pytest.fixture(scope="module")
+def demo_quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of ``diffusionret demo --quick --seed 3`` (corpus + trained model; the slow part).
+
+    Same command as ``tests/test_demo.py``, so the two can share one session-scoped run.
+    """
+    out = tmp_path_factory.mktemp("demo") / "out"
+    with _cli_logging(), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["demo", "--quick", "--out", str(out), "--seed", "3", "--threads", "2"]) == 0
+    return out
+
+
+@contextlib.contextmanager
+def _cli_logging() -> Iterator[None]:
+    """``cli.main`` installs its own root log handler; put the previous ones back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def demo_index(demo_quick_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    metrics = json.loads((demo_quick_out / "metrics.json").read_text())
+    settings = metrics["config"]
+    cfg = {"frames": settings["corpus"]["num_frames"], "fps": settings["corpus"]["fps"],
+           "max_words": settings["max_words"], "top_k": settings["top_k"]}
+    corpus = demo_quick_out / "corpus"
+    out = tmp_path_factory.mktemp("demo_index") / "idx"
+    with _cli_logging():
+        code = main(["index", "build", "--model", metrics["models"]["stage2"], "--videos", str(corpus / "test.csv"),
+                     "--video-root", str(corpus / "videos"), "--out", str(out), "--frames", str(cfg["frames"]),
+                     "--fps", str(cfg["fps"]), "--no-progress"])
+    assert code == 0
+    with open(corpus / "test.csv", newline="", encoding="utf-8") as handle:
+        pairs = [(row["caption"], row["video"]) for row in csv.DictReader(handle)]
+    return {"dir": out, "pairs": pairs, "cfg": cfg, "metrics": metrics}
+
+
+def recall_at(searcher: Searcher, pairs: list[tuple[str, str]], k: int) -> tuple[float, list[list[str]]]:
+    results = searcher.search_batch([caption for caption, _ in pairs], k=k)
+    names = [[Path(hit.path).name for hit in hits] for hits in results]
+    return sum(video in found for (_, video), found in zip(pairs, names, strict=True)) / len(pairs), names
+
+
+def test_captions_retrieve_their_video_in_the_top_5(demo_index: dict) -> None:
+    pairs, cfg, evaluation = demo_index["pairs"], demo_index["cfg"], demo_index["metrics"]["test"]
+    assert len(pairs) == demo_index["metrics"]["corpus"]["test_videos"] >= 20
+
+    def open_index(candidates: int, rerank_top_k: int) -> Searcher:
+        config = SearchConfig(candidates=candidates, rerank_top_k=rerank_top_k, max_words=cfg["max_words"])
+        return Searcher.open(demo_index["dir"], config=config)
+
+    # WTI over every video (the index's fp16 features, the model's head): most captions find their
+    # video in the top 5, and the ranking is the one the demo's own evaluation measured.
+    wti_r5, _ = recall_at(open_index(len(pairs), 0), pairs, 5)
+    assert wti_r5 > 0.5, f"most captions must find their video in the top 5 (R@5 {wti_r5:.2f})"
+    assert abs(wti_r5 - evaluation["wti"]["t2v"]["R5"] / 100.0) <= 1.5 / len(pairs)
+
+    # The pooled first stage keeps the right video among 20 candidates for nearly every caption ...
+    first_stage_r20, _ = recall_at(open_index(20, 0), pairs, 20)
+    assert first_stage_r20 >= 0.9
+    # ... so the full cascade (first stage -> WTI on 20 -> diffusion on the top K) behaves like the
+    # evaluation's exhaustive re-ranking (which draws its noise differently: a small tolerance).
+    cascade = open_index(20, cfg["top_k"])
+    assert cascade.reranks
+    r5, _ = recall_at(cascade, pairs, 5)
+    r1, _ = recall_at(cascade, pairs, 1)
+    print(f"\ndemo index: WTI R@5 {wti_r5:.2f} (evaluation {evaluation['wti']['t2v']['R5']:.0f}%), first stage "
+          f"R@20 {first_stage_r20:.2f}, cascade R@1 {r1:.2f} R@5 {r5:.2f} (evaluation with re-ranking "
+          f"{evaluation['rerank']['t2v']['R5']:.0f}%)")
+    assert abs(r5 - evaluation["rerank"]["t2v"]["R5"] / 100.0) <= 0.1
+    assert r1 >= 3 / len(pairs)  # chance is 1/N
+
+
+def test_cli_and_http_agree_with_the_python_api(demo_index: dict, capsys: pytest.CaptureFixture) -> None:
+    cfg = demo_index["cfg"]
+    searcher = Searcher.open(demo_index["dir"], config=SearchConfig(candidates=20, rerank_top_k=cfg["top_k"],
+                                                                    max_words=cfg["max_words"]))
+    caption, _ = demo_index["pairs"][0]
+    expected = searcher.search(caption, 5)
+
+    with _cli_logging():
+        code = main(["search", str(demo_index["dir"]), caption, "-k", "5", "--json", "--candidates", "20",
+                     "--rerank", str(cfg["top_k"]), "--max-words", str(cfg["max_words"])])
+    assert code == 0
+    cli_ids = [r["id"] for r in json.loads(capsys.readouterr().out)["results"]]
+    assert cli_ids == [h.id for h in expected]
+
+    with TestClient(create_app(searcher)) as client:
+        body = client.get("/api/search", params={"q": caption, "k": 5}).json()
+        assert [r["id"] for r in body["results"]] == [h.id for h in expected]
+        top = body["results"][0]
+        media = client.get(top["media_url"], headers={"Range": "bytes=0-11"})
+        assert media.status_code == 206 and media.content[4:8] == b"ftyp"  # an mp4, streamed by range
+        thumb = client.get(top["thumb_url"])
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+        assert client.get("/api/info").json()["rerank_top_k"] == cfg["top_k"]
