@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpus and the run (default: 0)")
     parser.add_argument("--num-videos", type=int, default=None,
                         help="clips in the corpus, a quarter of them held out for testing "
-                             "(default: 1050 = 800 train + 250 test; --quick: 200)")
+                             "(default: 1000 = 750 train + 250 test; --quick: 200)")
     parser.add_argument("--quick", action="store_true", help="a small corpus and short training (tests, ~1 min)")
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads to use (default: 2): with two or more, one process decodes videos "
@@ -50,7 +50,7 @@ def _demo_config(args: argparse.Namespace) -> Any:
     if args.num_videos is not None:
         if args.num_videos < 8:
             raise ValueError(f"--num-videos must be at least 8, got {args.num_videos}")
-        num_test = max(4, args.num_videos // 4)
+        num_test = max(2, args.num_videos // 4)
         changes["corpus"] = dataclasses.replace(cfg.corpus, num_train=args.num_videos - num_test, num_test=num_test)
     return dataclasses.replace(cfg, **changes)
 

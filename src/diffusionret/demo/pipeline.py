@@ -21,9 +21,10 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,12 +78,12 @@ class DemoConfig:
             raise ValueError("batch_size must be >= 2 (contrastive training needs negatives)")
 
     @classmethod
-    def quick(cls, **changes: Any) -> "DemoConfig":
+    def quick(cls, **changes: Any) -> DemoConfig:
         """A small, fast variant for tests (about a minute on two cores)."""
-        base: dict[str, Any] = dict(
-            corpus=CorpusConfig(num_train=150, num_test=50, max_train_captions=2),
-            stage1_epochs=12, stage2_epochs=2, batch_size=32, top_k=8, diffusion_steps=10,
-        )
+        base: dict[str, Any] = {
+            "corpus": CorpusConfig(num_train=150, num_test=50, max_train_captions=2),
+            "stage1_epochs": 12, "stage2_epochs": 2, "batch_size": 32, "top_k": 8, "diffusion_steps": 10,
+        }
         base.update(changes)
         return cls(**base)
 
@@ -147,7 +148,10 @@ def _stage_config(stage: str, corpus: Corpus, out_dir: Path, cfg: DemoConfig, in
                   "weight_decay": cfg.weight_decay, "warmup_proportion": 0.05},
         "train": {"epochs": cfg.stage1_epochs if stage1 else cfg.stage2_epochs, "device": "cpu",
                   "ema_decay": None, "log_every": 10},
-        "diffusion": {"steps": cfg.diffusion_steps, "num_negatives": max(1, cfg.batch_size - 1)},
+        # As many candidates per query in training as the re-ranking sees at test time (top_k), and
+        # few enough that a batch with repeated videos still offers them.
+        "diffusion": {"steps": cfg.diffusion_steps,
+                      "num_negatives": max(1, min(cfg.top_k, cfg.batch_size // 2) - 1)},
         # The demo has no validation split: keep the final epoch, and test once, below.
         "eval": {"model_selection": "last", "test_after_training": False, "top_k": cfg.top_k,
                  "seed": cfg.seed, "precision": "fp32"},
