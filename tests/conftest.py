@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
 import torch
+
+from cli_helpers import cli_logging
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "reference_tiny_a.pt"
@@ -18,12 +22,34 @@ def golden() -> dict:
 
 
 def pytest_configure(config):
-    # Tiny models: one intra-op thread is faster than two and avoids oversubscribing the 2-core
-    # CI machine when tests spawn worker processes.
+    # Module- and session-scoped fixtures run before the per-test fixture below: one thread for them too.
     torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed_everything():
+def _one_thread_and_seed():
+    """Every test starts with one intra-op thread and torch seeded with 0.
+
+    Tiny models: one thread is faster than two, and OpenMP threads fighting for the cores of a shared
+    2-core machine (or with the worker processes a test spawns) are up to ~50x slower. Reset before
+    every test because commands under test (``demo --threads 2``) may change it.
+    """
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+    """``diffusionret demo --quick --seed 3`` through the CLI, once per session (the slow part).
+
+    Returns its exit status, output folder (corpus + trained models + metrics) and what it printed;
+    shared by ``test_demo.py`` and ``test_search_demo.py``.
+    """
+    from diffusionret.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    printed = io.StringIO()
+    with cli_logging(), contextlib.redirect_stdout(printed):
+        code = main(["demo", "--quick", "--out", str(out), "--seed", "3", "--threads", "2"])
+    return code, out, printed.getvalue()

@@ -92,3 +92,17 @@ def test_stage2_needs_a_stage1_checkpoint_and_unset_variables_are_named(monkeypa
     monkeypatch.delenv("DIFFUSIONRET_DATA")
     with pytest.raises(ConfigError, match=r"DIFFUSIONRET_DATA.*not set"):
         load_run_config(stage2)
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+    from diffusionret.config_utils import atomic_path, atomic_write_text
+
+    path = tmp_path / "sub" / "file.txt"
+    atomic_write_text(path, "old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old"
+    assert [p.name for p in path.parent.iterdir()] == ["file.txt"]  # no temp file left behind
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["file.txt"]

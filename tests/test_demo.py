@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -13,13 +11,10 @@ from diffusionret.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = main(["demo", "--quick", "--out", str(out), "--seed", "3", "--threads", "2"])
-    return code, out, printed.getvalue()
+@pytest.fixture
+def demo_run(demo_quick_run):
+    """The session's quick demo run (see ``conftest.py``)."""
+    return demo_quick_run
 
 
 def test_demo_quick_writes_everything(demo_run):

@@ -19,15 +19,6 @@ from diffusionret.training.distributed import DistContext
 from test_train_e2e import SMOKE2, write_smoke_corpus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads fighting for cores are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = write_smoke_corpus(tmp_path_factory.mktemp("eval"))

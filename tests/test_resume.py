@@ -12,15 +12,6 @@ from diffusionret.training.loop import train
 from test_train_e2e import SMOKE1, SMOKE2, write_smoke_corpus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads fighting for cores are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_smoke_corpus(tmp_path_factory.mktemp("resume"))
@@ -103,8 +94,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path: Path
     path = tmp_path / "last.pt"
     ckpt.atomic_torch_save({"step": 1}, path)
 
-    def broken_save(obj, handle):
-        handle.write(b"partial")
+    def broken_save(obj, file):
+        Path(file).write_bytes(b"partial")
         raise KeyboardInterrupt  # killed mid-write
 
     monkeypatch.setattr(torch, "save", broken_save)

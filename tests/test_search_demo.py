@@ -7,44 +7,25 @@ API and the HTTP API, and the index's WTI ranking must agree with the demo's own
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from cli_helpers import cli_logging
 from diffusionret.cli import main
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
-def demo_quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Output folder of ``diffusionret demo --quick --seed 3`` (corpus + trained model; the slow part).
-
-    Same command as ``tests/test_demo.py``, so the two can share one session-scoped run.
-    """
-    out = tmp_path_factory.mktemp("demo") / "out"
-    with _cli_logging(), contextlib.redirect_stdout(io.StringIO()):
-        assert main(["demo", "--quick", "--out", str(out), "--seed", "3", "--threads", "2"]) == 0
+def demo_quick_out(demo_quick_run: tuple[int, Path, str]) -> Path:
+    """Output folder of the session's ``diffusionret demo --quick --seed 3`` (see ``conftest.py``)."""
+    code, out, _ = demo_quick_run
+    assert code == 0
     return out
-
-
-@contextlib.contextmanager
-def _cli_logging() -> Iterator[None]:
-    """``cli.main`` installs its own root log handler; put the previous ones back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +36,7 @@ def demo_index(demo_quick_out: Path, tmp_path_factory: pytest.TempPathFactory) -
            "max_words": settings["max_words"], "top_k": settings["top_k"]}
     corpus = demo_quick_out / "corpus"
     out = tmp_path_factory.mktemp("demo_index") / "idx"
-    with _cli_logging():
+    with cli_logging():
         code = main(["index", "build", "--model", metrics["models"]["stage2"], "--videos", str(corpus / "test.csv"),
                      "--video-root", str(corpus / "videos"), "--out", str(out), "--frames", str(cfg["frames"]),
                      "--fps", str(cfg["fps"]), "--no-progress"])
@@ -108,7 +89,7 @@ def test_cli_and_http_agree_with_the_python_api(demo_index: dict, capsys: pytest
     caption, _ = demo_index["pairs"][0]
     expected = searcher.search(caption, 5)
 
-    with _cli_logging():
+    with cli_logging():
         code = main(["search", str(demo_index["dir"]), caption, "-k", "5", "--json", "--candidates", "20",
                      "--rerank", str(cfg["top_k"]), "--max-words", str(cfg["max_words"])])
     assert code == 0

@@ -20,15 +20,6 @@ COLOURS = [(230, 30, 30), (30, 200, 40), (40, 90, 255), (250, 230, 20), (150, 40
 NAMES = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "gray", "brown", "white", "black"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads fighting for cores are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_smoke_corpus(root: Path) -> Path:
     """12 tiny videos (32x32, 8 frames at 4 fps) and train/val/test CSVs in the ``custom`` format.
 

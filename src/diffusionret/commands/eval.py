@@ -42,20 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionret.config import load_run_config
-    from diffusionret.config_utils import ConfigError
+    from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.data.errors import MissingVideosError, VideoDecodeError
     from diffusionret.evaluation.evaluate import evaluate, results_table
-    from diffusionret.training.distributed import destroy_distributed, init_distributed
+    from diffusionret.training.distributed import destroy_distributed
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as exc:
-        logger.error("%s", exc)
+    cfg = load_config(args)
+    if cfg is None:
         return 2
     split = args.split or cfg.eval.split
     output = Path(args.output) if args.output else Path(cfg.output_dir) / f"eval_{split}.json"
-    ctx = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    ctx = start_distributed(cfg)
     try:
         results = evaluate(cfg, args.checkpoint, split=split, dist=ctx, features=args.features,
                            rerank=False if args.no_rerank else None,

@@ -24,17 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionret.config import load_run_config
-    from diffusionret.config_utils import ConfigError
+    from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.evaluation.evaluate import extract_features
-    from diffusionret.training.distributed import destroy_distributed, init_distributed
+    from diffusionret.training.distributed import destroy_distributed
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as exc:
-        logger.error("%s", exc)
+    cfg = load_config(args)
+    if cfg is None:
         return 2
-    ctx = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    ctx = start_distributed(cfg)
     try:
         feats = extract_features(cfg, args.checkpoint, split=args.split, output=args.output, dist=ctx,
                                  use_ema=args.ema)

@@ -54,18 +54,15 @@ def _install_signal_handlers(save: threading.Event, stop: threading.Event) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionret.config import load_run_config
-    from diffusionret.config_utils import ConfigError
+    from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.data.errors import MissingVideosError
-    from diffusionret.training.distributed import destroy_distributed, init_distributed
+    from diffusionret.training.distributed import destroy_distributed
     from diffusionret.training.loop import TrainingStopped, train
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as exc:
-        logger.error("%s", exc)
+    cfg = load_config(args)
+    if cfg is None:
         return 2
-    ctx = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    ctx = start_distributed(cfg)
     handler = _attach_log_file(Path(cfg.output_dir) / "train.log") if ctx.is_main else None
     save, stop = threading.Event(), threading.Event()
     previous = _install_signal_handlers(save, stop)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from diffusionret.config_utils import atomic_path
 from diffusionret.training.distributed import DistContext, IndexSampler, all_gather_variable, shard_range
 
 logger = logging.getLogger(__name__)
@@ -88,13 +89,8 @@ class CorpusFeatures:
             "meta": json.dumps(self.meta, sort_keys=True),
         }
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         logger.info("features written: %s (%d captions, %d videos)", path, self.num_captions, self.num_videos)
         return path
 

@@ -17,14 +17,12 @@ import dataclasses
 import json
 import logging
 import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from diffusionret.config_utils import from_dict, to_dict
+from diffusionret.config_utils import atomic_path, from_dict, to_dict
 from diffusionret.models import clip_backbone
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
@@ -114,15 +112,8 @@ def save_model(model: DiffusionRet, path: str | os.PathLike, metadata: Mapping[s
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

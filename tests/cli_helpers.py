@@ -1,0 +1,19 @@
+"""Helpers for tests that call ``diffusionret.cli.main`` in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def cli_logging() -> Iterator[None]:
+    """``cli.main`` installs its own root log handler; put the previous ones back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
