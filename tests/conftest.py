@@ -40,16 +40,17 @@ def _one_thread_and_seed():
 
 
 @pytest.fixture(scope="session")
-def demo_quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
-    """``diffusionret demo --quick --seed 3`` through the CLI, once per session (the slow part).
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+    """``diffusionret demo --seed 3`` (the full demo, a seed other than the default) through the CLI.
 
-    Returns its exit status, output folder (corpus + trained models + metrics) and what it printed;
-    shared by ``test_demo.py`` and ``test_search_demo.py``.
+    Run once per session (3-5 minutes on a 2-core machine); returns its exit status, output folder
+    (corpus, trained models, metrics) and what it printed. Shared by ``test_demo.py`` (the demo's
+    own targets) and ``test_search_demo.py`` (indexing and searching its test videos).
     """
     from diffusionret.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
     printed = io.StringIO()
     with cli_logging(), contextlib.redirect_stdout(printed):
-        code = main(["demo", "--quick", "--out", str(out), "--seed", "3", "--threads", "2"])
+        code = main(["demo", "--out", str(out), "--seed", "3", "--threads", "2"])
     return code, out, printed.getvalue()

@@ -1,4 +1,7 @@
-"""``diffusionret demo --quick`` end to end through the CLI: outputs exist and the model learns."""
+"""``diffusionret demo`` end to end through the CLI (seed 3, not the default): outputs exist and the model learns.
+
+The run itself is the session fixture ``demo_run`` in ``conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,7 @@ from diffusionret.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def demo_run(demo_quick_run):
-    """The session's quick demo run (see ``conftest.py``)."""
-    return demo_quick_run
-
-
-def test_demo_quick_writes_everything(demo_run):
+def test_demo_writes_everything(demo_run):
     code, out, printed = demo_run
     assert code == 0
     assert "Without re-ranking" in printed and "With diffusion re-ranking" in printed
@@ -26,25 +23,28 @@ def test_demo_quick_writes_everything(demo_run):
                  "corpus/train.csv", "corpus/test.csv", "stage1/model.safetensors", "stage2/model.safetensors",
                  "stage1/config.yaml", "stage2/config.yaml"):
         assert (out / name).is_file(), name
-    assert len(list((out / "corpus" / "videos").glob("*.mp4"))) == 200
+    assert len(list((out / "corpus" / "videos").glob("*.mp4"))) == 1000
 
 
-def test_demo_quick_learns_and_reports_both_rankings(demo_run):
+def test_demo_learns_and_reports_both_rankings(demo_run):
     _, out, _ = demo_run
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["corpus"]["train_videos"] == 750 and metrics["corpus"]["test_videos"] == 250
     test = metrics["test"]
-    assert test["num_test_videos"] == 50 and test["num_test_captions"] == 50
-    chance = test["chance_R1"]
-    # Far above chance (2%) after about a minute of training from random weights.
-    assert test["wti"]["t2v"]["R1"] >= 5 * chance
-    assert test["wti"]["t2v"]["R5"] >= 30.0
+    assert test["num_test_videos"] == 250 and test["num_test_captions"] == 250
+    assert test["chance_R1"] == pytest.approx(0.4)
+    # The demo's promise (issue 4): text->video R@1 of at least 25 % on the held-out split, from
+    # random weights, whether or not the diffusion re-ranking is applied.
+    assert test["wti"]["t2v"]["R1"] >= 25.0
+    assert test["rerank"]["t2v"]["R1"] >= 25.0
+    assert test["wti"]["v2t"]["R1"] >= 25.0
     for direction in ("t2v", "v2t"):
         assert set(test["rerank"][direction]) >= {"R1", "R5", "R10", "MedianR"}
         assert test["rerank_effect"][f"{direction}/R1"] == pytest.approx(
             test["rerank"][direction]["R1"] - test["wti"][direction]["R1"], abs=1e-3)
     query = metrics["query"]
     assert query["target"].startswith("test_") and len(query["top5"]) == 5
-    assert 1 <= query["target_rank"] <= 50
+    assert 1 <= query["target_rank"] <= 250
     assert set(metrics["timings_s"]) >= {"corpus", "stage1", "stage2", "evaluation", "total"}
 
 
