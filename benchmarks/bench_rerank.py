@@ -27,6 +27,7 @@ import time
 import torch
 from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
+from diffusionret.rerank import DEFAULT_CHUNK_SIZE
 
 from _common import add_thread_arg, apply_threads, machine, report
 
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--reference-batched", action="store_true",
                         help="also time the reference's 32-row batching with the plain forward (same subset, "
                              "rounded up to whole batches)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help=f"query rows per denoiser batch in diffusionret's re-ranking (default {DEFAULT_CHUNK_SIZE}, "
+                             "the library's CPU default)")
     add_thread_arg(parser)
     args = parser.parse_args()
     apply_threads(args)
@@ -96,9 +100,9 @@ def main() -> None:
     model.rerank_t2v(sim[:32], cls[:32], video, mask, top_k=k, noise=noise_t2v[:32])
     start = time.perf_counter()
     fast_t2v, fast_v2t = model.rerank(sim, None, None, cls, video, mask, top_k=k, noise_t2v=noise_t2v,
-                                      noise_v2t=noise_v2t)
+                                      noise_v2t=noise_v2t, chunk_size=args.chunk_size)
     fast_s = time.perf_counter() - start
-    report("rerank_fast", queries=n, seconds=fast_s, per_query_ms=fast_s / (2 * n) * 1e3)
+    report("rerank_fast", queries=n, seconds=fast_s, per_query_ms=fast_s / (2 * n) * 1e3, chunk_size=args.chunk_size)
 
     m = min(args.baseline_queries, n)
     start = time.perf_counter()

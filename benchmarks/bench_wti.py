@@ -3,15 +3,15 @@
     python benchmarks/bench_wti.py            # 1000 texts x 1000 videos, L=32, T=12, D=512
     python benchmarks/bench_wti.py --threads 1
 
-Runs the model's own head (``DiffusionRet.similarity``: weight MLPs, normalisation, chunked
-token-frame products). FLOPs counted: the token-frame product ``2*Nt*L*Nv*T*D`` (the weight MLPs,
+Runs the model's own head (``DiffusionRet.similarity``: weight MLPs in row chunks, per-chunk
+normalisation, chunked token-frame products). FLOPs counted: the token-frame product ``2*Nt*L*Nv*T*D`` (the weight MLPs,
 maxima and weighted sums are not counted, so the ratio is conservative). The matmul reference is
 an n x n x n float32 product measured in the same run with the same threads.
 
 Memory: peak resident memory above the level before the call (sampled every millisecond), for
 1000 x 1000 and for twice the texts and twice the videos, next to the size of one chunk's
 (A, L, B, T) score block. If the peak is bounded by the chunk size it does not grow with Nt or Nv
-beyond the (Nt, Nv) output itself. Each memory run is a fresh process with
+beyond the (Nt, Nv) output and the (Nv, T) frame weights. Each memory run is a fresh process with
 ``MALLOC_MMAP_THRESHOLD_=65536``, so that freed blocks go back to the system at once and the
 resident size follows the live tensors (otherwise glibc keeps freed blocks below 32 MiB and a
 second call reuses them unseen).

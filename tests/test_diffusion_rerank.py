@@ -69,11 +69,33 @@ def test_prepared_denoiser_equals_forward(cls):
     else:
         cond = (torch.randn(b, n, d, generator=g), torch.randn(b, t_frames, d, generator=g), mask)
     x = torch.randn(b, n, generator=g)
-    for t in (torch.full((b,), 3), torch.tensor([0, 49, 3, 3, 17])):
-        with torch.no_grad():
-            expected = module(x, t, *cond)
-            fast = module.prepare(*cond)(x, t)
-        torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+    # The value path fused into one matrix (the default) and kept as three products (few rows).
+    for steps in (50, module.step_tables(50, value_rows=1)):
+        prepared = module.prepare(*cond, steps)
+        for t in (torch.full((b,), 3), torch.tensor([0, 49, 3, 3, 17])):
+            with torch.no_grad():
+                expected = module(x, t, *cond)
+            torch.testing.assert_close(prepared(x, t), expected, atol=1e-5, rtol=1e-5)
+    assert len(module.step_tables(50).value_chain) == 1 and len(module.step_tables(50, value_rows=1).value_chain) == 3
+
+
+def test_v2t_prepare_with_shared_candidate_texts():
+    """Text terms computed once for a bank and gathered per query equal those computed per (query, text)."""
+    g = torch.Generator().manual_seed(5)
+    b, n, m, f, d, steps = 4, 6, 9, 3, 16, 20
+    module = _random_denoiser(V2TDenoiser, d)
+    bank = torch.randn(m, d, generator=g)
+    idx = torch.stack([torch.randperm(m, generator=g)[:n] for _ in range(b)])  # (B, N)
+    video, mask = torch.randn(b, f, d, generator=g), (torch.rand(b, f, generator=g) > 0.3).long()
+    x, t = torch.randn(b, n, generator=g), torch.tensor([19, 0, 7, 7])
+    tables = module.step_tables(steps)
+    shared = module.prepare(bank[idx], video, mask, tables, candidates=module.candidate_texts(bank, tables), cand_idx=idx)
+    with torch.no_grad():
+        expected = module(x, t, bank[idx], video, mask)
+    torch.testing.assert_close(shared(x, t), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared(x, t), module.prepare(bank[idx], video, mask, steps)(x, t), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="cand_idx"):
+        module.prepare(bank[idx], video, mask, tables, candidates=module.candidate_texts(bank, tables))
 
 
 @pytest.mark.parametrize("cls", [T2VDenoiser, V2TDenoiser])
@@ -164,3 +186,27 @@ def test_rerank_invariants(nq, nc, k, seed):
 
 
 _RERANK_MODEL = build_model(ModelConfig.tiny(stage="generation", diffusion_steps=5), generator=torch.Generator().manual_seed(0))
+
+
+def test_rerank_independent_of_chunk_size():
+    """The initial noise is drawn for all rows up front, so splitting the rows differently changes nothing."""
+    g = torch.Generator().manual_seed(6)
+    model = _RERANK_MODEL
+    nt, nv, frames, d, k = 11, 8, 3, model.embed_dim, 4
+    cls, video = torch.randn(nt, d, generator=g), torch.randn(nv, frames, d, generator=g)
+    mask = torch.ones(nv, frames, dtype=torch.long)
+    mask[::2, 1:] = 0
+    sim = torch.rand(nt, nv, generator=g)
+    runs = {}
+    for chunk in (3, 64):
+        runs[chunk] = (
+            model.rerank_t2v(sim, cls, video, mask, top_k=k, generator=torch.Generator().manual_seed(11), chunk_size=chunk),
+            model.rerank_v2t(sim.T, cls, video, mask, top_k=k, generator=torch.Generator().manual_seed(12), chunk_size=chunk),
+        )
+    for a, b in zip(runs[3], runs[64]):
+        # Not bit-equal in general: a GEMM over 3 rows may round its last bit differently from one over 11.
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # And the noise is the generator's first (Nq, K) draw, whatever the chunking.
+    noise = torch.randn(nt, k, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(model.rerank_t2v(sim, cls, video, mask, top_k=k, noise=noise, chunk_size=5), runs[3][0],
+                               atol=1e-6, rtol=0)

@@ -1,14 +1,19 @@
-"""WTI similarity: an oracle loop, chunking, permutation and batch invariants; temporal variants."""
+"""WTI similarity: an oracle loop, chunking, permutation and batch invariants, memory bounded by the chunk
+size, precomputed frame weights; temporal variants."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
+from diffusionret.models.similarity import chunked_token_weights, token_weights, wti_similarity
 
 _MODEL = build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(0))
 
@@ -59,6 +64,120 @@ def test_wti_permutation_equivariance(nt, nv, seed):
         base = _MODEL.similarity(tokens, tmask, video, vmask)
         perm = _MODEL.similarity(tokens[pt], tmask[pt], video[pv], vmask[pv])
     torch.testing.assert_close(perm, base[pt][:, pv], atol=1e-6, rtol=0)
+
+
+class _LargestOutputs(TorchDispatchMode):
+    """Records the shape of every tensor an aten op allocates inside the block (views and in-place
+    results, e.g. a transposed weight or a slice of the output, are not new memory and are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+class _RowSpy:
+    """Forward pre-hooks recording how many rows each weight-MLP call gets."""
+
+    def __init__(self, *modules):
+        self.rows = {id(m): [] for m in modules}
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in modules]
+
+    def _hook(self, module, inputs):
+        self.rows[id(module)].append(inputs[0].shape[0])
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _largest_intermediate(nt, nv, chunk, frame_weights=False):
+    """Largest tensor produced during one call, ignoring the (Nt, Nv) output and the (Nv, T) weights."""
+    g = torch.Generator().manual_seed(nt * 100 + nv)
+    tokens, tmask, video, vmask = _inputs(g, nt, nv)
+    fw = _MODEL.frame_weights(video, vmask, chunk_size=chunk) if frame_weights else None
+    spy = _RowSpy(_MODEL.text_weight_fc, _MODEL.video_weight_fc)
+    try:
+        with torch.no_grad(), _LargestOutputs() as rec:
+            out = _MODEL.similarity(tokens, tmask, video, vmask, chunk, frame_weights=fw)
+    finally:
+        spy.remove()
+    assert out.shape == (nt, nv)
+    ignored = {(nt, nv), (nv, video.shape[1])}
+    largest = max(torch.Size(s).numel() for s in rec.shapes if s not in ignored)
+    return largest, spy.rows[id(_MODEL.text_weight_fc)], spy.rows[id(_MODEL.video_weight_fc)]
+
+
+@pytest.mark.parametrize("frame_weights", [False, True])
+def test_memory_bounded_by_chunk(frame_weights):
+    """Peak memory does not grow with Nt or Nv: the weight MLPs never see more than ``chunk`` rows,
+    and no intermediate tensor is larger than a chunk's worth (an implementation that ran the MLPs or
+    normalised all features at once would produce (Nt, L, 2D) / (Nt, L, D) tensors and fail)."""
+    chunk, length, frames, d = 3, 6, 4, 64
+    small, t_rows, v_rows = _largest_intermediate(chunk, chunk, chunk, frame_weights)
+    large, t_rows_l, v_rows_l = _largest_intermediate(7 * chunk + 1, 5 * chunk + 2, chunk, frame_weights)
+    assert large == small
+    hidden = 2 * d  # the weight MLP's hidden layer
+    assert large <= max(chunk * length * chunk * frames, chunk * max(length, frames) * hidden)
+    assert max(t_rows + t_rows_l) <= chunk and sum(t_rows_l) == 7 * chunk + 1
+    if frame_weights:
+        assert v_rows == v_rows_l == []  # the video MLP is skipped
+    else:
+        assert max(v_rows + v_rows_l) <= chunk and sum(v_rows_l) == 5 * chunk + 2  # once per video, not per text chunk
+
+
+def test_chunked_token_weights_matches_unchunked():
+    g = torch.Generator().manual_seed(11)
+    tokens, tmask, video, vmask = _inputs(g, 9, 7)
+    with torch.no_grad():
+        for fc, x, m in ((_MODEL.text_weight_fc, tokens, tmask), (_MODEL.video_weight_fc, video, vmask)):
+            full = token_weights(fc, x, m)
+            for chunk in (None, 1, 2, 4, 100):
+                torch.testing.assert_close(chunked_token_weights(fc, x, m, chunk), full, atol=1e-7, rtol=0)
+            assert chunked_token_weights(fc, x.half(), m, 2).dtype == torch.float32
+    assert (full[m == 0] == 0).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.sampled_from([None, 1, 2, 3]), st.sampled_from([None, 1, 4]),
+       st.sampled_from([torch.float32, torch.float16]), st.integers(0, 10_000))
+def test_precomputed_frame_weights_equal(nt, nv, chunk, weight_chunk, dtype, seed):
+    """Weights from ``frame_weights`` (e.g. stored with an fp16 index, gathered per query) give the same scores."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, tmask, video, vmask = _inputs(g, nt, nv)
+    tokens, video = tokens.to(dtype), video.to(dtype)
+    with torch.no_grad():
+        fw = _MODEL.frame_weights(video, vmask, chunk_size=weight_chunk)
+        assert fw.shape == vmask.shape and fw.dtype == torch.float32
+        base = _MODEL.similarity(tokens, tmask, video, vmask, chunk)
+        torch.testing.assert_close(_MODEL.similarity(tokens, tmask, video, vmask, chunk, frame_weights=fw), base,
+                                   atol=1e-6, rtol=0)
+        pick = torch.randint(0, nv, (max(1, nv // 2),), generator=g)  # a candidate subset, as in search
+        torch.testing.assert_close(
+            _MODEL.similarity(tokens, tmask, video[pick], vmask[pick], frame_weights=fw[pick]),
+            _MODEL.similarity(tokens, tmask, video[pick], vmask[pick]), atol=1e-6, rtol=0)
+        if dtype == torch.float16:  # fp16 features score like their float32 cast
+            torch.testing.assert_close(base, _MODEL.similarity(tokens.float(), tmask, video.float(), vmask, chunk),
+                                       atol=0, rtol=0)
+        # the same chunking gives bit-identical scores
+        assert torch.equal(_MODEL.similarity(tokens, tmask, video, vmask, chunk,
+                                             frame_weights=_MODEL.frame_weights(video, vmask, chunk_size=chunk)),
+                           _MODEL.similarity(tokens, tmask, video, vmask, chunk))
+
+
+def test_frame_weights_shape_checked():
+    g = torch.Generator().manual_seed(12)
+    tokens, tmask, video, vmask = _inputs(g, 2, 3)
+    with pytest.raises(ValueError, match="frame_weights"):
+        wti_similarity(_MODEL.text_weight_fc, _MODEL.video_weight_fc, tokens, tmask, video, vmask,
+                       frame_weights=torch.ones(3, 5))
+    with pytest.raises(ValueError):
+        _MODEL.frame_weights(video, vmask[:, :2])
 
 
 def test_padding_content_is_ignored():

@@ -105,6 +105,7 @@ class GaussianDiffusion(nn.Module):
         """
         x = noise
         batch = x.shape[0]
+        coef = self._ddim_coefficients(eta, x.device)
         for step in reversed(range(self.num_steps)):
             t = torch.full((batch,), step, dtype=torch.long, device=x.device)
             x0 = denoise_fn(x, t, **cond)
@@ -114,11 +115,26 @@ class GaussianDiffusion(nn.Module):
                 # alpha_bar_{-1} = 1 makes the update return x0 exactly; skip the arithmetic.
                 x = x0
                 break
-            eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x)
-            a_bar = self._at(self.alphas_cumprod, t, x)
-            a_prev = self._at(self.alphas_cumprod_prev, t, x)
-            sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_prev)
-            x = x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma**2) * eps
+            eps = (coef["sqrt_recip"][step] * x - x0) / coef["sqrt_recipm1"][step]
+            x = x0 * coef["sqrt_prev"][step] + coef["dir"][step] * eps
             if eta > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + coef["sigma"][step] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
+
+    def _ddim_coefficients(self, eta: float, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every step's DDIM coefficients as (T,) float32 tables, computed once per sampling run.
+
+        The same float32 operations as evaluating them per step (values are cast to float32 before
+        the arithmetic, as :meth:`_at` does), so the samples are unchanged; the loop then indexes
+        0-d tensors instead of gathering and recomputing ~25 small tensors per step.
+        """
+        a_bar = self.alphas_cumprod.to(device).float()
+        a_prev = self.alphas_cumprod_prev.to(device).float()
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_prev)
+        return {
+            "sqrt_recip": self.sqrt_recip_alphas_cumprod.to(device).float(),
+            "sqrt_recipm1": self.sqrt_recipm1_alphas_cumprod.to(device).float(),
+            "sqrt_prev": torch.sqrt(a_prev),
+            "dir": torch.sqrt(1 - a_prev - sigma**2),
+            "sigma": sigma,
+        }

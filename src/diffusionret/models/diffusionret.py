@@ -16,8 +16,8 @@ from torch import nn
 from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.models import clip_backbone
 from diffusionret.models.config import ModelConfig
-from diffusionret.models.denoiser import T2VDenoiser, V2TDenoiser
-from diffusionret.models.similarity import wti_similarity
+from diffusionret.models.denoiser import PreparedDenoiser, T2VDenoiser, V2TDenoiser, gather_rows
+from diffusionret.models.similarity import chunked_token_weights, wti_similarity
 from diffusionret.models.temporal import TemporalTransformer, aggregate_seq_lstm, aggregate_seq_transf
 from diffusionret.rerank import rerank_rows
 
@@ -190,11 +190,28 @@ class DiffusionRet(nn.Module):
             raise ValueError(f"frame_mask must be (B, T) = {tuple(frames.shape[:2])}, got {tuple(frame_mask.shape)}")
         return self.aggregate(self.encode_frames(frames), frame_mask)
 
+    def frame_weights(self, video: torch.Tensor, frame_mask: torch.Tensor, *,
+                      chunk_size: int | None = None) -> torch.Tensor:
+        """WTI's video-side softmax weights: (N, T, D), (N, T) -> (N, T) float32, 0 where masked.
+
+        Exactly what :meth:`similarity` computes (the video weight MLP on the float32-cast
+        features, ``chunk_size`` rows at a time), so they can be stored with an index and passed
+        back as ``similarity(..., frame_weights=...)`` to skip the MLP at query time.
+        """
+        if frame_mask.ndim != 2 or frame_mask.shape != video.shape[:2] or video.ndim != 3:
+            raise ValueError(f"expected video (N, T, D) and frame_mask (N, T), got {tuple(video.shape)} "
+                             f"and {tuple(frame_mask.shape)}")
+        return chunked_token_weights(self.video_weight_fc, video, frame_mask, chunk_size)
+
     def similarity(self, tokens: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
-                   *, chunk_size: int | None = None) -> torch.Tensor:
-        """WTI scores (Nt, Nv) in [-1, 1]; no logit scale (SPEC.md 1.4)."""
+                   chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """WTI scores (Nt, Nv) in [-1, 1]; no logit scale (SPEC.md 1.4).
+
+        ``frame_weights``: optional (Nv, T) from :meth:`frame_weights`; the video weight MLP is then skipped.
+        """
         text_mask = _flatten_text(text_mask, "text_mask")
-        return wti_similarity(self.text_weight_fc, self.video_weight_fc, tokens, text_mask, video, frame_mask, chunk_size)
+        return wti_similarity(self.text_weight_fc, self.video_weight_fc, tokens, text_mask, video, frame_mask,
+                              chunk_size, frame_weights=frame_weights)
 
     # ------------------------------------------------------------------ denoisers
     def _require_denoisers(self) -> None:
@@ -225,36 +242,54 @@ class DiffusionRet(nn.Module):
     # ------------------------------------------------------------------ re-ranking
     def rerank_t2v(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
                    top_k: int = 32, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   alpha: float = 1.0, temp: float = 1.0) -> torch.Tensor:
-        """Re-rank text->video rows: sim (Nt, Nv), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nt, Nv)."""
+                   alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
+        """Re-rank text->video rows: sim (Nt, Nv), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nt, Nv).
+
+        ``noise`` (Nt, K) is the initial x_T (drawn from ``generator`` when not given); ``chunk_size``
+        (query rows per denoiser batch, default by device: :func:`diffusionret.rerank.default_chunk_size`)
+        changes memory and speed, not the result.
+        """
         self._require_denoisers()
         if sim.shape != (cls.shape[0], video.shape[0]):
             raise ValueError(f"sim {tuple(sim.shape)} does not match cls {tuple(cls.shape)} x video {tuple(video.shape)}")
         cls, video = cls.float(), video.float()
+        denoiser = self.diffusion_model
+        # Shared by all chunks; the value path is applied to every (query, candidate) pair.
+        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=sim.shape[0] * min(top_k, sim.shape[1]))
 
-        def prepare(rows: torch.Tensor, idx: torch.Tensor):
-            return self.diffusion_model.prepare(cls[rows], video[idx], frame_mask[idx])
+        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
+            return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables)
 
-        return rerank_rows(sim, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator, alpha=alpha, temp=temp)
+        return rerank_rows(sim, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator, alpha=alpha,
+                           temp=temp, chunk_size=chunk_size)
 
     def rerank_v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
                    top_k: int = 32, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   alpha: float = 1.0, temp: float = 1.0) -> torch.Tensor:
-        """Re-rank video->text rows: sim_v2t (Nv, Nt), cls (Nt, D), video (Nv, T, D) -> (Nv, Nt)."""
+                   alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
+        """Re-rank video->text rows: sim_v2t (Nv, Nt), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nv, Nt).
+
+        ``noise`` (Nv, K) and ``chunk_size`` as in :meth:`rerank_t2v`.
+        """
         self._require_denoisers()
         if sim_v2t.shape != (video.shape[0], cls.shape[0]):
             raise ValueError(f"sim_v2t {tuple(sim_v2t.shape)} does not match video {tuple(video.shape)} x cls {tuple(cls.shape)}")
         cls, video = cls.float(), video.float()
+        denoiser = self.diffusion_model_v
+        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=cls.shape[0])
+        # The candidates are texts: their projections are computed once per text, not per (video, text).
+        texts = denoiser.candidate_texts(cls, tables)
 
-        def prepare(rows: torch.Tensor, idx: torch.Tensor):
-            return self.diffusion_model_v.prepare(cls[idx], video[rows], frame_mask[rows])
+        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
+            return denoiser.prepare(gather_rows(cls, idx), video[rows], frame_mask[rows], tables, candidates=texts,
+                                    cand_idx=idx)
 
-        return rerank_rows(sim_v2t, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator, alpha=alpha, temp=temp)
+        return rerank_rows(sim_v2t, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator,
+                           alpha=alpha, temp=temp, chunk_size=chunk_size)
 
     def rerank(self, sim: torch.Tensor, tokens: torch.Tensor | None, text_mask: torch.Tensor | None, cls: torch.Tensor,
                video: torch.Tensor, frame_mask: torch.Tensor, *, top_k: int = 32, noise_t2v: torch.Tensor | None = None,
                noise_v2t: torch.Tensor | None = None, generator: torch.Generator | None = None, alpha: float = 1.0,
-               temp: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               temp: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both directions from the same base matrix (SPEC.md 3.3).
 
         Args:
@@ -262,11 +297,14 @@ class DiffusionRet(nn.Module):
                 denoisers only use ``cls`` (Nt, D) and ``video`` (Nv, T, D), ``frame_mask`` (Nv, T).
             noise_t2v, noise_v2t: (Nt, K), (Nv, K) initial x_T per query in descending-score order;
                 drawn from ``generator`` (t2v first, then v2t) when not given.
+            chunk_size: query rows per denoiser batch (memory and speed only; default by device).
         Returns:
             t2v (Nt, Nv), v2t (Nv, Nt).
         """
-        t2v = self.rerank_t2v(sim, cls, video, frame_mask, top_k=top_k, noise=noise_t2v, generator=generator, alpha=alpha, temp=temp)
-        v2t = self.rerank_v2t(sim.T, cls, video, frame_mask, top_k=top_k, noise=noise_v2t, generator=generator, alpha=alpha, temp=temp)
+        t2v = self.rerank_t2v(sim, cls, video, frame_mask, top_k=top_k, noise=noise_t2v, generator=generator, alpha=alpha,
+                              temp=temp, chunk_size=chunk_size)
+        v2t = self.rerank_v2t(sim.T, cls, video, frame_mask, top_k=top_k, noise=noise_v2t, generator=generator, alpha=alpha,
+                              temp=temp, chunk_size=chunk_size)
         return t2v, v2t
 
 

@@ -1,4 +1,11 @@
-"""Weighted token interaction ("WTI") similarity (SPEC.md 1.4), computed in bounded-memory chunks."""
+"""Weighted token interaction ("WTI") similarity (SPEC.md 1.4), computed in bounded-memory chunks.
+
+Peak memory is bounded by the chunk size, not by the number of texts or videos: the weight MLPs
+run on at most ``chunk_size`` rows at a time (only their small (N, L) softmax outputs are kept),
+and features are cast to float32 and L2-normalised inside the chunk loop, so no full-size copy of
+the features or of the MLPs' (N, L, 2D) hidden layer ever exists. Besides the (Nt, Nv) output and
+the (Nv, T) frame weights, the largest live tensor is one chunk's (A, L, B, T) score block.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,50 @@ def token_weights(weight_fc: nn.Module, feats: torch.Tensor, mask: torch.Tensor)
     return torch.softmax(logits, dim=-1)
 
 
+def default_weight_chunk(length: int, dim: int, budget_bytes: int = 32 * 2**20) -> int:
+    """Rows per weight-MLP call so that its (rows, L, 2D) float32 hidden layer stays within the budget."""
+    return max(1, budget_bytes // max(1, length * 2 * dim * 4))
+
+
+def chunked_token_weights(weight_fc: nn.Module, feats: torch.Tensor, mask: torch.Tensor,
+                          chunk_size: int | None = None) -> torch.Tensor:
+    """:func:`token_weights` on at most ``chunk_size`` rows at a time, on float32-cast features.
+
+    This is exactly what :func:`wti_similarity` computes for its weights, so weights precomputed
+    with it (e.g. the video side, stored next to fp16 index features) give the same scores.
+
+    Args:
+        feats: (N, L, D), any float dtype (each chunk is cast to float32); mask: (N, L) 0/1.
+        chunk_size: rows per MLP call; from a 32 MiB budget for the hidden layer when ``None``.
+    Returns:
+        (N, L) float32 weights, zero where masked.
+    """
+    if feats.ndim != 3 or mask.shape != feats.shape[:2]:
+        raise ValueError(f"expected feats (N, L, D) and mask (N, L), got {tuple(feats.shape)} and {tuple(mask.shape)}")
+    chunk = chunk_size or default_weight_chunk(feats.shape[1], feats.shape[2])
+    if feats.shape[0] <= chunk:
+        return token_weights(weight_fc, feats.float(), mask)
+    return torch.cat([token_weights(weight_fc, feats[i:i + chunk].float(), mask[i:i + chunk])
+                      for i in range(0, feats.shape[0], chunk)])
+
+
+def _masked_unit(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float32 L2-normalised rows with padded positions zeroed: (N, L, D), (N, L) -> (N, L, D)."""
+    return F.normalize(feats.float(), dim=-1) * mask.to(torch.float32).unsqueeze(-1)
+
+
+def _block_scores(text_unit: torch.Tensor, text_w: torch.Tensor, video_unit: torch.Tensor,
+                  video_w: torch.Tensor) -> torch.Tensor:
+    """WTI logits of one block from masked unit features: (A, L, D), (A, L), (B, T, D), (B, T) -> (A, B)."""
+    a, length, dim = text_unit.shape
+    b, frames, _ = video_unit.shape
+    # One (A*L, D) x (D, B*T) matrix product; then maxima and weighted sums.
+    s = (text_unit.reshape(a * length, dim) @ video_unit.reshape(b * frames, dim).T).view(a, length, b, frames)
+    t2v = torch.einsum("al,alb->ab", text_w, s.amax(dim=3))
+    v2t = torch.einsum("bt,abt->ab", video_w, s.amax(dim=1))
+    return (t2v + v2t) / 2
+
+
 def wti_scores(text_norm: torch.Tensor, text_mask: torch.Tensor, text_w: torch.Tensor,
                video_norm: torch.Tensor, video_mask: torch.Tensor, video_w: torch.Tensor) -> torch.Tensor:
     """WTI logits for one chunk of texts x one chunk of videos.
@@ -35,17 +86,11 @@ def wti_scores(text_norm: torch.Tensor, text_mask: torch.Tensor, text_w: torch.T
     Returns:
         (A, B) = (t2v + v2t) / 2.
     """
-    a, length, dim = text_norm.shape
-    b, frames, _ = video_norm.shape
     # Zeroing padded vectors *before* the product gives exactly the reference's "multiply the
     # scores by both masks" without a pass over the (A, L, B, T) block.
     text_norm = text_norm * text_mask.to(text_norm.dtype).unsqueeze(-1)
     video_norm = video_norm * video_mask.to(video_norm.dtype).unsqueeze(-1)
-    # One (A*L, D) x (D, B*T) matrix product; then maxima and weighted sums.
-    s = (text_norm.reshape(a * length, dim) @ video_norm.reshape(b * frames, dim).T).view(a, length, b, frames)
-    t2v = torch.einsum("al,alb->ab", text_w, s.amax(dim=3))
-    v2t = torch.einsum("bt,abt->ab", video_w, s.amax(dim=1))
-    return (t2v + v2t) / 2
+    return _block_scores(text_norm, text_w, video_norm, video_w)
 
 
 def default_chunk_size(length: int, frames: int, budget_bytes: int = 64 * 2**20) -> int:
@@ -57,14 +102,21 @@ def default_chunk_size(length: int, frames: int, budget_bytes: int = 64 * 2**20)
 
 def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens: torch.Tensor,
                    text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """Full (Nt, Nv) WTI matrix, chunked over both sides so memory is bounded by the chunk size.
+                   chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Full (Nt, Nv) WTI matrix, chunked over both sides so peak memory is bounded by the chunk size.
+
+    Features may be fp16/bf16 (e.g. from an index): every chunk is cast to float32 first.
 
     Args:
         tokens: (Nt, L, D) text token features; text_mask: (Nt, L).
         video: (Nv, T, D) frame features after the temporal module; frame_mask: (Nv, T).
-        chunk_size: texts/videos per chunk; chosen from a 64 MiB budget when ``None`` (a block
-            that size keeps the maxima passes cache-friendly while the product stays a large GEMM).
+        chunk_size: texts/videos per chunk, and rows per weight-MLP call; chosen from a 64 MiB
+            budget when ``None`` (a block that size keeps the maxima passes cache-friendly while
+            the product stays a large GEMM).
+        frame_weights: optional precomputed (Nv, T) video-side softmax weights, as returned by
+            :func:`chunked_token_weights` on ``video_weight_fc`` (``DiffusionRet.frame_weights``);
+            when given, ``video_weight_fc`` is not run. Pass float32 weights for scores identical
+            to computing them here.
     Returns:
         (Nt, Nv) float32 scores in [-1, 1].
     """
@@ -75,16 +127,24 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
     if text_mask.shape != tokens.shape[:2] or frame_mask.shape != video.shape[:2]:
         raise ValueError(f"mask shapes {tuple(text_mask.shape)}, {tuple(frame_mask.shape)} do not match features "
                          f"{tuple(tokens.shape[:2])}, {tuple(video.shape[:2])}")
-    tokens, video = tokens.float(), video.float()
-    text_w = token_weights(text_weight_fc, tokens, text_mask)
-    video_w = token_weights(video_weight_fc, video, frame_mask)
-    text_n = F.normalize(tokens, dim=-1)
-    video_n = F.normalize(video, dim=-1)
+    if frame_weights is not None and frame_weights.shape != video.shape[:2]:
+        raise ValueError(f"frame_weights must be (Nv, T) = {tuple(video.shape[:2])}, got {tuple(frame_weights.shape)}")
     chunk = chunk_size or default_chunk_size(tokens.shape[1], video.shape[1])
-    out = tokens.new_empty(tokens.shape[0], video.shape[0])
+    # The video weights are needed by every text chunk: compute the small (Nv, T) matrix once.
+    if frame_weights is None:
+        video_w = chunked_token_weights(video_weight_fc, video, frame_mask, chunk)
+    else:
+        video_w = frame_weights.to(device=video.device, dtype=torch.float32)
+    out = torch.empty(tokens.shape[0], video.shape[0], dtype=torch.float32, device=tokens.device)
     for i in range(0, tokens.shape[0], chunk):
         ti = slice(i, i + chunk)
+        text = tokens[ti].float()
+        text_w = token_weights(text_weight_fc, text, text_mask[ti])
+        text_unit = _masked_unit(text, text_mask[ti])
+        del text
         for j in range(0, video.shape[0], chunk):
             vj = slice(j, j + chunk)
-            out[ti, vj] = wti_scores(text_n[ti], text_mask[ti], text_w[ti], video_n[vj], frame_mask[vj], video_w[vj])
+            # Re-normalising a video chunk per text chunk costs 1/(2 A L) of its product; keeping
+            # normalised copies of all videos instead would grow memory with Nv.
+            out[ti, vj] = _block_scores(text_unit, text_w, _masked_unit(video[vj], frame_mask[vj]), video_w[vj])
     return out
