@@ -1,14 +1,17 @@
 """Search latency of one text query over 10k, 100k and 1M videos: the whole cascade, re-ranking included.
 
-    python benchmarks/bench_search.py                       # 10k, 100k, 1M videos, 200 queries each
+    python benchmarks/bench_search.py --threads 1           # 10k, 100k, 1M videos, 200 queries each
     python benchmarks/bench_search.py --sizes 10000 --queries 50
+    python benchmarks/bench_search.py --first-stage exact   # no IVF (fp16 exact first stage from 100k)
 
 What runs is the real search path, :meth:`diffusionret.index.searcher.Searcher.search`: tokenise,
-encode the text (a ViT-B/32-sized text tower: 12 layers, width 512, L=32), first stage over every
-video's pooled embedding (:meth:`VideoIndex.search`), gather the top ``N=100`` videos' frame
-features, WTI on them, diffusion re-ranking of the top ``K=32`` (50 DDIM steps), top-10 hits.
-Model loading and index construction are not timed. The model is randomly initialised (latency
-does not depend on the weights); its vision tower is shrunk because search never runs it.
+encode the text (a ViT-B/32-sized text tower: 12 layers, width 512, L=32 trimmed to the query's
+length + 1), first stage over every video's pooled embedding (:meth:`VideoIndex.search`: exact
+fp32 below 100k videos, the IVF index from 100k when FAISS is installed), gather the top ``N=100``
+videos' frame features and stored WTI frame weights, WTI on them, diffusion re-ranking of the top
+``K=32`` (50 DDIM steps), top-10 hits. Model loading and index construction are not timed. The
+model is randomly initialised (latency does not depend on the weights); its vision tower is
+shrunk because search never runs it.
 
 The indexes are synthetic: random frame features (T=12, D=512, fp16, some videos shorter than 12
 frames), pooled first-stage embeddings computed from them with the index's own
@@ -19,30 +22,58 @@ take about 5 minutes and 14 GB of disk). One difference at 1M: ``VideoIndex.load
 the 12 GB of frame features in RAM, which this 24 GB shared machine cannot spare, so for indexes
 above ``--mmap-above`` videos the frame features are a read-only memory map of the cached file
 (the page cache serves the 100 rows a query gathers; the pooled embeddings are in RAM as usual).
+The WTI frame weights an index stores are computed once with the model (``DiffusionRet.frame_weights``)
+and cached next to the features; so is the IVF file (``ivf-<content>.faiss``, as in an index folder;
+``--rebuild-ivf`` times a fresh build).
 
-Printed per size: p50/p90/p99/mean/max latency over ``--queries`` distinct queries (after 5
-warm-up queries), and the median time of each cascade stage over a subset of the queries
-(measured separately, by calling the same functions the searcher calls, in the same order).
+Printed per size:
+
+* ``first_stage``: which first stage runs; for large sizes the IVF build (or load) time, and
+  recall@``N`` of each first stage against the exact fp32 top ``N`` over ``--recall-queries`` real
+  query embeddings, with its median time: IVF at each ``--recall-nprobe``, and fp16 exact;
+  ``final_top10_agreement``: the share of the final top 10 (whole cascade) that the IVF cascade
+  has in common with the exact one.
+* ``search``: p50/p90/p99/mean/max latency over ``--queries`` distinct queries (after 5 warm-up
+  queries), and the median time of each cascade stage over ``--stage-queries`` further queries
+  (measured separately, by calling the same functions the searcher calls, in the same order).
+* ``search_exact``: for large sizes, the same latency with the fp16 exact first stage (no FAISS).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    CACHE_DIR,
+    add_thread_arg,
+    apply_threads,
+    machine,
+    percentile,
+    report,
+    rss_bytes,
+)
+
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.features import pool_frames
+from diffusionret.index.first_stage import (
+    LARGE_INDEX_VIDEOS,
+    FirstStageConfig,
+    IvfFirstStage,
+    default_nlist,
+    exact_topk,
+    ivf_path,
+)
 from diffusionret.index.identity import model_fingerprint
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.index.store import IndexInfo, VideoIndex
 from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
-
-from _common import CACHE_DIR, add_thread_arg, apply_threads, machine, percentile, report, rss_bytes
 
 _SUBJECTS = ["a man", "a woman", "a child", "two people", "a dog", "a cat", "a chef", "a group of friends", "a player",
              "a singer", "an old man", "a girl", "a boy", "a crowd", "a reporter", "a car", "a band", "a teacher"]
@@ -96,20 +127,99 @@ def feature_files(n: int, frames: int, dim: int, cache: Path, seed: int = 0) -> 
     return folder
 
 
-def synthetic_index(n: int, frames: int, dim: int, model_id: str, cache: Path, mmap_above: int) -> VideoIndex:
-    """A :class:`VideoIndex` of ``n`` synthetic videos (frame features memory-mapped above ``mmap_above``)."""
+def synthetic_index(n: int, frames: int, dim: int, model: DiffusionRet, model_id: str, cache: Path,
+                    mmap_above: int) -> VideoIndex:
+    """A :class:`VideoIndex` of ``n`` synthetic videos with stored frame weights.
+
+    The frame features are memory-mapped above ``mmap_above`` videos.
+    """
     folder = feature_files(n, frames, dim, cache)
     mapped = torch.from_file(str(folder / "frames.f16"), shared=False, size=n * frames * dim,
                              dtype=torch.float16).view(n, frames, dim)
     video = mapped if n > mmap_above else mapped.clone()
     mask = torch.from_file(str(folder / "mask.u8"), shared=False, size=n * frames, dtype=torch.uint8)
+    mask = mask.view(n, frames).bool().clone()
     pooled = torch.from_file(str(folder / "pooled.f32"), shared=False, size=n * dim, dtype=torch.float32)
     info = IndexInfo(model_id=model_id, model_config={"synthetic": True}, model_path=None, settings={"synthetic": True},
                      num_frames=frames, embed_dim=dim)
     records = [VideoRecord(id=f"{i:016x}", path=f"/synthetic/videos/{i:07d}.mp4", size=1_000_000, mtime_ns=0,
                            duration=30.0, width=320, height=240, num_frames=frames, shard="synthetic.safetensors", row=i)
                for i in range(n)]
-    return VideoIndex(folder, info, records, video, mask.view(n, frames).bool().clone(), pooled.view(n, dim).clone())
+    weights = frame_weights(model, model_id, folder, video, mask)
+    return VideoIndex(folder, info, records, video, mask, pooled.view(n, dim).clone(), frame_weights=weights)
+
+
+def frame_weights(model: DiffusionRet, model_id: str, folder: Path, video: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """The WTI frame weights an index would store (``DiffusionRet.frame_weights``), cached per model."""
+    path = folder / f"frame_weights_{model_id[:16]}.f32"
+    n, t = mask.shape
+    if not path.exists():
+        print(f"computing the frame weights of {n} videos ...", flush=True)
+        start = time.perf_counter()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle, torch.no_grad():
+            for lo in range(0, n, 16384):
+                handle.write(model.frame_weights(video[lo:lo + 16384], mask[lo:lo + 16384].long()).numpy().tobytes())
+        tmp.rename(path)
+        print(f"  {time.perf_counter() - start:.1f} s", flush=True)
+    return torch.from_file(str(path), shared=False, size=n * t, dtype=torch.float32).view(n, t).clone()
+
+
+def ivf_stage(index: VideoIndex, nprobe: int, rebuild: bool) -> tuple[IvfFirstStage, dict[str, float]]:
+    """The IVF first stage of a synthetic index: loaded from its cached file, or built (timed) and saved."""
+    fingerprint = index.content_fingerprint
+    path = ivf_path(index.root, fingerprint)
+    timing_file = path.with_suffix(".build_s")
+    start = time.perf_counter()
+    stage = None if rebuild else IvfFirstStage.load(index.root, fingerprint, expected_rows=len(index),
+                                                    embed_dim=index.info.embed_dim, nprobe=nprobe)
+    if stage is not None:
+        return stage, {"ivf_load_s": time.perf_counter() - start,
+                       "ivf_build_s": float(timing_file.read_text()) if timing_file.exists() else float("nan"),
+                       "ivf_build_cached": True}
+    print(f"building the IVF index over {len(index)} videos (nlist {default_nlist(len(index))}) ...", flush=True)
+    start = time.perf_counter()
+    stage = IvfFirstStage.build(index.pooled, fingerprint, nprobe=nprobe)
+    build_s = time.perf_counter() - start
+    stage.save(index.root)
+    timing_file.write_text(f"{build_s:.3f}\n")
+    return stage, {"ivf_build_s": build_s, "ivf_build_cached": False}
+
+
+def recall_report(searcher: Searcher, texts: list[str], nprobes: list[int], k_final: int) -> dict[str, object]:
+    """Recall@N of the first stages against the exact fp32 top N, and the final top-10 agreement."""
+    index, n_cand = searcher.index, searcher.config.candidates
+    with torch.no_grad():
+        cls = torch.cat([searcher.encode_queries([t])[2] for t in texts])
+    queries = F.normalize(cls.float(), dim=-1)
+    _, truth = exact_topk(queries, index.pooled, n_cand)
+    truth_sets = [set(r.tolist()) for r in truth]
+    out: dict[str, object] = {}
+    configs = [(f"ivf_nprobe{p}", FirstStageConfig(method="ivf", nprobe=p)) for p in nprobes]
+    configs.append(("exact_fp16", FirstStageConfig(method="exact", precision="float16")))
+    for name, config in configs:
+        stage = index.configure_first_stage(config)
+        found, times = [], []
+        for q, expected in zip(queries, truth_sets, strict=True):
+            t0 = time.perf_counter()
+            _, rows = stage.search(q[None], n_cand)
+            times.append((time.perf_counter() - t0) * 1e3)
+            found.append(len(expected & set(rows[0].tolist())) / n_cand)
+        out[f"recall@{n_cand}_{name}"] = sum(found) / len(found)
+        out[f"first_stage_ms_{name}"] = percentile(times, 50)
+    index.configure_first_stage(searcher.config.first_stage)
+    return out
+
+
+def final_agreement(searcher: Searcher, exact: SearchConfig, texts: list[str], k: int) -> float:
+    """Share of the final top ``k`` hits of ``searcher`` that a cascade with an exact first stage also returns."""
+    index = searcher.index
+    approx = [[h.id for h in searcher.search(t, k=k)] for t in texts]
+    reference = Searcher(searcher.model, index, exact, model_id=index.model_id)
+    same = [len(set(a) & {h.id for h in reference.search(t, k=k)}) / k for a, t in zip(approx, texts, strict=True)]
+    index.configure_first_stage(searcher.config.first_stage)
+    return sum(same) / len(same)
 
 
 def stage_times(searcher: Searcher, texts: list[str], k: int) -> dict[str, float]:
@@ -124,16 +234,32 @@ def stage_times(searcher: Searcher, texts: list[str], k: int) -> dict[str, float
             _, rows = index.search(F.normalize(cls.float(), dim=-1).cpu(), max(cfg.candidates, k))
             t2 = time.perf_counter()
             video, frame_mask = index.gather(rows[0])
+            weights = index.gather_weights(rows[0])
             t3 = time.perf_counter()
-            wti = model.similarity(tokens, mask, video, frame_mask)
+            wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights)
             t4 = time.perf_counter()
             generator = torch.Generator().manual_seed(cfg.seed)
-            model.rerank_t2v(wti, cls, video, frame_mask, top_k=min(cfg.rerank_top_k, wti.shape[1]), generator=generator)
+            model.rerank_t2v(wti, cls, video, frame_mask, top_k=min(cfg.rerank_top_k, wti.shape[1]),
+                             generator=generator)
             t5 = time.perf_counter()
             for name, a, b in (("encode_text", t0, t1), ("first_stage", t1, t2), ("gather", t2, t3), ("wti", t3, t4),
                                ("rerank", t4, t5)):
                 parts[name].append((b - a) * 1e3)
     return {f"{name}_ms": percentile(values, 50) for name, values in parts.items()}
+
+
+def latency(searcher: Searcher, texts: list[str], k: int, warmup: int = 5) -> dict[str, float]:
+    """p50/p90/p99/mean/max ms of ``Searcher.search`` over ``texts[warmup:]`` (after ``texts[:warmup]``)."""
+    for text in texts[:warmup]:  # warm-up: thread pools, first touch of the embeddings, tokenizer load
+        searcher.search(text, k=k)
+    latencies = []
+    for text in texts[warmup:]:
+        t0 = time.perf_counter()
+        hits = searcher.search(text, k=k)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        assert len(hits) == min(k, len(searcher.index)) and "rerank" in hits[0].stage_scores
+    return {"queries": len(latencies), "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90),
+            "p99_ms": percentile(latencies, 99), "mean_ms": sum(latencies) / len(latencies), "max_ms": max(latencies)}
 
 
 def main() -> None:
@@ -148,6 +274,17 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--text-layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the re-ranking")
+    parser.add_argument("--first-stage", choices=("auto", "exact", "ivf"), default="auto",
+                        help="as `diffusionret search --first-stage` (auto: IVF from 100k videos)")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists scanned per query")
+    parser.add_argument("--recall-queries", type=int, default=100, help="queries for recall (0: skip)")
+    parser.add_argument("--recall-nprobe", type=int, nargs="*", default=[8, 16, 32, 64, 128],
+                        help="nprobe values whose recall is measured")
+    parser.add_argument("--agreement-queries", type=int, default=30,
+                        help="queries for the final top-10 agreement of IVF vs exact cascades (0: skip)")
+    parser.add_argument("--exact-queries", type=int, default=50,
+                        help="timed queries with the fp16 exact first stage at large sizes (0: skip)")
+    parser.add_argument("--rebuild-ivf", action="store_true", help="build (and time) the IVF index even if cached")
     parser.add_argument("--mmap-above", type=int, default=200_000,
                         help="memory-map the frame features of larger indexes instead of loading them")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")
@@ -157,30 +294,51 @@ def main() -> None:
     torch.manual_seed(0)
     model = search_model(args.dim, args.text_layers, args.steps)
     model_id = model_fingerprint(model)
-    config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank_top_k)
-    texts = queries(args.queries + args.stage_queries + 5)
+    config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank_top_k,
+                          first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe))
+    exact = dataclasses.replace(config, first_stage=FirstStageConfig(method="exact"))  # fp16 from 100k videos
+    exact_fp32 = dataclasses.replace(config, first_stage=FirstStageConfig(method="exact", precision="float32"))
+    texts = queries(args.queries + args.stage_queries + args.recall_queries + 5)
+    timed, staged = texts[:args.queries + 5], texts[args.queries + 5:args.queries + 5 + args.stage_queries]
+    recall_texts = texts[len(texts) - args.recall_queries:] if args.recall_queries else []
     print(f"machine: {machine()}")
     print(f"cascade: text tower {args.text_layers}x{args.dim}, N={args.candidates}, K={args.rerank_top_k}, "
           f"{args.steps} DDIM steps, T={args.frames}, D={args.dim}, top {args.k}")
     for n in args.sizes:
         start = time.perf_counter()
-        index = synthetic_index(n, args.frames, args.dim, model_id, args.cache, args.mmap_above)
-        searcher = Searcher(model, index, config, model_id=model_id)
+        index = synthetic_index(n, args.frames, args.dim, model, model_id, args.cache, args.mmap_above)
         setup_s = time.perf_counter() - start
-        for text in texts[:5]:  # warm-up: thread pools, first-touch of the pooled matrix, tokenizer load
-            searcher.search(text, k=args.k)
-        latencies = []
-        for text in texts[5:5 + args.queries]:
-            t0 = time.perf_counter()
-            hits = searcher.search(text, k=args.k)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            assert len(hits) == min(args.k, n) and "rerank" in hits[0].stage_scores
-        stages = stage_times(searcher, texts[5 + args.queries:], args.k)
-        report("search", videos=n, queries=len(latencies), p50_ms=percentile(latencies, 50),
-               p90_ms=percentile(latencies, 90), p99_ms=percentile(latencies, 99),
-               mean_ms=sum(latencies) / len(latencies), max_ms=max(latencies), **stages,
-               frames_memory_mapped=n > args.mmap_above, setup_s=setup_s, rss_gib=rss_bytes() / 2**30)
+        first: dict[str, object] = {}
+        large = n >= LARGE_INDEX_VIDEOS
+        if args.first_stage != "exact" and (large or args.first_stage == "ivf") and faiss_installed():
+            stage, first = ivf_stage(index, args.nprobe, args.rebuild_ivf)
+            index.configure_first_stage(config.first_stage, ivf=stage)
+        searcher = Searcher(model, index, config, model_id=model_id)
+        first["first_stage"] = index.first_stage.describe()
+        if recall_texts and large and faiss_installed():
+            first.update(recall_report(searcher, recall_texts, args.recall_nprobe, args.k))
+        if args.agreement_queries and large and searcher.index.first_stage.name == "ivf":
+            first["final_top10_agreement"] = final_agreement(searcher, exact_fp32,
+                                                             recall_texts[:args.agreement_queries], args.k)
+        report("first_stage", videos=n, **first)
+        measured = latency(searcher, timed, args.k)
+        stages = stage_times(searcher, staged, args.k)
+        report("search", videos=n, **measured, **stages, frames_memory_mapped=n > args.mmap_above, setup_s=setup_s,
+               rss_gib=rss_bytes() / 2**30)
+        if args.exact_queries and large and searcher.index.first_stage.name == "ivf":
+            exact_searcher = Searcher(model, index, exact, model_id=model_id)
+            report("search_exact", videos=n, first_stage=index.first_stage.describe(),
+                   **latency(exact_searcher, timed[:5 + args.exact_queries], args.k),
+                   first_stage_ms=stage_times(exact_searcher, staged[:10], args.k)["first_stage_ms"])
         del searcher, index
+
+
+def faiss_installed() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -159,6 +159,66 @@ def test_diffusion_reranks_the_top_k(setup: dict) -> None:
         [(h.id, h.score) for h in searcher.search(q, k=n)] for q in (query, other)]
 
 
+def test_index_stores_the_model_frame_weights(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    assert index.frame_weights is not None and bool(index.weights_known.all())
+    with torch.no_grad():  # from the stored fp16 frames, as a query would compute them
+        expected = model.frame_weights(index.frames.float(), index.frame_mask.long())
+    torch.testing.assert_close(index.frame_weights, expected, rtol=0, atol=1e-6)
+
+
+def test_stored_frame_weights_give_the_scores_of_query_time_weights(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    # The same index without stored weights, as an index built before they existed.
+    old = VideoIndex(index.root, index.info, index.records, index.frames, index.frame_mask, index.pooled)
+    assert old.frame_weights is None
+    config = SearchConfig(candidates=12, rerank_top_k=4)
+    stored, computed = Searcher(model, index, config), Searcher(model, old, config)
+    for query in setup["corpus"].test_captions[:3]:
+        a, b = stored.search(query, k=12), computed.search(query, k=12)
+        assert [h.id for h in a] == [h.id for h in b]
+        for x, y in zip(a, b, strict=True):
+            assert x.stage_scores == pytest.approx(y.stage_scores, abs=1e-6)
+
+
+def test_trimmed_query_gives_identical_scores(setup: dict) -> None:
+    index, model = setup["index"], setup["model"]
+    full = Searcher(model, index, SearchConfig(candidates=len(index), rerank_top_k=4, trim_query=False))
+    trimmed = Searcher(model, index, SearchConfig(candidates=len(index), rerank_top_k=4))
+    queries = [*setup["corpus"].test_captions[:3], "red", "a " * 40]  # short, and longer than max_words
+    for query in queries:
+        _, mask, _ = trimmed.encode_queries([query])
+        real = int(mask.sum())
+        assert mask.shape[1] == min(32, real + 1)  # one padded position kept (unless the query fills L)
+        a, b = full.search(query, k=len(index)), trimmed.search(query, k=len(index))
+        assert [h.id for h in a] == [h.id for h in b]
+        for x, y in zip(a, b, strict=True):
+            assert x.stage_scores == pytest.approx(y.stage_scores, abs=1e-6)
+    # A batch is trimmed to its longest query; results do not depend on the batch.
+    batch = trimmed.search_batch(queries[:4], k=5)
+    assert [[h.id for h in r] for r in batch] == [[h.id for h in full.search(q, k=5)] for q in queries[:4]]
+
+
+def test_trimming_keeps_the_zero_floor(setup: dict) -> None:
+    """Why one padded position stays: with all real similarities negative, the padded positions'
+    0 is the maximum over tokens; dropping every padded position would change the scores."""
+    model = setup["model"]
+    generator = torch.Generator().manual_seed(3)
+    length, real, dim = 32, 7, model.embed_dim
+    base = F.normalize(torch.randn(dim, generator=generator), dim=0)
+    tokens = base + 0.1 * torch.randn(1, length, dim, generator=generator)
+    mask = (torch.arange(length) < real).long()[None]
+    video = -base + 0.1 * torch.randn(2, 5, dim, generator=generator)  # opposite to every token
+    frame_mask = torch.ones(2, 5, dtype=torch.long)
+    assert bool((F.normalize(tokens[0, :real], dim=-1) @ F.normalize(video, dim=-1).reshape(-1, dim).T < 0).all())
+    with torch.no_grad():
+        reference = model.similarity(tokens, mask, video, frame_mask)
+        keep_one = model.similarity(tokens[:, :real + 1], mask[:, :real + 1], video, frame_mask)
+        keep_none = model.similarity(tokens[:, :real], mask[:, :real], video, frame_mask)
+    torch.testing.assert_close(keep_one, reference, rtol=0, atol=1e-7)
+    assert float((keep_none - reference).abs().max()) > 1e-3
+
+
 def test_searcher_rejects_bad_arguments(setup: dict) -> None:
     searcher = Searcher(setup["model"], setup["index"])
     with pytest.raises(ValueError):
@@ -233,3 +293,33 @@ def test_cli_update_and_info(setup: dict, tmp_path: Path, capsys: pytest.Capture
     info = json.loads(capsys.readouterr().out)
     assert info["videos"] == 15 and info["failures"] == 1 and info["model_path"] == str(Path(model).resolve())
     assert info["settings"]["max_frames"] == 4 and info["sources"] == [str(videos.resolve())]
+
+
+def test_cli_ivf_first_stage(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("faiss")
+    index_dir = tmp_path / "idx"
+    shutil.copytree(setup["index_dir"], index_dir)
+    assert main(["index", "update", str(index_dir), "--ivf", "on", "--ivf-nlist", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(index_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ivf_file"].startswith("ivf-") and info["stale_ivf_files"] == []
+    query = setup["corpus"].test_captions[5]
+    results = {}
+    for method in ("exact", "ivf"):  # probing both lists, IVF is exact
+        assert main(["search", str(index_dir), query, "-k", "5", "--json", "--first-stage", method,
+                     "--nprobe", "2"]) == 0
+        results[method] = [(r["id"], round(r["score"], 5)) for r in json.loads(capsys.readouterr().out)["results"]]
+    assert results["ivf"] == results["exact"]
+    assert main(["index", "update", str(index_dir), "--ivf", "off", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(index_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ivf_file"] is None
+
+
+def test_cli_forced_ivf_without_faiss_is_a_clear_error(setup: dict, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    assert main(["search", str(setup["index_dir"]), "red", "--first-stage", "ivf"]) == 2
+    assert "pip install 'diffusionret[ann]'" in capsys.readouterr().err
+    assert main(["search", str(setup["index_dir"]), "red", "-k", "2"]) == 0  # exact needs no FAISS

@@ -356,6 +356,8 @@ def test_serve_command_defaults_to_loopback_and_reads_the_token(tmp_path: Path, 
 
     args = build_parser().parse_args(["serve", "some-index"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.token is None
+    assert args.threads == 1 and args.workers == 1  # one thread per search: stable tail latency
+    assert args.first_stage == "auto" and args.nprobe == 32
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert resolve_token(args) is None
     monkeypatch.setenv(TOKEN_ENV, "from-env")

@@ -23,12 +23,13 @@ def user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
         from diffusionret.index.builder import IndexLockedError
+        from diffusionret.index.first_stage import AnnUnavailableError
         from diffusionret.index.identity import ModelMismatchError
         from diffusionret.models.checkpoint import CheckpointError
 
         try:
             return func(args)
-        except (ModelMismatchError, IndexLockedError, FileNotFoundError, CheckpointError) as exc:
+        except (ModelMismatchError, IndexLockedError, FileNotFoundError, CheckpointError, AnnUnavailableError) as exc:
             logger.error("%s", exc)
             return 2
 
@@ -83,6 +84,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding videos ahead of the model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ivf", choices=("auto", "on", "off"), default="auto",
+                        help="keep an IVF file for an approximate first stage (FAISS): auto = for indexes of at "
+                             "least --ivf-min-videos videos when FAISS is installed; on = always (needs FAISS); "
+                             "off = never, and delete an existing one (default: auto)")
+    parser.add_argument("--ivf-min-videos", type=int, default=100_000, metavar="N",
+                        help="index size from which --ivf auto builds the IVF file (default: 100000)")
+    parser.add_argument("--ivf-nlist", type=int, default=None, metavar="LISTS",
+                        help="IVF clusters (default: the power of two nearest sqrt(videos), 1024 at 1M)")
+
+
+def _ivf_config(args: argparse.Namespace) -> Any:
+    from diffusionret.index.builder import IvfBuildConfig
+
+    return IvfBuildConfig(mode=args.ivf, min_videos=args.ivf_min_videos, nlist=args.ivf_nlist)
 
 
 def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
@@ -136,12 +151,13 @@ def _report(report: Any, rank: int) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from diffusionret.index.store import VideoIndex
 
+    ivf = _ivf_config(args)
     rank, world_size, barrier, device, ctx = _distributed(args.device)
     try:
         encoder = _encoder(args, args.model, device)
         report = VideoIndex.build(args.out, args.videos, encoder, video_root=args.video_root,
                                   shard_size=args.shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, ivf=ivf)
         _report(report, rank)
     finally:
         _finish(ctx)
@@ -157,12 +173,13 @@ def run_update(args: argparse.Namespace) -> int:
     if model_path is None:
         logger.error("%s does not record its model; pass --model", args.index)
         return 2
+    ivf = _ivf_config(args)
     rank, world_size, barrier, device, ctx = _distributed(args.device)
     try:
         encoder = _encoder(args, model_path, device, settings=info.settings)
         report = VideoIndex.update(args.index, encoder, args.videos, video_root=args.video_root,
                                    shard_size=args.shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, ivf=ivf)
         _report(report, rank)
     finally:
         _finish(ctx)
@@ -175,17 +192,25 @@ def run_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from diffusionret.index import catalog
+    from diffusionret.index.builder import index_fingerprint
+    from diffusionret.index.first_stage import ivf_files, ivf_path
     from diffusionret.index.store import VideoIndex
 
     info = VideoIndex.read_info(args.index)
-    with contextlib.closing(catalog.connect(Path(args.index), readonly=True)) as conn:
+    root = Path(args.index)
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
         videos, failures = catalog.count_videos(conn), catalog.count_failures(conn)
         shards = len(catalog.shard_sizes(conn))
-    data = {"index": str(Path(args.index).resolve()), "videos": videos, "failures": failures, "shards": shards,
+        fingerprint = index_fingerprint(conn)[0]
+    current = ivf_path(root, fingerprint)
+    data = {"index": str(root.resolve()), "videos": videos, "failures": failures, "shards": shards,
             "model_id": info.model_id, "model_path": info.model_path, "settings": info.settings,
             "num_frames": info.num_frames, "embed_dim": info.embed_dim, "sources": info.sources,
             "video_root": info.video_root,
-            "created_at": info.created_at, "updated_at": info.updated_at}
+            "created_at": info.created_at, "updated_at": info.updated_at,
+            # The IVF file that matches the current contents (None: exact first stage only) and any stale ones.
+            "ivf_file": current.name if current.is_file() else None,
+            "stale_ivf_files": [p.name for p in ivf_files(root) if p != current]}
     if args.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:

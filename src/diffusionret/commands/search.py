@@ -13,8 +13,8 @@ from diffusionret.commands.index import user_errors
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "search", help="search an index with a text query",
-        description="Rank the videos of an index for a text query: exact first stage on pooled embeddings, "
-                    "WTI on the top N, diffusion re-ranking of the top K.",
+        description="Rank the videos of an index for a text query: first stage on pooled embeddings (exact, "
+                    "or IVF for large indexes), WTI on the top N, diffusion re-ranking of the top K.",
     )
     parser.add_argument("index", metavar="INDEX_DIR")
     parser.add_argument("query", help="text query")
@@ -22,6 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-k", type=int, default=10, help="results to show")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
@@ -33,18 +40,26 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                         help="WTI candidates re-ranked by the diffusion model (0: off)")
     parser.add_argument("--max-words", type=int, default=None,
                         help="query length in tokens (default: the checkpoint's training setting, else 32)")
+    parser.add_argument("--first-stage", choices=("auto", "exact", "ivf"), default="auto",
+                        help="first-stage search: auto = the index's IVF file for indexes of 100k+ videos when it "
+                             "is up to date and FAISS is installed, else exact; exact = always exact (fp16 "
+                             "embeddings from 100k videos); ivf = IVF, built (and saved) if missing (default: auto)")
+    parser.add_argument("--nprobe", type=_positive_int, default=32,
+                        help="IVF clusters scanned per query: higher = better recall, slower (default: 32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
 
 
 def open_searcher(args: argparse.Namespace) -> Any:
     from diffusionret.index.encode import checkpoint_data_settings
+    from diffusionret.index.first_stage import FirstStageConfig
     from diffusionret.index.searcher import SearchConfig, Searcher
     from diffusionret.index.store import VideoIndex
 
     model_path = args.model or VideoIndex.read_info(args.index).model_path
     trained = checkpoint_data_settings(model_path) if model_path else {}
     config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank,
-                          max_words=args.max_words or int(trained.get("max_words", 32)))
+                          max_words=args.max_words or int(trained.get("max_words", 32)),
+                          first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe))
     return Searcher.open(args.index, model_path, device=args.device, config=config)
 
 

@@ -3,6 +3,13 @@
 Listens on 127.0.0.1 unless ``--host`` says otherwise. The access token comes from
 ``--token-file`` or ``$DIFFUSIONRET_TOKEN`` (``--token`` works too, but is visible to other users in
 the process list).
+
+Threads: each search runs torch (and FAISS) with ``--threads`` intra-op threads, 1 by default. Most
+of a query is small ops (the text tower on a dozen tokens, 50 DDIM steps on 32 candidates) whose
+OpenMP threads synchronise after every op; when other work competes for the cores, a second
+thread that is descheduled stalls every op, and such code measured 5-15x slower with 2 threads
+than with 1 (BENCHMARKS.md). One thread per search gives stable tail latency; ``--workers`` runs
+that many searches at once (e.g. ``--workers 2`` on two cores).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from diffusionret.commands.search import add_search_options, open_searcher
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "DIFFUSIONRET_TOKEN"
+DEFAULT_THREADS = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token", help="bearer token (prefer --token-file: arguments are visible in `ps`)")
     parser.add_argument("--max-pending", type=int, default=16, help="searches allowed in flight; more get 503")
     parser.add_argument("--max-k", type=int, default=100, help="largest k a client may request")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch intra-op threads per search (default: 1, the stable choice for tail latency; "
+                             "0 keeps torch's default of one per core)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="searches run at once, each on its own thread (default: 1)")
     parser.set_defaults(func=run)
 
 
@@ -61,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
     from diffusionret.serve.app import ServeConfig, create_app
 
+    if args.threads < 0 or args.workers <= 0:
+        logger.error("--threads must be >= 0 and --workers positive")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     token = resolve_token(args)
@@ -68,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("listening on %s without a token: anyone who can reach this port can search and "
                        "download the indexed videos (set $%s or --token-file)", args.host, TOKEN_ENV)
     searcher = open_searcher(args)
-    app = create_app(searcher, ServeConfig(token=token, max_pending=args.max_pending, max_k=args.max_k))
-    logger.info("serving %d videos on http://%s:%d/", len(searcher.index), args.host, args.port)
+    app = create_app(searcher, ServeConfig(token=token, max_pending=args.max_pending, max_k=args.max_k,
+                                           workers=args.workers))
+    logger.info("serving %d videos on http://%s:%d/ (%d torch threads per search, %d workers)", len(searcher.index),
+                args.host, args.port, torch.get_num_threads(), args.workers)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

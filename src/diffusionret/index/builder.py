@@ -10,7 +10,8 @@ One routine, :func:`sync_index`, makes the index match a list of video files:
    atomically; rank 0 registers each of its own shards at once, so a killed build resumes after
    the last complete shard;
 4. (rank 0) register the other ranks' shards (the merge), drop deleted files, compact shards
-   left with dead rows, and record the update time.
+   left with dead rows, record the update time, and bring the IVF first-stage file up to date
+   (:func:`refresh_ivf`: built for large indexes, stale ones deleted).
 
 Because a shard is self-contained and registration is one SQLite transaction, any kill leaves an
 index that is consistent and that the next run completes without duplicates.
@@ -41,8 +42,18 @@ from diffusionret.index.features import (
     ExtractionFailure,
     FeatureExtractor,
     VideoFeatures,
+    extractor_frame_weights,
     pool_frames,
     stack_features,
+)
+from diffusionret.index.first_stage import (
+    LARGE_INDEX_VIDEOS,
+    AnnUnavailableError,
+    IvfFirstStage,
+    content_fingerprint,
+    import_faiss,
+    ivf_path,
+    remove_stale_ivf,
 )
 from diffusionret.index.identity import ModelMismatchError
 from diffusionret.index.shards import (
@@ -53,7 +64,9 @@ from diffusionret.index.shards import (
     ShardFailure,
     new_shard_name,
     read_shard_metadata,
+    read_shard_pooled,
     read_shard_rows,
+    read_shard_weights,
     write_shard,
 )
 
@@ -95,6 +108,28 @@ class SyncReport:
 
 
 @dataclass(frozen=True)
+class IvfBuildConfig:
+    """Whether ``index build``/``update`` keep an IVF first-stage file (:mod:`~diffusionret.index.first_stage`).
+
+    Attributes:
+        mode: ``auto``: for indexes of at least ``min_videos`` videos when FAISS is installed;
+            ``on``: always (FAISS required); ``off``: never (existing IVF files are deleted).
+        min_videos: the ``auto`` threshold.
+        nlist: IVF clusters (default: the power of two nearest sqrt(N)).
+    """
+
+    mode: str = "auto"
+    min_videos: int = LARGE_INDEX_VIDEOS
+    nlist: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "on", "off"):
+            raise ValueError(f"IVF mode must be auto, on or off, got {self.mode!r}")
+        if self.nlist is not None and self.nlist <= 0:
+            raise ValueError(f"nlist must be positive, got {self.nlist}")
+
+
+@dataclass(frozen=True)
 class _Plan:
     pending: list[tuple[str, FileState]]  # files to encode, sorted by path
     replaced: set[str]
@@ -124,6 +159,7 @@ def sync_index(
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
+    ivf: IvfBuildConfig | None = None,
 ) -> SyncReport:
     """Make the index at ``root`` hold exactly ``videos``, encoding only what is new or changed.
 
@@ -140,6 +176,7 @@ def sync_index(
         rank, world_size: this process's place in a torchrun job.
         barrier: synchronises ranks (required when ``world_size > 1``).
         progress: show a tqdm bar (rank 0).
+        ivf: whether to keep an IVF first-stage file (default :class:`IvfBuildConfig`: for large indexes).
 
     Returns:
         A :class:`SyncReport`.
@@ -148,9 +185,13 @@ def sync_index(
         ModelMismatchError: the index was built by another model or with other decoding settings.
         IndexLockedError: another process holds the index.
         FileNotFoundError: ``create`` is false and there is no index.
+        AnnUnavailableError: ``ivf.mode == "on"`` and FAISS is not installed (checked before any work).
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    ivf = ivf or IvfBuildConfig()
+    if ivf.mode == "on" and rank == 0:
+        import_faiss()
     if world_size > 1 and barrier is None:
         raise ValueError("a multi-rank build needs a barrier")
     sync = barrier or (lambda: None)
@@ -159,7 +200,7 @@ def sync_index(
     with contextlib.ExitStack() as stack:
         conn: sqlite3.Connection | None = None
         if rank == 0:
-            stack.enter_context(_exclusive_lock(root, create))
+            stack.enter_context(exclusive_lock(root, create))
             conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
             _init_or_check(conn, extractor, sources, video_root, create)
             _recover(conn, root, extractor.identity.model_id)
@@ -178,8 +219,9 @@ def sync_index(
         sync()
         if conn is not None:
             _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
-            _compact(conn, root, shard_size)
+            _compact(conn, root, shard_size, extractor)
             catalog.write_info(conn, {"updated_at": time.time()})
+            refresh_ivf(conn, root, ivf)
             _count_outcomes(conn, plan, report)
             (root / PLAN_NAME).unlink(missing_ok=True)
         sync()
@@ -210,7 +252,12 @@ def _count_outcomes(conn: sqlite3.Connection, plan: _Plan, report: SyncReport) -
 
 
 @contextlib.contextmanager
-def _exclusive_lock(root: Path, create: bool) -> Iterator[None]:
+def exclusive_lock(root: Path, create: bool) -> Iterator[None]:
+    """Hold the index's writer lock (non-blocking: :class:`IndexLockedError` when another process has it).
+
+    Raises:
+        FileNotFoundError: ``create`` is false and there is no index at ``root``.
+    """
     if not create and not (root / catalog.CATALOG_NAME).is_file():
         raise FileNotFoundError(f"no index at {root}; create one with `diffusionret index build`")
     root.mkdir(parents=True, exist_ok=True)
@@ -359,6 +406,8 @@ def _write_chunk(
         shard_dir, name, model_id=extractor.identity.model_id, entries=entries, failures=failures,
         frames=frames, frame_mask=frame_mask, pooled=pool_frames(frames, frame_mask),
         thumbnails=[f.thumbnail for f in features],
+        # From the stored fp16 frames: the weights a query would compute from them.
+        frame_weights=extractor_frame_weights(extractor, frames, frame_mask),
     )
     return name
 
@@ -407,7 +456,7 @@ def _delete_retired(conn: sqlite3.Connection, shard_dir: Path) -> None:
     catalog.forget_shards(conn, retired)
 
 
-def _compact(conn: sqlite3.Connection, root: Path, shard_size: int) -> None:
+def _compact(conn: sqlite3.Connection, root: Path, shard_size: int, extractor: FeatureExtractor) -> None:
     """Rewrite shards with dead rows, merge small shards, drop empty ones.
 
     Dead rows come from replaced or removed videos; small shards from the tail of each rank's
@@ -424,31 +473,87 @@ def _compact(conn: sqlite3.Connection, root: Path, shard_size: int) -> None:
     if rewrite:
         records = [r for r in catalog.list_records(conn) if r.shard in set(rewrite)]
         for sequence, start in enumerate(range(0, len(records), shard_size)):
-            _rewrite(conn, shard_dir, records[start:start + shard_size], sequence)
+            _rewrite(conn, shard_dir, records[start:start + shard_size], sequence, extractor)
         logger.info("compacted %d shards into %d", len(rewrite), -(-len(records) // shard_size))
     catalog.retire_shards(conn, sorted(set(empty) | set(rewrite)))
     _delete_retired(conn, shard_dir)
 
 
-def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoRecord], sequence: int) -> None:
+def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoRecord], sequence: int,
+             extractor: FeatureExtractor) -> None:
     parts: dict[str, list[int]] = {}
     for position, record in enumerate(records):
         parts.setdefault(record.shard, []).append(position)
     frames: list[torch.Tensor] = [torch.empty(0)] * len(records)
     masks, pooled = list(frames), list(frames)
+    weights: list[torch.Tensor | None] = [None] * len(records)
     for shard, positions in parts.items():
         rows = [records[i].row for i in positions]
         shard_frames, shard_masks, shard_pooled = read_shard_rows(shard_dir / shard, rows)
+        shard_weights = read_shard_weights(shard_dir / shard, rows)
         for j, i in enumerate(positions):
             frames[i], masks[i], pooled[i] = shard_frames[j], shard_masks[j], shard_pooled[j]
+            weights[i] = None if shard_weights is None else shard_weights[j]
+    frames_t, masks_t = torch.stack(frames), torch.stack(masks)
+    if all(w is not None for w in weights):
+        weights_t: torch.Tensor | None = torch.stack(weights)  # type: ignore[arg-type]
+    else:  # rows from shards written before weights were stored: compute them now if the model can
+        weights_t = extractor_frame_weights(extractor, frames_t, masks_t)
     entries = [ShardEntry(r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames)
                for r in records]
     name = new_shard_name(0, sequence)
     write_shard(
         shard_dir, name, model_id=catalog.read_info(conn)["model_id"], entries=entries, failures=[],
-        frames=torch.stack(frames), frame_mask=torch.stack(masks), pooled=torch.stack(pooled),
-        thumbnails=[catalog.thumbnail(conn, r.id) for r in records],
+        frames=frames_t, frame_mask=masks_t, pooled=torch.stack(pooled),
+        thumbnails=[catalog.thumbnail(conn, r.id) for r in records], frame_weights=weights_t,
     )
     created_ns = read_shard_metadata(shard_dir / name).created_ns
     # Old shards are retired by the caller once every rewrite has committed; here only rows move.
     catalog.move_rows(conn, name, len(records), created_ns, [(r.id, row) for row, r in enumerate(records)])
+
+
+def index_fingerprint(conn: sqlite3.Connection) -> tuple[str, list[VideoRecord]]:
+    """:func:`~diffusionret.index.first_stage.content_fingerprint` of the catalogue's current rows, and the rows."""
+    info = catalog.read_info(conn)
+    records = catalog.list_records(conn)
+    rows = [(r.id, r.shard, r.row) for r in records]
+    return content_fingerprint(info["model_id"], int(info["embed_dim"]), rows), records
+
+
+def refresh_ivf(conn: sqlite3.Connection, root: Path, config: IvfBuildConfig) -> Path | None:
+    """Make the index folder hold an up-to-date IVF file when ``config`` asks for one (caller holds the lock).
+
+    Builds ``ivf-<fingerprint>.faiss`` for the catalogue's current rows when it is wanted and missing,
+    then deletes every other IVF file (they describe older contents). Returns the file's path, or
+    ``None`` when the index keeps none.
+    """
+    fingerprint, records = index_fingerprint(conn)
+    wanted = bool(records) and (config.mode == "on"
+                                or (config.mode == "auto" and len(records) >= config.min_videos))
+    path = ivf_path(root, fingerprint)
+    if wanted and not path.is_file():
+        try:
+            import_faiss()
+        except AnnUnavailableError as exc:  # raised up front for mode "on"; "auto" goes on without
+            logger.warning("not building an IVF first stage for %d videos: %s", len(records), exc)
+        else:
+            pooled = load_pooled(root, records, int(catalog.read_info(conn)["embed_dim"]))
+            IvfFirstStage.build(pooled, fingerprint, nlist=config.nlist).save(root)
+            logger.info("wrote %s", path.name)
+    # A file a user built on purpose for unchanged contents stays unless IVF is switched off.
+    keep = fingerprint if config.mode != "off" and path.is_file() else None
+    for name in remove_stale_ivf(root, keep):
+        logger.info("deleted stale IVF file %s", name)
+    return path if keep else None
+
+
+def load_pooled(root: Path, records: Sequence[VideoRecord], embed_dim: int) -> torch.Tensor:
+    """(N, D) float32 pooled embeddings of ``records`` in their order, read from the shards (not the frames)."""
+    by_shard: dict[str, list[int]] = {}
+    for position, record in enumerate(records):
+        by_shard.setdefault(record.shard, []).append(position)
+    pooled = torch.zeros(len(records), embed_dim, dtype=torch.float32)
+    for shard, positions in by_shard.items():
+        values = read_shard_pooled(root / SHARD_DIR / shard, [records[i].row for i in positions])
+        pooled[torch.as_tensor(positions, dtype=torch.long)] = values
+    return pooled

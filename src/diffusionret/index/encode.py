@@ -94,6 +94,19 @@ class ModelVideoEncoder:
     def embed_dim(self) -> int:
         return int(self.model.embed_dim)
 
+    @torch.no_grad()
+    def frame_weights(self, frames: Tensor, frame_mask: Tensor) -> Tensor | None:
+        """The WTI head's video-side weights of stored features: (N, T, D) fp16, (N, T) -> (N, T) float32.
+
+        Computed from the fp16 features the index stores, exactly as a query computes them from
+        the gathered features, so stored and query-time weights agree. ``None`` for a model
+        without ``frame_weights``.
+        """
+        compute = getattr(self.model, "frame_weights", None)
+        if compute is None:
+            return None
+        return compute(frames.to(self.device), frame_mask.long().to(self.device)).float().cpu()
+
     def extract(self, paths: Sequence[Path]) -> Iterator[VideoFeatures | ExtractionFailure]:
         """Decode ahead on threads, encode in batches; yields one result per path, in order."""
         with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="diffusionret-decode") as pool:

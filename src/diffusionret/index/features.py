@@ -67,6 +67,10 @@ class FeatureExtractor(Protocol):
     ``identity`` names the model; ``settings`` are the decoding parameters (frames, fps, image size,
     ...), recorded in the index so that an update encodes new files exactly like the old ones;
     ``num_frames`` and ``embed_dim`` fix the stored tensor shapes (T, D).
+
+    An extractor may also define ``frame_weights(frames (N, T, D) float16, frame_mask (N, T) bool)
+    -> (N, T) float32 | None``: the WTI head's video-side weights of the *stored* features, kept in
+    the index so that queries skip the weight MLP (see :func:`extractor_frame_weights`).
     """
 
     @property
@@ -123,3 +127,26 @@ def stack_features(items: Sequence[VideoFeatures], num_frames: int, embed_dim: i
         frames[row] = item.frames.detach().to("cpu", torch.float16)
         mask[row] = item.frame_mask.detach().to("cpu", torch.bool)
     return frames, mask
+
+
+def extractor_frame_weights(extractor: Any, frames: Tensor, frame_mask: Tensor) -> Tensor | None:
+    """The extractor's frame weights for stored features, or ``None`` when it does not provide them.
+
+    Args:
+        frames: (N, T, D) float16, as stored; frame_mask: (N, T) bool.
+
+    Returns:
+        (N, T) float32 on the CPU, or ``None``.
+
+    Raises:
+        ValueError: the extractor returned weights of the wrong shape.
+    """
+    compute = getattr(extractor, "frame_weights", None)
+    if compute is None or frames.shape[0] == 0:
+        return None
+    weights = compute(frames, frame_mask)
+    if weights is None:
+        return None
+    if tuple(weights.shape) != tuple(frame_mask.shape):
+        raise ValueError(f"frame weights of shape {tuple(weights.shape)} for a frame mask {tuple(frame_mask.shape)}")
+    return weights.detach().to("cpu", torch.float32)

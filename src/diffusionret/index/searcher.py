@@ -1,10 +1,11 @@
 """``Searcher``: text query -> ranked videos, by a three-stage cascade over a :class:`VideoIndex`.
 
 1. **First stage** (every video): cosine between the normalised text ``cls`` and each video's
-   pooled embedding (:func:`~diffusionret.index.features.pool_frames`); exact matrix product, or
-   FAISS for large indexes. Keeps the top ``N`` (``candidates``).
+   pooled embedding (:func:`~diffusionret.index.features.pool_frames`); exact (fp32, or fp16
+   embeddings for large indexes) or an IVF index (FAISS) for large indexes that have one; see
+   :mod:`~diffusionret.index.first_stage`. Keeps the top ``N`` (``candidates``).
 2. **WTI** (``N`` videos): the model's token-level similarity head (SPEC.md 1.4) on the stored
-   frame features.
+   frame features, with the video-side weights stored at build time when the index has them.
 3. **Diffusion re-ranking** (top ``K`` of the WTI list, ``rerank_top_k``): the text->video denoiser
    adds a bonus in (0, 1) to each of the K scores (SPEC.md 3.3), so the re-ranked K stay ahead of
    the other N - K, whose WTI order is kept. Skipped when the model has no denoisers or ``K = 0``.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusionret.index.catalog import VideoRecord
+from diffusionret.index.first_stage import FirstStageConfig
 from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.store import VideoIndex
 
@@ -44,12 +46,17 @@ class SearchConfig:
         max_words: query length in tokens, SOT and EOT included (the reference uses 32).
         seed: seeds the denoiser's initial noise per query, so the same query always gives the
             same ranking.
+        first_stage: how the first stage searches (exact / IVF, precision, ``nprobe``).
+        trim_query: run the text tower on the real tokens plus one padded position instead of all
+            ``max_words`` (same scores, see :meth:`Searcher.encode_queries`).
     """
 
     candidates: int = 100
     rerank_top_k: int = 32
     max_words: int = 32
     seed: int = 0
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    trim_query: bool = True
 
     def __post_init__(self) -> None:
         if self.candidates <= 0:
@@ -122,6 +129,7 @@ class Searcher:
         self.config = config or SearchConfig()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        index.configure_first_stage(self.config.first_stage)
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, model_path: str | os.PathLike | None = None, *,
@@ -153,12 +161,23 @@ class Searcher:
             "model_path": self.index.info.model_path,
             "candidates": self.config.candidates,
             "rerank_top_k": self.config.rerank_top_k if self.reranks else 0,
+            "first_stage": self.index.first_stage.describe() if self.index.first_stage is not None else None,
         }
 
     @torch.no_grad()
     def encode_queries(self, queries: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Tokenise and encode texts: ``tokens`` (B, L, D), ``mask`` (B, L), ``cls`` (B, D) on the model's device."""
+        """Tokenise and encode texts: ``tokens`` (B, L', D), ``mask`` (B, L'), ``cls`` (B, D) on the model's device.
+
+        With ``trim_query`` the padding after the longest text is cut to one position:
+        ``L' = min(max_words, longest + 1)``. This is exact: the text tower's attention is causal,
+        so real positions never see later ones, and the WTI head needs only one padded position,
+        whose similarity 0 takes part in the maximum over tokens (the "zero floor", SPEC.md 1.4)
+        exactly as the ``max_words - longest`` padded positions would.
+        """
         ids, mask = self.tokenizer(list(queries), max_words=self.config.max_words)
+        if self.config.trim_query:
+            keep = min(ids.shape[1], int(mask.sum(dim=1).max()) + 1)
+            ids, mask = ids[:, :keep], mask[:, :keep]
         ids, mask = ids.to(self.device), mask.to(self.device)
         tokens, cls = self.model.encode_text(ids, mask)
         return tokens, mask, cls
@@ -193,7 +212,10 @@ class Searcher:
         """
         video, frame_mask = self.index.gather(rows)
         video, frame_mask = video.to(self.device), frame_mask.to(self.device)
-        wti = self.model.similarity(tokens, mask, video, frame_mask)  # (1, N)
+        weights = self.index.gather_weights(rows)  # stored at build time; None: the model computes them
+        if weights is not None:
+            weights = weights.to(self.device)
+        wti = self.model.similarity(tokens, mask, video, frame_mask, frame_weights=weights)  # (1, N)
         final = wti
         top_k = min(self.config.rerank_top_k, wti.shape[1])
         reranked = self.reranks and top_k > 0

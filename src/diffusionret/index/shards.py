@@ -10,6 +10,9 @@ Tensors:
     ``frames`` (N, T, D) float16: per-frame features after the temporal module.
     ``frame_mask`` (N, T) uint8: 1 for real frames.
     ``pooled`` (N, D) float32: the first-stage embedding (:func:`~diffusionret.index.features.pool_frames`).
+    ``frame_weights`` (N, T) float32, optional: the WTI head's video-side softmax weights of the
+        stored (fp16) frames (``DiffusionRet.frame_weights``), so queries skip the weight MLP.
+        Shards written before it existed, or by an extractor without a model, lack it.
     ``thumbs`` (B,) uint8 and ``thumb_offsets`` (N + 1,) int64: concatenated JPEG thumbnails.
 """
 
@@ -96,10 +99,14 @@ def write_shard(
     frame_mask: Tensor,
     pooled: Tensor,
     thumbnails: Sequence[bytes | None],
+    frame_weights: Tensor | None = None,
 ) -> Path:
     """Write a shard atomically (see module docstring for the tensor layout); returns its path."""
     if not (len(entries) == frames.shape[0] == frame_mask.shape[0] == pooled.shape[0] == len(thumbnails)):
         raise ValueError("shard entries, tensors and thumbnails disagree in length")
+    if frame_weights is not None and frame_weights.shape != frame_mask.shape:
+        raise ValueError(f"frame_weights {tuple(frame_weights.shape)} do not match the frame mask "
+                         f"{tuple(frame_mask.shape)}")
     blobs = [t or b"" for t in thumbnails]
     offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in blobs], dtype=torch.int64), 0)
@@ -120,6 +127,8 @@ def write_shard(
         "thumbs": thumbs,
         "thumb_offsets": offsets,
     }
+    if frame_weights is not None:
+        tensors["frame_weights"] = frame_weights.to(torch.float32).contiguous()
     path = directory / name
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     _fsync_directory(directory)
@@ -163,6 +172,22 @@ def read_shard_rows(path: Path, rows: Sequence[int]) -> tuple[Tensor, Tensor, Te
         frame_mask = handle.get_tensor("frame_mask")
         pooled = handle.get_tensor("pooled")
     return frames[index], frame_mask[index].bool(), pooled[index]
+
+
+def read_shard_pooled(path: Path, rows: Sequence[int]) -> Tensor:
+    """Selected rows of a shard's pooled embeddings only: (R, D) float32 (the frames are not read)."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor("pooled")[index]
+
+
+def read_shard_weights(path: Path, rows: Sequence[int]) -> Tensor | None:
+    """Selected rows of a shard's stored frame weights, (R, T) float32, or ``None`` if it has none."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    with safe_open(str(path), framework="pt") as handle:
+        if "frame_weights" not in handle.keys():
+            return None
+        return handle.get_tensor("frame_weights")[index]
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -5,11 +5,15 @@ On disk (one folder)::
     catalog.sqlite        settings, model identity, one row per video (path, size, mtime, duration,
                           thumbnail, where its features live), shards, decode failures
     shards/*.safetensors  features: frames after the temporal module (N, T, D) fp16, frame masks,
-                          pooled first-stage embeddings (N, D) fp32 (see :mod:`diffusionret.index.shards`)
+                          pooled first-stage embeddings (N, D) fp32, WTI frame weights (N, T) fp32
+                          (see :mod:`diffusionret.index.shards`)
+    ivf-<content>.faiss   optional IVF first stage over the pooled embeddings, named after the rows
+                          it covers (see :mod:`diffusionret.index.first_stage`)
 
 In memory, a loaded index keeps every video's features in path order: row ``i`` of
 :attr:`VideoIndex.frames` belongs to ``VideoIndex.records[i]``. Memory is about
-``N * (T * D * 2 + D * 4)`` bytes (N = 100k ViT-B/32 videos at T = 12: about 1.4 GB).
+``N * (T * D * 2 + D * 4 + T * 4)`` bytes (N = 100k ViT-B/32 videos at T = 12: about 1.4 GB), plus
+the first stage's own copy of the embeddings for large indexes (fp16: ``N * D * 2``; IVF: ``N * D * 4``).
 
 Writing goes through :func:`diffusionret.index.builder.sync_index`; :meth:`VideoIndex.build` and
 :meth:`VideoIndex.update` are its two entry points.
@@ -28,20 +32,32 @@ import torch
 from torch import Tensor
 
 from diffusionret.index import catalog
-from diffusionret.index.builder import SyncReport, sync_index
+from diffusionret.index.builder import (
+    IvfBuildConfig,
+    SyncReport,
+    exclusive_lock,
+    index_fingerprint,
+    sync_index,
+)
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.discover import discover_videos
 from diffusionret.index.features import FeatureExtractor
+from diffusionret.index.first_stage import (
+    AnnUnavailableError,
+    ExactFirstStage,
+    FirstStageConfig,
+    IvfFirstStage,
+    content_fingerprint,
+    exact_topk,
+    import_faiss,
+    remove_stale_ivf,
+)
 from diffusionret.index.identity import ModelMismatchError
-from diffusionret.index.shards import SHARD_DIR, read_shard_rows
+from diffusionret.index.shards import SHARD_DIR, read_shard_rows, read_shard_weights
 
 logger = logging.getLogger(__name__)
 
-# Above this many videos the first stage uses FAISS (exact inner product) when it is installed;
-# below it a chunked matrix product is as fast and has no extra dependency.
-FAISS_MIN_VIDEOS = 100_000
-# Rows per block of the chunked matrix product: bounds the (Nq, chunk) score buffer.
-_SCORE_CHUNK = 65_536
+__all__ = ["IndexInfo", "VideoIndex", "exact_topk"]
 
 
 @dataclass(frozen=True)
@@ -95,18 +111,34 @@ class VideoIndex:
         frames: (N, T, D) float16 frame features after the temporal module.
         frame_mask: (N, T) bool, True for real frames.
         pooled: (N, D) float32 unit-norm first-stage embeddings.
+        frame_weights: (N, T) float32 stored WTI frame weights, or ``None`` when no row has them.
+        weights_known: (N,) bool, which rows of ``frame_weights`` are stored (an index extended
+            after an upgrade may mix shards with and without weights), or ``None``.
+        first_stage: what :meth:`search` uses (set by :meth:`configure_first_stage`; chosen with
+            the default :class:`~diffusionret.index.first_stage.FirstStageConfig` on first use).
     """
 
     def __init__(self, root: Path, info: IndexInfo, records: list[VideoRecord], frames: Tensor,
-                 frame_mask: Tensor, pooled: Tensor) -> None:
+                 frame_mask: Tensor, pooled: Tensor, *, frame_weights: Tensor | None = None,
+                 weights_known: Tensor | None = None) -> None:
         self.root = Path(root)
         self.info = info
         self.records = records
         self.frames = frames
         self.frame_mask = frame_mask
         self.pooled = pooled
+        if frame_weights is not None and weights_known is None:
+            weights_known = torch.ones(len(records), dtype=torch.bool)
+        if weights_known is not None and not bool(weights_known.any()):
+            frame_weights = weights_known = None
+        self.frame_weights = frame_weights
+        self.weights_known = weights_known
+        self._all_weights = weights_known is not None and bool(weights_known.all())
         self._rows = {record.id: row for row, record in enumerate(records)}
-        self._faiss: Any = None
+        self.first_stage: ExactFirstStage | IvfFirstStage | None = None
+        self._fingerprint: str | None = None
+        self._ivf: IvfFirstStage | None = None  # loaded or built once, reused when reconfigured
+        self._pooled_half: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- writing
     @staticmethod
@@ -121,6 +153,7 @@ class VideoIndex:
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
         progress: bool = True,
+        ivf: IvfBuildConfig | None = None,
     ) -> SyncReport:
         """Create (or resume building) an index of the videos found in ``videos``.
 
@@ -135,16 +168,19 @@ class VideoIndex:
             shard_size: videos per atomically written shard.
             rank, world_size, barrier: torchrun sharding (each rank encodes ``pending[rank::world_size]``).
             progress: show a progress bar.
+            ivf: whether to write an IVF first-stage file (default: for indexes of 100k+ videos
+                when FAISS is installed; see :class:`~diffusionret.index.builder.IvfBuildConfig`).
 
         Raises:
             ModelMismatchError: ``root`` already holds an index built by another model.
             FileNotFoundError: the sources hold no video.
+            AnnUnavailableError: ``ivf.mode == "on"`` without FAISS.
         """
         sources = _source_list(videos)
         root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
         return sync_index(root, _discover_some(sources, root_dir), extractor, sources=sources, video_root=root_dir,
                           create=True, shard_size=shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                          progress=progress)
+                          progress=progress, ivf=ivf)
 
     @staticmethod
     def update(
@@ -161,7 +197,7 @@ class VideoIndex:
             extractor: must carry the model that built the index.
             videos: sources to scan; default: the sources recorded at build time.
             video_root: folder for relative paths in list files; default: the recorded one.
-            **kwargs: as for :meth:`build` (``shard_size``, ``rank``, ...).
+            **kwargs: as for :meth:`build` (``shard_size``, ``rank``, ``ivf``, ...).
 
         Raises:
             FileNotFoundError: no index at ``root``, or the sources hold no video (an unmounted
@@ -225,15 +261,22 @@ class VideoIndex:
         frames = torch.zeros(n, t, d, dtype=torch.float16)
         frame_mask = torch.zeros(n, t, dtype=torch.bool)
         pooled = torch.zeros(n, d, dtype=torch.float32)
+        weights = torch.zeros(n, t, dtype=torch.float32)
+        known = torch.zeros(n, dtype=torch.bool)
         by_shard: dict[str, list[int]] = {}
         for row, record in enumerate(records):
             by_shard.setdefault(record.shard, []).append(row)
         for shard, rows in by_shard.items():
             target = torch.as_tensor(rows, dtype=torch.long)
-            f, m, p = read_shard_rows(root / SHARD_DIR / shard, [records[r].row for r in rows])
+            shard_rows = [records[r].row for r in rows]
+            f, m, p = read_shard_rows(root / SHARD_DIR / shard, shard_rows)
             frames[target], frame_mask[target], pooled[target] = f, m, p
-        logger.info("loaded index %s: %d videos, %d frames x %d dims", root, n, t, d)
-        return cls(root, info, records, frames, frame_mask, pooled)
+            w = read_shard_weights(root / SHARD_DIR / shard, shard_rows)
+            if w is not None:
+                weights[target], known[target] = w, True
+        logger.info("loaded index %s: %d videos, %d frames x %d dims, stored frame weights for %d",
+                    root, n, t, d, int(known.sum()))
+        return cls(root, info, records, frames, frame_mask, pooled, frame_weights=weights, weights_known=known)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -268,9 +311,100 @@ class VideoIndex:
         """
         return self.frames[rows].float(), self.frame_mask[rows].long()
 
+    def gather_weights(self, rows: Tensor) -> Tensor | None:
+        """Stored WTI frame weights of selected rows, (n, T) float32, or ``None`` unless every row has them."""
+        if self.frame_weights is None:
+            return None
+        if not self._all_weights and not bool(self.weights_known[rows].all()):  # type: ignore[index]
+            return None
+        return self.frame_weights[rows]
+
     # ------------------------------------------------------------------------------ first stage
+    @property
+    def content_fingerprint(self) -> str:
+        """:func:`~diffusionret.index.first_stage.content_fingerprint` of the loaded rows (names the IVF file)."""
+        if self._fingerprint is None:
+            rows = [(r.id, r.shard, r.row) for r in self.records]
+            self._fingerprint = content_fingerprint(self.info.model_id, self.info.embed_dim, rows)
+        return self._fingerprint
+
+    def configure_first_stage(self, config: FirstStageConfig | None = None, *, ivf: IvfFirstStage | None = None,
+                              save: bool = True) -> ExactFirstStage | IvfFirstStage:
+        """Choose what :meth:`search` uses (see :class:`~diffusionret.index.first_stage.FirstStageConfig`).
+
+        With ``method="ivf"`` and no up-to-date IVF file, the IVF index is built in memory (about
+        a minute per million videos) and, when ``save`` and no build or update holds the index,
+        written to the index folder for the next load.
+
+        Args:
+            config: the policy (default: ``auto``).
+            ivf: an already built IVF index over these rows (its fingerprint must match).
+            save: allow writing a newly built IVF file.
+
+        Raises:
+            AnnUnavailableError: ``method="ivf"`` without FAISS.
+            ValueError: ``ivf`` covers other rows.
+        """
+        config = config or FirstStageConfig()
+        large = len(self) >= config.large_index
+        stage: ExactFirstStage | IvfFirstStage | None = None
+        if ivf is not None:
+            if ivf.fingerprint != self.content_fingerprint:
+                raise ValueError("the IVF index covers other rows than this index holds")
+            self._ivf = ivf
+        if len(self) > 0 and (config.method == "ivf" or (config.method == "auto" and large)):
+            stage = self._open_ivf(config, build=config.method == "ivf", save=save)
+        if stage is None:
+            half = config.precision == "float16" or (config.precision == "auto" and large)
+            if half and self._pooled_half is None:
+                self._pooled_half = self.pooled.half()
+            stage = ExactFirstStage(self._pooled_half if half else self.pooled)
+        self.first_stage = stage
+        logger.info("first stage: %s", stage.describe())
+        return stage
+
+    def _open_ivf(self, config: FirstStageConfig, *, build: bool, save: bool) -> IvfFirstStage | None:
+        if self._ivf is not None:
+            self._ivf.nprobe = config.nprobe
+            return self._ivf
+        try:
+            import_faiss()
+        except AnnUnavailableError:
+            if build:
+                raise
+            logger.info("FAISS is not installed: exact first stage over %d videos", len(self))
+            return None
+        fingerprint = self.content_fingerprint
+        stage = IvfFirstStage.load(self.root, fingerprint, expected_rows=len(self), embed_dim=self.info.embed_dim,
+                                   nprobe=config.nprobe)
+        if stage is None and not build:
+            logger.warning("%s has no up-to-date IVF file (run `diffusionret index update`); exact first stage",
+                           self.root)
+            return None
+        if stage is None:
+            logger.warning("building the IVF first stage for %d videos in memory", len(self))
+            stage = IvfFirstStage.build(self.pooled, fingerprint, nprobe=config.nprobe)
+            if save:
+                self._save_ivf(stage)
+        self._ivf = stage
+        return stage
+
+    def _save_ivf(self, stage: IvfFirstStage) -> None:
+        """Write a freshly built IVF file, unless the index changed or a writer holds it (best effort)."""
+        try:
+            with exclusive_lock(self.root, create=False), \
+                    contextlib.closing(catalog.connect(self.root, readonly=True)) as conn:
+                if index_fingerprint(conn)[0] != stage.fingerprint:
+                    logger.info("the index changed since it was loaded; not saving its IVF file")
+                    return
+                path = stage.save(self.root)
+                remove_stale_ivf(self.root, stage.fingerprint)
+                logger.info("wrote %s", path)
+        except (OSError, RuntimeError) as exc:  # read-only folder, a build in progress, ...
+            logger.warning("could not save the IVF file in %s: %s", self.root, exc)
+
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Exact maximum-inner-product search over the pooled embeddings.
+        """Top-``k`` maximum-inner-product search over the pooled embeddings (exact, or IVF: see :attr:`first_stage`).
 
         Args:
             queries: (Nq, D) query embeddings (normalise them for cosine scores).
@@ -288,48 +422,8 @@ class VideoIndex:
         k = min(k, len(self))
         if k == 0:
             return torch.zeros(queries.shape[0], 0), torch.zeros(queries.shape[0], 0, dtype=torch.long)
-        if len(self) >= FAISS_MIN_VIDEOS:
-            faiss_index = self._faiss_index()
-            if faiss_index is not None:
-                scores, rows = faiss_index.search(queries.contiguous().numpy(), k)
-                return torch.from_numpy(scores), torch.from_numpy(rows).long()
-        return exact_topk(queries, self.pooled, k)
-
-    def _faiss_index(self) -> Any:
-        if self._faiss is None:
-            try:
-                import faiss  # optional: only large indexes benefit
-            except ImportError:
-                self._faiss = False
-                return None
-            index = faiss.IndexFlatIP(self.info.embed_dim)
-            index.add(self.pooled.contiguous().numpy())
-            self._faiss = index
-        return self._faiss or None
-
-
-def exact_topk(queries: Tensor, database: Tensor, k: int, chunk: int = _SCORE_CHUNK) -> tuple[Tensor, Tensor]:
-    """Top-``k`` inner products of each query against every database row, in bounded memory.
-
-    Args:
-        queries: (Nq, D).
-        database: (N, D), ``N >= k``.
-        k: results per query.
-        chunk: database rows scored at once.
-
-    Returns:
-        ``scores`` (Nq, k) and ``rows`` (Nq, k) long, sorted descending.
-    """
-    best_scores = torch.empty(queries.shape[0], 0, dtype=torch.float32)
-    best_rows = torch.empty(queries.shape[0], 0, dtype=torch.long)
-    for start in range(0, database.shape[0], chunk):
-        scores = queries @ database[start:start + chunk].T  # (Nq, chunk)
-        top_scores, top_rows = scores.topk(min(k, scores.shape[1]), dim=1)
-        merged_scores = torch.cat([best_scores, top_scores], dim=1)
-        merged_rows = torch.cat([best_rows, top_rows + start], dim=1)
-        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-        best_rows = merged_rows.gather(1, order)
-    return best_scores, best_rows
+        stage = self.first_stage or self.configure_first_stage()
+        return stage.search(queries, k)
 
 
 def _discover_some(sources: Sequence[str], video_root: str | None) -> list[Path]:

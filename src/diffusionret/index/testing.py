@@ -77,6 +77,8 @@ class SyntheticExtractor:
         on_video: called with each path before it is "encoded" (fault injection).
         decode_media: take the thumbnail (middle frame) and duration from the real video (PyAV)
             instead of a solid colour and a size-derived duration.
+        with_weights: also provide stand-in WTI frame weights (:meth:`frame_weights`), which the
+            index then stores, as it does with a model's.
     """
 
     frames: int = 4
@@ -85,6 +87,7 @@ class SyntheticExtractor:
     delay_s: float = 0.0
     on_video: Callable[[Path], None] | None = None
     decode_media: bool = False
+    with_weights: bool = False
 
     @property
     def identity(self) -> ModelIdentity:
@@ -102,6 +105,14 @@ class SyntheticExtractor:
     @property
     def embed_dim(self) -> int:
         return self.dim
+
+    def frame_weights(self, frames: Tensor, frame_mask: Tensor) -> Tensor | None:
+        """With ``with_weights``: a deterministic stand-in for the WTI frame weights (softmax over real frames)."""
+        if not self.with_weights:
+            return None
+        direction = synthetic_word_vector("frame weights", self.dim, self.seed)
+        logits = (frames.float() @ direction).masked_fill(~frame_mask.bool(), -9e15)
+        return torch.softmax(logits, dim=-1)
 
     def extract(self, paths: Sequence[Path]) -> Iterator[VideoFeatures | ExtractionFailure]:
         for path in paths:

@@ -82,7 +82,8 @@ class ServeConfig:
         max_query_chars: longest accepted query (CLIP reads at most ~75 tokens anyway).
         max_k: largest ``k`` a client may ask for.
         max_pending: searches allowed to wait or run at once; more get ``503``.
-        workers: inference threads (1 is right for one model: torch parallelises each search).
+        workers: searches run at once, each on its own thread (``diffusionret serve`` pins torch to
+            ``--threads`` intra-op threads per search, 1 by default, so 1 worker uses one core).
         url_ttl_s: lifetime of signed media/thumbnail URLs.
     """
 

@@ -1,0 +1,245 @@
+"""The first stage of the cascade: exact fp32 / fp16 search against brute force, the IVF file (FAISS)
+and its freshness across ``index update``, stored WTI frame weights, and running without FAISS.
+
+Indexes come from :class:`diffusionret.index.testing.SyntheticExtractor` (no model).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_index import make_videos
+
+from diffusionret.index.builder import IvfBuildConfig
+from diffusionret.index.features import pool_frames
+from diffusionret.index.first_stage import (
+    AnnUnavailableError,
+    ExactFirstStage,
+    FirstStageConfig,
+    half_product_error_bound,
+    half_topk,
+    ivf_files,
+    ivf_path,
+    max_row_norm,
+)
+from diffusionret.index.store import VideoIndex
+from diffusionret.index.testing import SyntheticExtractor
+
+ON = IvfBuildConfig(mode="on", nlist=4)
+
+
+def _queries(count: int, dim: int, seed: int = 1) -> torch.Tensor:
+    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _build(tmp_path: Path, count: int = 37, ivf: IvfBuildConfig | None = None, **kwargs) -> Path:
+    make_videos(tmp_path / "videos", count)
+    extractor = SyntheticExtractor(frames=5, dim=24, **kwargs)
+    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", extractor, shard_size=6, progress=False, ivf=ivf)
+    return tmp_path / "idx"
+
+
+@pytest.fixture
+def no_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import faiss`` fail, as on a machine without the ``ann`` extra."""
+    monkeypatch.setitem(sys.modules, "faiss", None)
+
+
+# ------------------------------------------------------------------------------------ exact fp16
+def test_half_product_error_is_within_the_bound() -> None:
+    """The fp16 kernel of this torch build accumulates precisely enough for :func:`half_topk`'s bound."""
+    generator = torch.Generator().manual_seed(0)
+    for dim in (24, 512):
+        database = F.normalize(torch.randn(20_000, dim, generator=generator), dim=-1).half()
+        queries = _queries(8, dim)
+        approx = (queries.half() @ database.T).float()
+        exact = (queries.double() @ database.double().T).float()
+        assert float((approx - exact).abs().max()) <= half_product_error_bound(dim) / 2
+
+
+def test_half_topk_is_the_exact_top_k_of_the_stored_fp16_vectors() -> None:
+    generator = torch.Generator().manual_seed(2)
+    database = F.normalize(torch.randn(5_000, 64, generator=generator), dim=-1)
+    # Near-ties closer than the fp16 resolution, so the shortlist must widen to stay exact.
+    database[100:400] = database[7] + 1e-4 * torch.randn(300, 64, generator=generator)
+    database = F.normalize(database, dim=-1).half()
+    queries = torch.cat([_queries(5, 64), database[7:8].float() * 3.0, torch.zeros(1, 64)])  # any norm, even 0
+    for k in (1, 10, 100, 350):
+        scores, rows = half_topk(queries, database, k, max_norm=max_row_norm(database))
+        brute = queries @ database.float().T
+        expected = brute.topk(k, dim=1).values
+        torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+        # The returned rows are a top k of the brute force (rows may differ only between exact ties).
+        torch.testing.assert_close(brute.gather(1, rows), expected, rtol=1e-6, atol=1e-6)
+        assert all(len(set(r.tolist())) == k for r in rows)
+
+
+def test_index_search_equals_brute_force_in_each_precision(tmp_path: Path) -> None:
+    index = VideoIndex.load(_build(tmp_path))
+    queries = _queries(6, 24)
+    for precision, stored in (("float32", index.pooled), ("float16", index.pooled.half().float())):
+        stage = index.configure_first_stage(FirstStageConfig(method="exact", precision=precision))
+        assert isinstance(stage, ExactFirstStage) and stage.describe()["precision"] == precision
+        brute = queries @ stored.T  # the same stored precision, scored in float32
+        for k in (1, 5, 37, 100):
+            scores, rows = index.search(queries, k)
+            expected_scores, expected_rows = brute.topk(min(k, 37), dim=1)
+            assert torch.equal(rows, expected_rows)
+            torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
+
+
+def test_auto_precision_follows_the_size_threshold(tmp_path: Path, no_faiss: None) -> None:
+    index = VideoIndex.load(_build(tmp_path, count=8))
+    assert index.configure_first_stage().describe() == {"method": "exact", "precision": "float32"}
+    large = index.configure_first_stage(FirstStageConfig(large_index=8))
+    assert large.describe() == {"method": "exact", "precision": "float16"}
+
+
+# -------------------------------------------------------------------------------------------- IVF
+def test_ivf_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    root = _build(tmp_path, ivf=ON)
+    index = VideoIndex.load(root)
+    assert [p.name for p in ivf_files(root)] == [ivf_path(root, index.content_fingerprint).name]
+    # auto uses the file for a "large" index; scanning every list it is exact.
+    stage = index.configure_first_stage(FirstStageConfig(large_index=10, nprobe=4))
+    assert stage.describe()["method"] == "ivf" and stage.describe()["nlist"] == 4
+    queries = _queries(6, 24)
+    brute = queries @ index.pooled.T
+    for k in (1, 10, 37):
+        scores, rows = index.search(queries, k)
+        expected_scores, expected_rows = brute.topk(k, dim=1)
+        assert torch.equal(rows, expected_rows)
+        torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+    # Probing fewer lists is approximate, but every score is the row's exact score, never a row -1.
+    index.configure_first_stage(FirstStageConfig(method="ivf", nprobe=1))
+    scores, rows = index.search(queries, 30)
+    assert rows.shape == (6, 30) and bool((rows >= 0).all())
+    torch.testing.assert_close(scores, brute.gather(1, rows), rtol=0, atol=1e-5)
+    # Small indexes stay exact under auto even when a file exists.
+    assert index.configure_first_stage(FirstStageConfig()).describe()["method"] == "exact"
+
+
+def test_stale_ivf_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    root = _build(tmp_path, ivf=ON)
+    (old_file,) = ivf_files(root)
+    old_bytes = old_file.read_bytes()
+    make_videos(tmp_path / "videos" / "more", 3, start=200)
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ivf=ON)
+    index = VideoIndex.load(root)
+    (new_file,) = ivf_files(root)  # the stale file was deleted by the update
+    assert new_file != old_file and new_file == ivf_path(root, index.content_fingerprint)
+
+    # A stale file (e.g. written late by a reader of the old contents) is never picked up.
+    old_file.write_bytes(old_bytes)
+    config = FirstStageConfig(large_index=0, nprobe=4)
+    assert index.configure_first_stage(config).describe()["videos"] == len(index) == 40
+    new_file.unlink()
+    fresh = VideoIndex.load(root)
+    assert fresh.configure_first_stage(config).describe() == {"method": "exact", "precision": "float16"}
+    # Forcing IVF builds it in memory and saves it (the index is not locked), removing the stale file.
+    built = fresh.configure_first_stage(FirstStageConfig(method="ivf", nprobe=64))
+    assert built.describe()["videos"] == 40 and ivf_files(root) == [new_file]
+
+
+def test_ivf_off_and_auto_threshold(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    root = _build(tmp_path, ivf=IvfBuildConfig(mode="auto", min_videos=1_000))
+    assert ivf_files(root) == []  # below the threshold
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False,
+                      ivf=IvfBuildConfig(mode="auto", min_videos=30, nlist=2))
+    assert len(ivf_files(root)) == 1
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False, ivf=IvfBuildConfig(mode="off"))
+    assert ivf_files(root) == []
+
+
+def test_a_file_for_another_index_size_is_ignored(tmp_path: Path) -> None:
+    faiss = pytest.importorskip("faiss")
+    root = _build(tmp_path)
+    index = VideoIndex.load(root)
+    # Same name (fingerprint) but the wrong number of vectors: ignored, not trusted.
+    wrong = faiss.IndexIVFFlat(faiss.IndexFlatIP(24), 24, 1, faiss.METRIC_INNER_PRODUCT)
+    wrong.train(torch.randn(50, 24).numpy())
+    wrong.add(torch.randn(5, 24).numpy())
+    faiss.write_index(wrong, str(ivf_path(root, index.content_fingerprint)))
+    assert index.configure_first_stage(FirstStageConfig(large_index=0)).describe()["method"] == "exact"
+
+
+# ---------------------------------------------------------------------------------- without FAISS
+def test_exact_search_works_without_faiss(tmp_path: Path, no_faiss: None) -> None:
+    index = VideoIndex.load(_build(tmp_path))
+    stage = index.configure_first_stage(FirstStageConfig(large_index=0))  # auto, "large", no FAISS
+    assert stage.describe()["method"] == "exact"
+    with pytest.raises(AnnUnavailableError, match=r"pip install 'diffusionret\[ann\]'"):
+        index.configure_first_stage(FirstStageConfig(method="ivf"))
+
+
+def test_forced_ivf_build_without_faiss_fails_before_encoding(tmp_path: Path, no_faiss: None) -> None:
+    make_videos(tmp_path / "videos", 3)
+    with pytest.raises(AnnUnavailableError):
+        VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False, ivf=ON)
+    assert not (tmp_path / "idx" / "shards").exists()
+    # auto goes on without it.
+    report = VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False,
+                              ivf=IvfBuildConfig(mode="auto", min_videos=1))
+    assert report.total == 3 and ivf_files(tmp_path / "idx") == []
+
+
+# --------------------------------------------------------------------------------- frame weights
+def test_frame_weights_are_stored_and_survive_compaction(tmp_path: Path) -> None:
+    extractor = SyntheticExtractor(frames=5, dim=24, with_weights=True)
+    root = _build(tmp_path, with_weights=True)
+    index = VideoIndex.load(root)
+    assert index.frame_weights is not None and bool(index.weights_known.all())
+    expected = extractor.frame_weights(index.frames, index.frame_mask)
+    torch.testing.assert_close(index.frame_weights, expected, rtol=0, atol=1e-6)
+    assert torch.equal(index.gather_weights(torch.tensor([3, 1])), index.frame_weights[[3, 1]])
+    # Removing files leaves holes; compaction rewrites shards and keeps the weights.
+    for path in sorted((tmp_path / "videos").rglob("*.mp4"))[::4]:
+        path.unlink()
+    VideoIndex.update(root, extractor, shard_size=6, progress=False)
+    after = VideoIndex.load(root)
+    assert len(after) < len(index) and after.frame_weights is not None and bool(after.weights_known.all())
+    torch.testing.assert_close(after.frame_weights, extractor.frame_weights(after.frames, after.frame_mask),
+                               rtol=0, atol=1e-6)
+
+
+def test_index_without_weights_and_mixed_index(tmp_path: Path) -> None:
+    root = _build(tmp_path, count=8)  # an "old" index: the extractor stores no weights
+    index = VideoIndex.load(root)
+    assert index.frame_weights is None and index.gather_weights(torch.tensor([0])) is None
+    # New videos encoded by an extractor that stores weights: only their rows have them.
+    make_videos(tmp_path / "videos" / "new", 6, start=50)
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24, with_weights=True), shard_size=6, progress=False)
+    mixed = VideoIndex.load(root)
+    known = mixed.weights_known
+    assert known is not None and 0 < int(known.sum()) < len(mixed)
+    old_row, new_row = int((~known).nonzero()[0]), int(known.nonzero()[0])
+    assert mixed.gather_weights(torch.tensor([new_row])) is not None
+    assert mixed.gather_weights(torch.tensor([new_row, old_row])) is None  # computed at query time instead
+
+
+def test_pooled_embeddings_follow_from_the_stored_frames(tmp_path: Path) -> None:
+    index = VideoIndex.load(_build(tmp_path, count=5))
+    torch.testing.assert_close(index.pooled, pool_frames(index.frames, index.frame_mask))
+
+
+def test_ivf_file_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing leaves no file under the final name and no temp file behind."""
+    faiss = pytest.importorskip("faiss")
+    root = _build(tmp_path)
+    index = VideoIndex.load(root)
+
+    def broken_write(index_obj, path):  # writes part of a file, then fails
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken_write)
+    index.configure_first_stage(FirstStageConfig(method="ivf", nprobe=2))  # builds, save fails, search works
+    assert ivf_files(root) == [] and not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert index.search(_queries(1, 24), 3)[1].shape == (1, 3)
