@@ -2,12 +2,14 @@
 
     python benchmarks/bench_search.py --threads 1           # 10k, 100k, 1M videos, 200 queries each
     python benchmarks/bench_search.py --sizes 10000 --queries 50
-    python benchmarks/bench_search.py --first-stage exact   # no IVF (fp16 exact first stage from 100k)
+    python benchmarks/bench_search.py --first-stage exact   # no ANN (fp16 exact first stage from 100k)
+    python benchmarks/bench_search.py --sizes 1000000 --first-stage ivf --recall-rescore   # IVF-Flat cascade
 
 What runs is the real search path, :meth:`diffusionret.index.searcher.Searcher.search`: tokenise,
 encode the text (a ViT-B/32-sized text tower: 12 layers, width 512, L=32 trimmed to the query's
 length + 1), first stage over every video's pooled embedding (:meth:`VideoIndex.search`: exact
-fp32 below 100k videos, the IVF index from 100k when FAISS is installed), gather the top ``N=100``
+fp32 below 100k videos, an ANN index from 100k when FAISS is installed: PQ fast-scan with exact
+re-scoring by default, ``--first-stage ivf`` for IVF-Flat), gather the top ``N=100``
 videos' frame features and stored WTI frame weights, WTI on them, diffusion re-ranking of the top
 ``K=32`` (50 DDIM steps), top-10 hits. Model loading and index construction are not timed. The
 model is randomly initialised (latency does not depend on the weights); its vision tower is
@@ -23,15 +25,16 @@ the 12 GB of frame features in RAM, which this 24 GB shared machine cannot spare
 above ``--mmap-above`` videos the frame features are a read-only memory map of the cached file
 (the page cache serves the 100 rows a query gathers; the pooled embeddings are in RAM as usual).
 The WTI frame weights an index stores are computed once with the model (``DiffusionRet.frame_weights``)
-and cached next to the features; so is the IVF file (``ivf-<content>.faiss``, as in an index folder;
-``--rebuild-ivf`` times a fresh build).
+and cached next to the features; so are the ANN files (``pq-<content>.faiss``, ``ivf-<content>.faiss``,
+as in an index folder; ``--rebuild-ivf`` times fresh builds).
 
 Printed per size:
 
-* ``first_stage``: which first stage runs; for large sizes the IVF build (or load) time, and
+* ``first_stage``: which first stage runs; for large sizes the ANN build (or load) times, and
   recall@``N`` of each first stage against the exact fp32 top ``N`` over ``--recall-queries`` real
-  query embeddings, with its median time: IVF at each ``--recall-nprobe``, and fp16 exact;
-  ``final_top10_agreement``: the share of the final top 10 (whole cascade) that the IVF cascade
+  query embeddings, with its median time: IVF at each ``--recall-nprobe``, PQ at each
+  ``--recall-rescore`` (and, built in memory, at each ``--recall-pq-m``), and fp16 exact;
+  ``final_top10_agreement``: the share of the final top 10 (whole cascade) that the ANN cascade
   has in common with the exact one.
 * ``search``: p50/p90/p99/mean/max latency over ``--queries`` distinct queries (after 5 warm-up
   queries), and the median time of each cascade stage over ``--stage-queries`` further queries
@@ -62,12 +65,16 @@ from _common import (
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.features import pool_frames
 from diffusionret.index.first_stage import (
+    ANN_KINDS,
+    DEFAULT_RESCORE,
     LARGE_INDEX_VIDEOS,
     FirstStageConfig,
     IvfFirstStage,
+    PqFirstStage,
+    ann_path,
     default_nlist,
+    default_pq_m,
     exact_topk,
-    ivf_path,
 )
 from diffusionret.index.identity import model_fingerprint
 from diffusionret.index.searcher import SearchConfig, Searcher
@@ -166,29 +173,46 @@ def frame_weights(model: DiffusionRet, model_id: str, folder: Path, video: torch
     return torch.from_file(str(path), shared=False, size=n * t, dtype=torch.float32).view(n, t).clone()
 
 
-def ivf_stage(index: VideoIndex, nprobe: int, rebuild: bool) -> tuple[IvfFirstStage, dict[str, float]]:
-    """The IVF first stage of a synthetic index: loaded from its cached file, or built (timed) and saved."""
+def ann_stage(index: VideoIndex, kind: str, rebuild: bool,
+              pq_m: int | None = None) -> tuple[IvfFirstStage | PqFirstStage, dict[str, object]]:
+    """The ``kind`` ANN first stage of a synthetic index: loaded from its cached file, or built (timed) and saved."""
     fingerprint = index.content_fingerprint
-    path = ivf_path(index.root, fingerprint)
+    path = ann_path(index.root, kind, fingerprint)
     timing_file = path.with_suffix(".build_s")
     start = time.perf_counter()
-    stage = None if rebuild else IvfFirstStage.load(index.root, fingerprint, expected_rows=len(index),
-                                                    embed_dim=index.info.embed_dim, nprobe=nprobe)
-    if stage is not None:
-        return stage, {"ivf_load_s": time.perf_counter() - start,
-                       "ivf_build_s": float(timing_file.read_text()) if timing_file.exists() else float("nan"),
-                       "ivf_build_cached": True}
-    print(f"building the IVF index over {len(index)} videos (nlist {default_nlist(len(index))}) ...", flush=True)
+    stage: IvfFirstStage | PqFirstStage | None = None
+    if not rebuild:
+        stage = (PqFirstStage.load(index.root, fingerprint, pooled=index.pooled) if kind == "pq" else
+                 IvfFirstStage.load(index.root, fingerprint, expected_rows=len(index), embed_dim=index.info.embed_dim))
+    if stage is not None and (kind != "pq" or stage.index.M == (pq_m or default_pq_m(index.info.embed_dim))):
+        return stage, {f"{kind}_load_s": time.perf_counter() - start,
+                       f"{kind}_build_s": float(timing_file.read_text()) if timing_file.exists() else float("nan"),
+                       f"{kind}_build_cached": True}
+    detail = f"nlist {default_nlist(len(index))}" if kind == "ivf" else f"M {pq_m or default_pq_m(index.info.embed_dim)}"
+    print(f"building the {kind.upper()} index over {len(index)} videos ({detail}) ...", flush=True)
     start = time.perf_counter()
-    stage = IvfFirstStage.build(index.pooled, fingerprint, nprobe=nprobe)
+    stage = (PqFirstStage.build(index.pooled, fingerprint, m=pq_m) if kind == "pq"
+             else IvfFirstStage.build(index.pooled, fingerprint))
     build_s = time.perf_counter() - start
     stage.save(index.root)
     timing_file.write_text(f"{build_s:.3f}\n")
-    return stage, {"ivf_build_s": build_s, "ivf_build_cached": False}
+    return stage, {f"{kind}_build_s": build_s, f"{kind}_build_cached": False}
 
 
-def recall_report(searcher: Searcher, texts: list[str], nprobes: list[int], k_final: int) -> dict[str, object]:
-    """Recall@N of the first stages against the exact fp32 top N, and the final top-10 agreement."""
+def _recall(stage: object, queries: torch.Tensor, truth_sets: list[set[int]], n_cand: int) -> tuple[float, float]:
+    """Mean recall@``n_cand`` of ``stage.search`` one query at a time, and its median ms."""
+    found, times = [], []
+    for q, expected in zip(queries, truth_sets, strict=True):
+        t0 = time.perf_counter()
+        _, rows = stage.search(q[None], n_cand)
+        times.append((time.perf_counter() - t0) * 1e3)
+        found.append(len(expected & set(rows[0].tolist())) / n_cand)
+    return sum(found) / len(found), percentile(times, 50)
+
+
+def recall_report(searcher: Searcher, texts: list[str], kinds: set[str], nprobes: list[int], rescores: list[int],
+                  extra_pq_m: list[int]) -> dict[str, object]:
+    """Recall@N of the first stages against the exact fp32 top N (and their median ms); ``kinds``: ANN indexes loaded."""
     index, n_cand = searcher.index, searcher.config.candidates
     with torch.no_grad():
         cls = torch.cat([searcher.encode_queries([t])[2] for t in texts])
@@ -196,18 +220,21 @@ def recall_report(searcher: Searcher, texts: list[str], nprobes: list[int], k_fi
     _, truth = exact_topk(queries, index.pooled, n_cand)
     truth_sets = [set(r.tolist()) for r in truth]
     out: dict[str, object] = {}
-    configs = [(f"ivf_nprobe{p}", FirstStageConfig(method="ivf", nprobe=p)) for p in nprobes]
+    configs = [(f"ivf_nprobe{p}", FirstStageConfig(method="ivf", nprobe=p)) for p in nprobes if "ivf" in kinds]
+    configs += [(f"pq_rescore{r}", FirstStageConfig(method="pq", rescore=r)) for r in rescores if "pq" in kinds]
     configs.append(("exact_fp16", FirstStageConfig(method="exact", precision="float16")))
     for name, config in configs:
         stage = index.configure_first_stage(config)
-        found, times = [], []
-        for q, expected in zip(queries, truth_sets, strict=True):
-            t0 = time.perf_counter()
-            _, rows = stage.search(q[None], n_cand)
-            times.append((time.perf_counter() - t0) * 1e3)
-            found.append(len(expected & set(rows[0].tolist())) / n_cand)
-        out[f"recall@{n_cand}_{name}"] = sum(found) / len(found)
-        out[f"first_stage_ms_{name}"] = percentile(times, 50)
+        out[f"recall@{n_cand}_{name}"], out[f"first_stage_ms_{name}"] = _recall(stage, queries, truth_sets, n_cand)
+    for m in extra_pq_m:  # other PQ sizes, built in memory only (not saved, not used by the cascade)
+        start = time.perf_counter()
+        stage = PqFirstStage.build(index.pooled, index.content_fingerprint, m=m)
+        out[f"pq_m{m}_build_s"] = time.perf_counter() - start
+        for r in rescores:
+            stage.rescore = r
+            name = f"pq_m{m}_rescore{r}"
+            out[f"recall@{n_cand}_{name}"], out[f"first_stage_ms_{name}"] = _recall(stage, queries, truth_sets, n_cand)
+        del stage
     index.configure_first_stage(searcher.config.first_stage)
     return out
 
@@ -274,17 +301,24 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--text-layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the re-ranking")
-    parser.add_argument("--first-stage", choices=("auto", "exact", "ivf"), default="auto",
-                        help="as `diffusionret search --first-stage` (auto: IVF from 100k videos)")
+    parser.add_argument("--first-stage", choices=("auto", "exact", "ivf", "pq"), default="auto",
+                        help="as `diffusionret search --first-stage` (auto: PQ from 100k videos)")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists scanned per query")
+    parser.add_argument("--rescore", type=int, default=DEFAULT_RESCORE,
+                        help="PQ: rescore x N shortlisted videos re-scored exactly")
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default: D/2)")
     parser.add_argument("--recall-queries", type=int, default=100, help="queries for recall (0: skip)")
-    parser.add_argument("--recall-nprobe", type=int, nargs="*", default=[8, 16, 32, 64, 128],
-                        help="nprobe values whose recall is measured")
+    parser.add_argument("--recall-nprobe", type=int, nargs="*", default=[],
+                        help="IVF nprobe values whose recall is measured (loads the 2 GB IVF file at 1M)")
+    parser.add_argument("--recall-rescore", type=int, nargs="*", default=[5, 10, 20, 30],
+                        help="PQ rescore factors whose recall is measured")
+    parser.add_argument("--recall-pq-m", type=int, nargs="*", default=[],
+                        help="other PQ sub-quantiser counts, built in memory, whose recall is measured")
     parser.add_argument("--agreement-queries", type=int, default=30,
-                        help="queries for the final top-10 agreement of IVF vs exact cascades (0: skip)")
+                        help="queries for the final top-10 agreement of ANN vs exact cascades (0: skip)")
     parser.add_argument("--exact-queries", type=int, default=50,
                         help="timed queries with the fp16 exact first stage at large sizes (0: skip)")
-    parser.add_argument("--rebuild-ivf", action="store_true", help="build (and time) the IVF index even if cached")
+    parser.add_argument("--rebuild-ivf", action="store_true", help="build (and time) the ANN indexes even if cached")
     parser.add_argument("--mmap-above", type=int, default=200_000,
                         help="memory-map the frame features of larger indexes instead of loading them")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")
@@ -295,7 +329,8 @@ def main() -> None:
     model = search_model(args.dim, args.text_layers, args.steps)
     model_id = model_fingerprint(model)
     config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank_top_k,
-                          first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe))
+                          first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe,
+                                                       rescore=args.rescore))
     exact = dataclasses.replace(config, first_stage=FirstStageConfig(method="exact"))  # fp16 from 100k videos
     exact_fp32 = dataclasses.replace(config, first_stage=FirstStageConfig(method="exact", precision="float32"))
     texts = queries(args.queries + args.stage_queries + args.recall_queries + 5)
@@ -310,14 +345,21 @@ def main() -> None:
         setup_s = time.perf_counter() - start
         first: dict[str, object] = {}
         large = n >= LARGE_INDEX_VIDEOS
-        if args.first_stage != "exact" and (large or args.first_stage == "ivf") and faiss_installed():
-            stage, first = ivf_stage(index, args.nprobe, args.rebuild_ivf)
+        kinds = set()
+        if faiss_installed() and (large or args.first_stage in ANN_KINDS):
+            kinds |= {"pq"} if args.first_stage in ("auto", "pq") else {args.first_stage} - {"exact"}
+            if large and recall_texts:
+                kinds |= ({"ivf"} if args.recall_nprobe else set()) | ({"pq"} if args.recall_rescore else set())
+        for kind in sorted(kinds):
+            stage, built = ann_stage(index, kind, args.rebuild_ivf, pq_m=args.pq_m)
+            first.update(built)
             index.configure_first_stage(config.first_stage, ivf=stage)
         searcher = Searcher(model, index, config, model_id=model_id)
         first["first_stage"] = index.first_stage.describe()
         if recall_texts and large and faiss_installed():
-            first.update(recall_report(searcher, recall_texts, args.recall_nprobe, args.k))
-        if args.agreement_queries and large and searcher.index.first_stage.name == "ivf":
+            first.update(recall_report(searcher, recall_texts, kinds, args.recall_nprobe, args.recall_rescore,
+                                       args.recall_pq_m))
+        if args.agreement_queries and large and searcher.index.first_stage.name != "exact":
             first["final_top10_agreement"] = final_agreement(searcher, exact_fp32,
                                                              recall_texts[:args.agreement_queries], args.k)
         report("first_stage", videos=n, **first)
@@ -325,7 +367,7 @@ def main() -> None:
         stages = stage_times(searcher, staged, args.k)
         report("search", videos=n, **measured, **stages, frames_memory_mapped=n > args.mmap_above, setup_s=setup_s,
                rss_gib=rss_bytes() / 2**30)
-        if args.exact_queries and large and searcher.index.first_stage.name == "ivf":
+        if args.exact_queries and large and searcher.index.first_stage.name != "exact":
             exact_searcher = Searcher(model, index, exact, model_id=model_id)
             report("search_exact", videos=n, first_stage=index.first_stage.describe(),
                    **latency(exact_searcher, timed[:5 + args.exact_queries], args.k),

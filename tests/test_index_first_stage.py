@@ -1,5 +1,5 @@
-"""The first stage of the cascade: exact fp32 / fp16 search against brute force, the IVF file (FAISS)
-and its freshness across ``index update``, stored WTI frame weights, and running without FAISS.
+"""The first stage of the cascade: exact fp32 / fp16 search against brute force, the IVF and PQ files
+(FAISS) and their freshness across ``index update``, stored WTI frame weights, and running without FAISS.
 
 Indexes come from :class:`diffusionret.index.testing.SyntheticExtractor` (no model).
 """
@@ -20,6 +20,11 @@ from diffusionret.index.first_stage import (
     AnnUnavailableError,
     ExactFirstStage,
     FirstStageConfig,
+    PqFirstStage,
+    ann_files,
+    ann_path,
+    default_pq_m,
+    exact_topk,
     half_product_error_bound,
     half_topk,
     ivf_files,
@@ -29,7 +34,8 @@ from diffusionret.index.first_stage import (
 from diffusionret.index.store import VideoIndex
 from diffusionret.index.testing import SyntheticExtractor
 
-ON = IvfBuildConfig(mode="on", nlist=4)
+ON = IvfBuildConfig(mode="on", nlist=4, kind="ivf")
+PQ_ON = IvfBuildConfig(mode="on", kind="pq")
 
 
 def _queries(count: int, dim: int, seed: int = 1) -> torch.Tensor:
@@ -152,7 +158,7 @@ def test_ivf_off_and_auto_threshold(tmp_path: Path) -> None:
     root = _build(tmp_path, ivf=IvfBuildConfig(mode="auto", min_videos=1_000))
     assert ivf_files(root) == []  # below the threshold
     VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False,
-                      ivf=IvfBuildConfig(mode="auto", min_videos=30, nlist=2))
+                      ivf=IvfBuildConfig(mode="auto", min_videos=30, nlist=2, kind="ivf"))
     assert len(ivf_files(root)) == 1
     VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False, ivf=IvfBuildConfig(mode="off"))
     assert ivf_files(root) == []
@@ -170,13 +176,110 @@ def test_a_file_for_another_index_size_is_ignored(tmp_path: Path) -> None:
     assert index.configure_first_stage(FirstStageConfig(large_index=0)).describe()["method"] == "exact"
 
 
+# --------------------------------------------------------------------------------------------- PQ
+def _clustered(n: int, dim: int, clusters: int, seed: int = 0) -> torch.Tensor:
+    """(n, dim) unit vectors around ``clusters`` random centres, like real embeddings (not isotropic)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(clusters, dim, generator=generator), dim=-1)
+    members = torch.randint(clusters, (n,), generator=generator)
+    return F.normalize(centres[members] + 0.05 * torch.randn(n, dim, generator=generator), dim=-1)
+
+
+def test_default_pq_m_divides_the_dimension() -> None:
+    assert default_pq_m(512) == 256 and default_pq_m(24) == 12 and default_pq_m(768) == 384
+    assert all(dim % default_pq_m(dim) == 0 for dim in (2, 6, 10, 24, 30, 64, 100, 1024))
+
+
+def test_pq_recall_is_high_and_scores_are_exact() -> None:
+    pytest.importorskip("faiss")
+    pooled = _clustered(20_000, 64, clusters=200)
+    stage = PqFirstStage.build(pooled, "f" * 24, m=16, rescore=10)  # 4 bits: 8 bytes per vector
+    assert stage.describe()["m"] == 16 and stage.index.ntotal == 20_000
+    generator = torch.Generator().manual_seed(3)
+    # Queries near the data (as a text embedding is near its videos) and isotropic ones.
+    queries = torch.cat([F.normalize(pooled[torch.randint(20_000, (20,), generator=generator)]
+                                     + 0.2 * torch.randn(20, 64, generator=generator), dim=-1), _queries(10, 64)])
+    k = 100
+    _, expected_rows = exact_topk(queries, pooled, k)
+    scores, rows = stage.search(queries, k)
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(rows, expected_rows, strict=True)) / rows.numel()
+    assert recall >= 0.9, recall
+    # Exact re-scoring: each returned score is the row's exact score, sorted, no duplicates.
+    torch.testing.assert_close(scores, (pooled[rows] @ queries[:, :, None])[..., 0], rtol=0, atol=1e-6)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all()) and all(len(set(r.tolist())) == k for r in rows)
+    # A longer shortlist can only find better rows (the k-th score never drops).
+    stage.rescore = 30
+    wider, _ = stage.search(queries, k)
+    assert bool((wider[:, -1] >= scores[:, -1] - 1e-6).all())
+
+
+def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    root = _build(tmp_path, ivf=PQ_ON)
+    index = VideoIndex.load(root)
+    assert [p.name for p in ann_files(root)] == [ann_path(root, "pq", index.content_fingerprint).name]
+    assert ivf_files(root) == []
+    stage = index.configure_first_stage(FirstStageConfig(large_index=10))  # auto uses it for a "large" index
+    assert stage.describe()["method"] == "pq" and stage.describe()["m"] == 12
+    queries = _queries(6, 24)
+    brute = queries @ index.pooled.T
+    # The shortlist covers every row (rescore * k >= 37): exact.
+    scores, rows = index.search(queries, 10)
+    expected_scores, expected_rows = brute.topk(10, dim=1)
+    assert torch.equal(rows, expected_rows)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
+    # A short list is approximate, but scores are the rows' exact ones.
+    index.configure_first_stage(FirstStageConfig(method="pq", rescore=1))
+    scores, rows = index.search(queries, 5)
+    torch.testing.assert_close(scores, brute.gather(1, rows), rtol=0, atol=1e-6)
+    # With both files up to date, auto prefers PQ; small indexes stay exact.
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ivf=ON)
+    assert len(ann_files(root)) == 2  # the up-to-date PQ file is kept
+    fresh = VideoIndex.load(root)
+    assert fresh.configure_first_stage(FirstStageConfig(large_index=10)).describe()["method"] == "pq"
+    assert fresh.configure_first_stage(FirstStageConfig(method="ivf", nprobe=4)).describe()["method"] == "ivf"
+    assert fresh.configure_first_stage(FirstStageConfig()).describe()["method"] == "exact"
+
+
+def test_stale_pq_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    root = _build(tmp_path, ivf=PQ_ON)
+    (old_file,) = ann_files(root)
+    old_bytes = old_file.read_bytes()
+    make_videos(tmp_path / "videos" / "more", 3, start=200)
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ivf=PQ_ON)
+    index = VideoIndex.load(root)
+    (new_file,) = ann_files(root)  # the stale file was deleted by the update
+    assert new_file != old_file and new_file == ann_path(root, "pq", index.content_fingerprint)
+    old_file.write_bytes(old_bytes)  # a stale file (e.g. written late by an old reader) is never used
+    config = FirstStageConfig(large_index=0)
+    assert index.configure_first_stage(config).describe()["videos"] == len(index) == 40
+    new_file.unlink()
+    fresh = VideoIndex.load(root)
+    assert fresh.configure_first_stage(config).describe() == {"method": "exact", "precision": "float16"}
+    # Forcing PQ builds it in memory and saves it, removing the stale file.
+    built = fresh.configure_first_stage(FirstStageConfig(method="pq"))
+    assert built.describe()["videos"] == 40 and ann_files(root) == [new_file]
+    # A PQ file of the right name but the wrong size is ignored.
+    faiss = pytest.importorskip("faiss")
+    wrong = faiss.IndexPQFastScan(24, 12, 4, faiss.METRIC_INNER_PRODUCT)
+    wrong.train(torch.randn(100, 24).numpy())
+    wrong.add(torch.randn(5, 24).numpy())
+    faiss.write_index(wrong, str(new_file))
+    assert VideoIndex.load(root).configure_first_stage(config).describe()["method"] == "exact"
+    # Switching ANN files off deletes it.
+    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False, ivf=IvfBuildConfig(mode="off"))
+    assert ann_files(root) == []
+
+
 # ---------------------------------------------------------------------------------- without FAISS
 def test_exact_search_works_without_faiss(tmp_path: Path, no_faiss: None) -> None:
     index = VideoIndex.load(_build(tmp_path))
     stage = index.configure_first_stage(FirstStageConfig(large_index=0))  # auto, "large", no FAISS
     assert stage.describe()["method"] == "exact"
-    with pytest.raises(AnnUnavailableError, match=r"pip install 'diffusionret\[ann\]'"):
-        index.configure_first_stage(FirstStageConfig(method="ivf"))
+    for method in ("ivf", "pq"):
+        with pytest.raises(AnnUnavailableError, match=r"pip install 'diffusionret\[ann\]'"):
+            index.configure_first_stage(FirstStageConfig(method=method))
 
 
 def test_forced_ivf_build_without_faiss_fails_before_encoding(tmp_path: Path, no_faiss: None) -> None:

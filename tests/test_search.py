@@ -299,7 +299,8 @@ def test_cli_ivf_first_stage(setup: dict, tmp_path: Path, capsys: pytest.Capture
     pytest.importorskip("faiss")
     index_dir = tmp_path / "idx"
     shutil.copytree(setup["index_dir"], index_dir)
-    assert main(["index", "update", str(index_dir), "--ivf", "on", "--ivf-nlist", "2", "--no-progress"]) == 0
+    assert main(["index", "update", str(index_dir), "--ivf", "on", "--ann-kind", "ivf", "--ivf-nlist", "2",
+                 "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["index", "info", str(index_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -315,6 +316,25 @@ def test_cli_ivf_first_stage(setup: dict, tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     assert main(["index", "info", str(index_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ivf_file"] is None
+
+
+def test_cli_pq_first_stage(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("faiss")
+    index_dir = tmp_path / "idx"
+    shutil.copytree(setup["index_dir"], index_dir)
+    assert main(["index", "update", str(index_dir), "--ann", "on", "--no-progress"]) == 0  # PQ by default
+    capsys.readouterr()
+    assert main(["index", "info", str(index_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [name[:3] for name in info["ann_files"]] == ["pq-"] and info["stale_ann_files"] == []
+    assert info["ivf_file"] is None
+    query = setup["corpus"].test_captions[5]
+    results = {}
+    for method in ("exact", "pq"):  # the shortlist covers this small index: PQ + re-scoring is exact
+        assert main(["search", str(index_dir), query, "-k", "5", "--json", "--first-stage", method,
+                     "--rescore", "100"]) == 0
+        results[method] = [(r["id"], round(r["score"], 5)) for r in json.loads(capsys.readouterr().out)["results"]]
+    assert results["pq"] == results["exact"]
 
 
 def test_cli_forced_ivf_without_faiss_is_a_clear_error(setup: dict, monkeypatch: pytest.MonkeyPatch,

@@ -84,20 +84,26 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding videos ahead of the model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--ivf", choices=("auto", "on", "off"), default="auto",
-                        help="keep an IVF file for an approximate first stage (FAISS): auto = for indexes of at "
-                             "least --ivf-min-videos videos when FAISS is installed; on = always (needs FAISS); "
-                             "off = never, and delete an existing one (default: auto)")
-    parser.add_argument("--ivf-min-videos", type=int, default=100_000, metavar="N",
-                        help="index size from which --ivf auto builds the IVF file (default: 100000)")
+    parser.add_argument("--ivf", "--ann", dest="ivf", choices=("auto", "on", "off"), default="auto",
+                        help="keep an ANN file (--ann-kind) for an approximate first stage (FAISS): auto = for "
+                             "indexes of at least --ivf-min-videos videos when FAISS is installed; on = always "
+                             "(needs FAISS); off = never, and delete existing ones (default: auto)")
+    parser.add_argument("--ann-kind", choices=("pq", "ivf"), default="pq",
+                        help="the ANN file built: pq = 4-bit PQ fast-scan codes, shortlist re-scored exactly; "
+                             "ivf = IVF-Flat (default: pq)")
+    parser.add_argument("--ivf-min-videos", "--ann-min-videos", dest="ivf_min_videos", type=int, default=100_000,
+                        metavar="N", help="index size from which --ann auto builds the ANN file (default: 100000)")
     parser.add_argument("--ivf-nlist", type=int, default=None, metavar="LISTS",
                         help="IVF clusters (default: the power of two nearest sqrt(videos), 1024 at 1M)")
+    parser.add_argument("--pq-m", type=int, default=None, metavar="M",
+                        help="PQ sub-quantisers, a divisor of the embedding dimension (default: D/2, 256 at D=512)")
 
 
 def _ivf_config(args: argparse.Namespace) -> Any:
     from diffusionret.index.builder import IvfBuildConfig
 
-    return IvfBuildConfig(mode=args.ivf, min_videos=args.ivf_min_videos, nlist=args.ivf_nlist)
+    return IvfBuildConfig(mode=args.ivf, min_videos=args.ivf_min_videos, nlist=args.ivf_nlist,
+                          kind=args.ann_kind, pq_m=args.pq_m)
 
 
 def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
@@ -193,7 +199,13 @@ def run_info(args: argparse.Namespace) -> int:
 
     from diffusionret.index import catalog
     from diffusionret.index.builder import index_fingerprint
-    from diffusionret.index.first_stage import ivf_files, ivf_path
+    from diffusionret.index.first_stage import (
+        ANN_KINDS,
+        ann_files,
+        ann_path,
+        ivf_files,
+        ivf_path,
+    )
     from diffusionret.index.store import VideoIndex
 
     info = VideoIndex.read_info(args.index)
@@ -203,6 +215,7 @@ def run_info(args: argparse.Namespace) -> int:
         shards = len(catalog.shard_sizes(conn))
         fingerprint = index_fingerprint(conn)[0]
     current = ivf_path(root, fingerprint)
+    current_ann = [p for p in (ann_path(root, kind, fingerprint) for kind in ANN_KINDS) if p.is_file()]
     data = {"index": str(root.resolve()), "videos": videos, "failures": failures, "shards": shards,
             "model_id": info.model_id, "model_path": info.model_path, "settings": info.settings,
             "num_frames": info.num_frames, "embed_dim": info.embed_dim, "sources": info.sources,
@@ -210,7 +223,10 @@ def run_info(args: argparse.Namespace) -> int:
             "created_at": info.created_at, "updated_at": info.updated_at,
             # The IVF file that matches the current contents (None: exact first stage only) and any stale ones.
             "ivf_file": current.name if current.is_file() else None,
-            "stale_ivf_files": [p.name for p in ivf_files(root) if p != current]}
+            "stale_ivf_files": [p.name for p in ivf_files(root) if p != current],
+            # Every ANN file (PQ or IVF) for the current contents, in the order `--first-stage auto` tries them.
+            "ann_files": [p.name for p in current_ann],
+            "stale_ann_files": [p.name for p in ann_files(root) if p not in current_ann]}
     if args.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:

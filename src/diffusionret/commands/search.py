@@ -9,6 +9,9 @@ from typing import Any, Sequence
 
 from diffusionret.commands.index import user_errors
 
+# first_stage.DEFAULT_RESCORE, repeated so that `--help` does not import torch.
+DEFAULT_RESCORE = 20
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -40,12 +43,16 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                         help="WTI candidates re-ranked by the diffusion model (0: off)")
     parser.add_argument("--max-words", type=int, default=None,
                         help="query length in tokens (default: the checkpoint's training setting, else 32)")
-    parser.add_argument("--first-stage", choices=("auto", "exact", "ivf"), default="auto",
-                        help="first-stage search: auto = the index's IVF file for indexes of 100k+ videos when it "
-                             "is up to date and FAISS is installed, else exact; exact = always exact (fp16 "
-                             "embeddings from 100k videos); ivf = IVF, built (and saved) if missing (default: auto)")
+    parser.add_argument("--first-stage", choices=("auto", "exact", "ivf", "pq"), default="auto",
+                        help="first-stage search: auto = for indexes of 100k+ videos with FAISS installed, the "
+                             "index's up-to-date PQ file, else its IVF file, else exact; exact = always exact (fp16 "
+                             "embeddings from 100k videos); ivf / pq = that ANN index, built (and saved) if missing "
+                             "(default: auto)")
     parser.add_argument("--nprobe", type=_positive_int, default=32,
                         help="IVF clusters scanned per query: higher = better recall, slower (default: 32)")
+    parser.add_argument("--rescore", type=_positive_int, default=DEFAULT_RESCORE, metavar="FACTOR",
+                        help="PQ: re-score FACTOR x N shortlisted videos exactly: higher = better recall, slower "
+                             f"(default: {DEFAULT_RESCORE})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
 
 
@@ -59,7 +66,8 @@ def open_searcher(args: argparse.Namespace) -> Any:
     trained = checkpoint_data_settings(model_path) if model_path else {}
     config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank,
                           max_words=args.max_words or int(trained.get("max_words", 32)),
-                          first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe))
+                          first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe,
+                                                       rescore=args.rescore))
     return Searcher.open(args.index, model_path, device=args.device, config=config)
 
 

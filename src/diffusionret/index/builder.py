@@ -10,8 +10,8 @@ One routine, :func:`sync_index`, makes the index match a list of video files:
    atomically; rank 0 registers each of its own shards at once, so a killed build resumes after
    the last complete shard;
 4. (rank 0) register the other ranks' shards (the merge), drop deleted files, compact shards
-   left with dead rows, record the update time, and bring the IVF first-stage file up to date
-   (:func:`refresh_ivf`: built for large indexes, stale ones deleted).
+   left with dead rows, record the update time, and bring the ANN (PQ or IVF) first-stage file up
+   to date (:func:`refresh_ivf`: built for large indexes, stale ones deleted).
 
 Because a shard is self-contained and registration is one SQLite transaction, any kill leaves an
 index that is consistent and that the next run completes without duplicates.
@@ -47,12 +47,15 @@ from diffusionret.index.features import (
     stack_features,
 )
 from diffusionret.index.first_stage import (
+    ANN_KINDS,
+    DEFAULT_ANN_KIND,
     LARGE_INDEX_VIDEOS,
     AnnUnavailableError,
     IvfFirstStage,
+    PqFirstStage,
+    ann_path,
     content_fingerprint,
     import_faiss,
-    ivf_path,
     remove_stale_ivf,
 )
 from diffusionret.index.identity import ModelMismatchError
@@ -109,24 +112,33 @@ class SyncReport:
 
 @dataclass(frozen=True)
 class IvfBuildConfig:
-    """Whether ``index build``/``update`` keep an IVF first-stage file (:mod:`~diffusionret.index.first_stage`).
+    """Whether ``index build``/``update`` keep an ANN first-stage file (:mod:`~diffusionret.index.first_stage`).
 
     Attributes:
         mode: ``auto``: for indexes of at least ``min_videos`` videos when FAISS is installed;
-            ``on``: always (FAISS required); ``off``: never (existing IVF files are deleted).
+            ``on``: always (FAISS required); ``off``: never (existing ANN files are deleted).
         min_videos: the ``auto`` threshold.
         nlist: IVF clusters (default: the power of two nearest sqrt(N)).
+        kind: which structure to build: ``pq`` (PQ fast-scan + exact re-scoring, the default) or
+            ``ivf`` (IVF-Flat).
+        pq_m: PQ sub-quantisers (default :func:`~diffusionret.index.first_stage.default_pq_m`).
     """
 
     mode: str = "auto"
     min_videos: int = LARGE_INDEX_VIDEOS
     nlist: int | None = None
+    kind: str = DEFAULT_ANN_KIND
+    pq_m: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "on", "off"):
-            raise ValueError(f"IVF mode must be auto, on or off, got {self.mode!r}")
+            raise ValueError(f"ANN mode must be auto, on or off, got {self.mode!r}")
+        if self.kind not in ANN_KINDS:
+            raise ValueError(f"ANN kind must be one of {ANN_KINDS}, got {self.kind!r}")
         if self.nlist is not None and self.nlist <= 0:
             raise ValueError(f"nlist must be positive, got {self.nlist}")
+        if self.pq_m is not None and self.pq_m <= 0:
+            raise ValueError(f"pq_m must be positive, got {self.pq_m}")
 
 
 @dataclass(frozen=True)
@@ -521,30 +533,33 @@ def index_fingerprint(conn: sqlite3.Connection) -> tuple[str, list[VideoRecord]]
 
 
 def refresh_ivf(conn: sqlite3.Connection, root: Path, config: IvfBuildConfig) -> Path | None:
-    """Make the index folder hold an up-to-date IVF file when ``config`` asks for one (caller holds the lock).
+    """Make the index folder hold an up-to-date ANN file when ``config`` asks for one (caller holds the lock).
 
-    Builds ``ivf-<fingerprint>.faiss`` for the catalogue's current rows when it is wanted and missing,
-    then deletes every other IVF file (they describe older contents). Returns the file's path, or
-    ``None`` when the index keeps none.
+    Builds ``<kind>-<fingerprint>.faiss`` (``config.kind``) for the catalogue's current rows when it
+    is wanted and missing, then deletes every ANN file of other contents. Returns the path of the
+    ``config.kind`` file, or ``None`` when the index keeps none of that kind.
     """
     fingerprint, records = index_fingerprint(conn)
     wanted = bool(records) and (config.mode == "on"
                                 or (config.mode == "auto" and len(records) >= config.min_videos))
-    path = ivf_path(root, fingerprint)
+    path = ann_path(root, config.kind, fingerprint)
     if wanted and not path.is_file():
         try:
             import_faiss()
         except AnnUnavailableError as exc:  # raised up front for mode "on"; "auto" goes on without
-            logger.warning("not building an IVF first stage for %d videos: %s", len(records), exc)
+            logger.warning("not building an ANN first stage for %d videos: %s", len(records), exc)
         else:
             pooled = load_pooled(root, records, int(catalog.read_info(conn)["embed_dim"]))
-            IvfFirstStage.build(pooled, fingerprint, nlist=config.nlist).save(root)
+            if config.kind == "pq":
+                PqFirstStage.build(pooled, fingerprint, m=config.pq_m).save(root)
+            else:
+                IvfFirstStage.build(pooled, fingerprint, nlist=config.nlist).save(root)
             logger.info("wrote %s", path.name)
-    # A file a user built on purpose for unchanged contents stays unless IVF is switched off.
-    keep = fingerprint if config.mode != "off" and path.is_file() else None
+    # Up-to-date files (of either kind, e.g. one a user built on purpose) stay unless ANN is switched off.
+    keep = fingerprint if config.mode != "off" else None
     for name in remove_stale_ivf(root, keep):
-        logger.info("deleted stale IVF file %s", name)
-    return path if keep else None
+        logger.info("deleted stale ANN file %s", name)
+    return path if keep and path.is_file() else None
 
 
 def load_pooled(root: Path, records: Sequence[VideoRecord], embed_dim: int) -> torch.Tensor:

@@ -10,13 +10,18 @@ sorted by descending inner product:
   result is the exact float32 top-k of ``query @ pooled_fp16.float().T`` (see :func:`half_topk`).
 * :class:`IvfFirstStage`: an inverted-file index (FAISS ``IndexIVFFlat``, inner product) that scans
   ``nprobe`` of its ``nlist`` clusters: approximate (recall < 1), but its returned scores are exact.
+* :class:`PqFirstStage`: 4-bit product quantisation scanned with FAISS fast-scan
+  (``IndexPQFastScan``, inner product, ``M`` sub-quantisers of ``D / M`` dimensions: ``M / 2``
+  bytes per video) shortlists ``rescore * k`` rows, which are re-scored exactly against the pooled
+  embeddings the index already holds in RAM: approximate (recall < 1), returned scores exact.
 
-The IVF index is persisted in the index folder as ``ivf-<content>.faiss``, where ``<content>`` is
+These two "ANN" structures are persisted in the index folder as ``<kind>-<content>.faiss``
+(``ivf-...`` or ``pq-...``), where ``<content>`` is
 :func:`content_fingerprint` of the rows it covers (model, dimension, and every video's id, shard
 and shard row, in the loaded row order). Shards are immutable and uniquely named, so equal
 fingerprints mean equal pooled vectors in the same rows; after ``index update`` the fingerprint
 changes and the old file is simply not found (it is rebuilt by the update, or ignored). FAISS is
-optional (``pip install 'diffusionret[ann]'``) and imported only when an IVF index is used.
+optional (``pip install 'diffusionret[ann]'``) and imported only when an ANN index is used.
 """
 
 from __future__ import annotations
@@ -42,17 +47,27 @@ logger = logging.getLogger(__name__)
 LARGE_INDEX_VIDEOS = 100_000
 IVF_PREFIX = "ivf-"
 IVF_SUFFIX = ".faiss"
+# The persisted approximate structures; ``auto`` prefers them in this order (see FirstStageConfig).
+ANN_KINDS: tuple[str, ...] = ("pq", "ivf")
+# What ``index build``/``update`` write by default: on the 1M synthetic benchmark PQ fast-scan with
+# exact re-scoring reached far higher recall@100 than IVF-Flat at a similar first-stage time
+# (BENCHMARKS.md, "Search latency").
+DEFAULT_ANN_KIND = "pq"
+# PQ shortlist size per result: rescore * k rows are re-scored exactly. At 1M (synthetic, M = D/2)
+# 10 gave recall@100 0.95 in 11 ms, 20 gave 0.99 in 13 ms: near-exact for 2 ms of a ~80 ms query.
+DEFAULT_RESCORE = 20
 # Database rows scored at once by the exact paths: bounds the (Nq, chunk) score buffer.
 _SCORE_CHUNK = 65_536
 # Extra fp16 candidates re-scored in float32 beyond k (the bound check widens it when needed).
 _HALF_MARGIN = 64
 
-FirstStageMethod = Literal["auto", "exact", "ivf"]
+FirstStageMethod = Literal["auto", "exact", "ivf", "pq"]
+AnnKind = Literal["ivf", "pq"]
 Precision = Literal["auto", "float32", "float16"]
 
 
 class AnnUnavailableError(RuntimeError):
-    """An IVF first stage was requested but FAISS is not installed."""
+    """An ANN (IVF or PQ) first stage was requested but FAISS is not installed."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +75,13 @@ class FirstStageConfig:
     """How the first stage searches the pooled embeddings.
 
     Attributes:
-        method: ``exact`` (always exact), ``ivf`` (the IVF index; built in memory and saved when
-            the index folder has no up-to-date one), or ``auto``: the IVF index when the index has
-            at least ``large_index`` videos, FAISS is installed and an up-to-date IVF file exists
-            (``index build``/``update`` write it), exact otherwise.
+        method: ``exact`` (always exact), ``ivf`` / ``pq`` (that ANN index; built in memory and
+            saved when the index folder has no up-to-date one), or ``auto``: when the index has at
+            least ``large_index`` videos and FAISS is installed, its up-to-date PQ file, else its
+            up-to-date IVF file (``index build``/``update`` write one), exact otherwise.
         nprobe: IVF clusters scanned per query (more: higher recall, slower).
+        rescore: PQ shortlist per result: ``rescore * k`` rows re-scored exactly (more: higher
+            recall, slower).
         precision: storage of the exact path's embeddings: ``float32``, ``float16`` (half the
             memory traffic, same ranking of the stored fp16 vectors), or ``auto`` (fp16 for large
             indexes).
@@ -75,10 +92,13 @@ class FirstStageConfig:
     nprobe: int = 32
     precision: Precision = "auto"
     large_index: int = LARGE_INDEX_VIDEOS
+    rescore: int = DEFAULT_RESCORE
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "exact", "ivf"):
-            raise ValueError(f"method must be auto, exact or ivf, got {self.method!r}")
+        if self.method not in ("auto", "exact", "ivf", "pq"):
+            raise ValueError(f"method must be auto, exact, ivf or pq, got {self.method!r}")
+        if self.rescore <= 0:
+            raise ValueError(f"rescore must be positive, got {self.rescore}")
         if self.precision not in ("auto", "float32", "float16"):
             raise ValueError(f"precision must be auto, float32 or float16, got {self.precision!r}")
         if self.nprobe <= 0:
@@ -215,13 +235,25 @@ def content_fingerprint(model_id: str, embed_dim: int, rows: Sequence[tuple[str,
     return digest.hexdigest()[:24]
 
 
+def ann_path(root: Path, kind: str, fingerprint: str) -> Path:
+    """``<root>/<kind>-<fingerprint>.faiss``."""
+    if kind not in ANN_KINDS:
+        raise ValueError(f"ANN kind must be one of {ANN_KINDS}, got {kind!r}")
+    return Path(root) / f"{kind}-{fingerprint}{IVF_SUFFIX}"
+
+
+def ann_files(root: Path, kinds: Sequence[str] = ANN_KINDS) -> list[Path]:
+    """Every ANN file of ``kinds`` in an index folder (up to date or not)."""
+    return sorted(p for kind in kinds for p in Path(root).glob(f"{kind}-*{IVF_SUFFIX}"))
+
+
 def ivf_path(root: Path, fingerprint: str) -> Path:
-    return Path(root) / f"{IVF_PREFIX}{fingerprint}{IVF_SUFFIX}"
+    return ann_path(root, "ivf", fingerprint)
 
 
 def ivf_files(root: Path) -> list[Path]:
     """Every IVF file in an index folder (up to date or not)."""
-    return sorted(Path(root).glob(f"{IVF_PREFIX}*{IVF_SUFFIX}"))
+    return ann_files(root, ("ivf",))
 
 
 def default_nlist(n: int) -> int:
@@ -237,7 +269,7 @@ def import_faiss() -> Any:
         import faiss
     except ImportError as exc:
         raise AnnUnavailableError(
-            "the IVF first stage needs FAISS, which is not installed: pip install 'diffusionret[ann]' "
+            "the IVF/PQ first stage needs FAISS, which is not installed: pip install 'diffusionret[ann]' "
             "(or faiss-cpu); exact search works without it"
         ) from exc
     return faiss
@@ -295,38 +327,14 @@ class IvfFirstStage:
 
     def save(self, root: Path) -> Path:
         """Write ``ivf-<fingerprint>.faiss`` atomically (temp file + fsync + rename); returns its path."""
-        faiss = import_faiss()
-        path = ivf_path(root, self.fingerprint)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return _save_faiss(self.index, ann_path(root, self.name, self.fingerprint))
 
     @classmethod
     def load(cls, root: Path, fingerprint: str, *, expected_rows: int, embed_dim: int,
              nprobe: int = 32) -> "IvfFirstStage | None":
         """The IVF file for ``fingerprint`` in ``root``, or ``None`` when there is none (or it is unusable)."""
-        path = ivf_path(root, fingerprint)
-        if not path.is_file():
-            return None
-        faiss = import_faiss()
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as exc:  # a damaged file is not trusted; it will be rebuilt
-            logger.warning("ignoring unreadable IVF file %s: %s", path.name, exc)
-            return None
-        if index.ntotal != expected_rows or index.d != embed_dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            logger.warning("ignoring IVF file %s: it holds %d x %d vectors, the index %d x %d",
-                           path.name, index.ntotal, index.d, expected_rows, embed_dim)
-            return None
-        return cls(index, fingerprint, nprobe)
+        index = _load_faiss(ann_path(root, cls.name, fingerprint), expected_rows, embed_dim)
+        return None if index is None else cls(index, fingerprint, nprobe)
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(Nq, D) float32 queries -> ``scores`` (Nq, k) float32, ``rows`` (Nq, k) long, descending.
@@ -351,13 +359,151 @@ class IvfFirstStage:
         return torch.from_numpy(scores), torch.from_numpy(rows).long()
 
 
+def _save_faiss(index: Any, path: Path) -> Path:
+    """Write a FAISS index to ``path`` atomically (temp file + fsync + rename); returns ``path``."""
+    faiss = import_faiss()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load_faiss(path: Path, expected_rows: int, embed_dim: int) -> Any | None:
+    """The FAISS index in ``path`` when it exists, reads and covers ``expected_rows`` x ``embed_dim``; else ``None``."""
+    if not path.is_file():
+        return None
+    faiss = import_faiss()
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:  # a damaged file is not trusted; it will be rebuilt
+        logger.warning("ignoring unreadable ANN file %s: %s", path.name, exc)
+        return None
+    if index.ntotal != expected_rows or index.d != embed_dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        logger.warning("ignoring ANN file %s: it holds %d x %d vectors, the index %d x %d",
+                       path.name, index.ntotal, index.d, expected_rows, embed_dim)
+        return None
+    return index
+
+
+# -------------------------------------------------------------------------------------------- PQ
+def default_pq_m(dim: int) -> int:
+    """PQ sub-quantisers for ``dim``: ``dim / 2`` (2 dimensions each, 256 at D = 512), an even divisor of ``dim``.
+
+    Fast-scan packs two 4-bit codes per byte, so an even ``M`` wastes nothing. On the 1M benchmark
+    (BENCHMARKS.md) ``D / 2`` (128 B per video) reached recall@100 0.95-0.99 where ``D / 4`` (64 B)
+    reached 0.55-0.76, for 1-3 ms more per query.
+    """
+    for m in range(max(1, dim // 2), 0, -1):
+        if dim % m == 0 and (m % 2 == 0 or m == 1):
+            return m
+    return 1
+
+
+class PqFirstStage:
+    """PQ fast-scan shortlist (FAISS ``IndexPQFastScan``, 4 bits, inner product) re-scored exactly.
+
+    Args:
+        index: the FAISS index; its row ``i`` is index row ``i``.
+        fingerprint: :func:`content_fingerprint` of the rows it covers.
+        pooled: (N, D) float32 or float16 embeddings the shortlist is re-scored against (held by
+            reference: the index's own pooled embeddings, so re-scoring costs no memory).
+        rescore: shortlist size per result (``rescore * k`` rows, at most N).
+    """
+
+    name = "pq"
+
+    def __init__(self, index: Any, fingerprint: str, pooled: Tensor, rescore: int = DEFAULT_RESCORE) -> None:
+        if pooled.shape[0] != index.ntotal or pooled.shape[1] != index.d:
+            raise ValueError(f"PQ index of {index.ntotal} x {index.d} over {tuple(pooled.shape)} embeddings")
+        self.index = index
+        self.fingerprint = fingerprint
+        self.pooled = pooled
+        self.rescore = rescore
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "pq", "m": int(self.index.M), "nbits": int(self.index.nbits), "rescore": self.rescore,
+                "videos": int(self.index.ntotal), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def build(cls, pooled: Tensor, fingerprint: str, *, m: int | None = None, rescore: int = DEFAULT_RESCORE,
+              train_size: int = 65_536, seed: int = 0) -> "PqFirstStage":
+        """Train the sub-quantisers (k-means, 16 centroids each) on a sample of ``pooled`` (N, D) and add every row.
+
+        Args:
+            pooled: (N, D) embeddings, float32 or float16 (row ``i`` gets id ``i``); kept for re-scoring.
+            fingerprint: what they are (:func:`content_fingerprint`).
+            m: sub-quantisers (default :func:`default_pq_m`); must divide D.
+            train_size: training rows (a seeded sample).
+        """
+        faiss = import_faiss()
+        n, dim = pooled.shape
+        if n == 0:
+            raise ValueError("cannot build a PQ index over an empty index")
+        m = m or default_pq_m(dim)
+        if dim % m:
+            raise ValueError(f"PQ sub-quantisers must divide the dimension {dim}, got {m}")
+        start = time.perf_counter()
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexPQFastScan(dim, m, 4, faiss.METRIC_INNER_PRODUCT)
+        generator = torch.Generator().manual_seed(seed)
+        train_rows = torch.randperm(n, generator=generator)[:min(n, train_size)].sort().values
+        index.pq.cp.seed = seed
+        index.train(pooled[train_rows].float().contiguous().numpy())
+        for lo in range(0, n, _SCORE_CHUNK):
+            index.add(pooled[lo:lo + _SCORE_CHUNK].float().contiguous().numpy())
+        logger.info("built PQ index: %d vectors, M=%d x 4 bits, %.1f s", n, m, time.perf_counter() - start)
+        return cls(index, fingerprint, pooled, rescore)
+
+    def save(self, root: Path) -> Path:
+        """Write ``pq-<fingerprint>.faiss`` (codes and codebooks only) atomically; returns its path."""
+        return _save_faiss(self.index, ann_path(root, self.name, self.fingerprint))
+
+    @classmethod
+    def load(cls, root: Path, fingerprint: str, *, pooled: Tensor, rescore: int = DEFAULT_RESCORE,
+             ) -> "PqFirstStage | None":
+        """The PQ file for ``fingerprint`` in ``root`` over ``pooled`` (N, D), or ``None`` (none, or unusable)."""
+        index = _load_faiss(ann_path(root, cls.name, fingerprint), pooled.shape[0], pooled.shape[1])
+        return None if index is None else cls(index, fingerprint, pooled, rescore)
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(Nq, D) float32 queries -> ``scores`` (Nq, k) float32, ``rows`` (Nq, k) long, descending.
+
+        The scores are the exact ``queries @ pooled.float().T`` of the returned rows; only the
+        shortlist is approximate.
+        """
+        faiss = import_faiss()
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        n = int(self.index.ntotal)
+        shortlist = min(n, max(k, self.rescore * k))
+        _, rows = self.index.search(queries.contiguous().numpy(), shortlist)
+        rows = torch.from_numpy(rows).long()  # (Nq, R); a flat index never pads with -1 when R <= N
+        out_scores = torch.empty(queries.shape[0], k, dtype=torch.float32)
+        out_rows = torch.empty(queries.shape[0], k, dtype=torch.long)
+        for i in range(queries.shape[0]):
+            exact = self.pooled[rows[i]].float() @ queries[i]  # (R,)
+            scores, order = exact.topk(k)
+            out_scores[i], out_rows[i] = scores, rows[i][order]
+        return out_scores, out_rows
+
+
 def remove_stale_ivf(root: Path, keep: str | None) -> list[str]:
-    """Delete IVF files other than the one for fingerprint ``keep`` (and leftover temp files)."""
+    """Delete ANN files (IVF or PQ) not for fingerprint ``keep`` (and leftover temp files)."""
     removed = []
-    for path in ivf_files(root):
-        if keep is None or path != ivf_path(root, keep):
+    for path in ann_files(root):
+        if keep is None or path.name.removesuffix(IVF_SUFFIX).split("-", 1)[1] != keep:
             path.unlink(missing_ok=True)
             removed.append(path.name)
-    for tmp in Path(root).glob(f".{IVF_PREFIX}*{IVF_SUFFIX}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for kind in ANN_KINDS:
+        for tmp in Path(root).glob(f".{kind}-*{IVF_SUFFIX}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     return removed
+
+
+remove_stale_ann = remove_stale_ivf

@@ -2,7 +2,8 @@
 
 1. **First stage** (every video): cosine between the normalised text ``cls`` and each video's
    pooled embedding (:func:`~diffusionret.index.features.pool_frames`); exact (fp32, or fp16
-   embeddings for large indexes) or an IVF index (FAISS) for large indexes that have one; see
+   embeddings for large indexes) or an ANN index (FAISS PQ fast-scan with exact re-scoring, or
+   IVF-Flat) for large indexes that have one; see
    :mod:`~diffusionret.index.first_stage`. Keeps the top ``N`` (``candidates``).
 2. **WTI** (``N`` videos): the model's token-level similarity head (SPEC.md 1.4) on the stored
    frame features, with the video-side weights stored at build time when the index has them.
@@ -46,7 +47,7 @@ class SearchConfig:
         max_words: query length in tokens, SOT and EOT included (the reference uses 32).
         seed: seeds the denoiser's initial noise per query, so the same query always gives the
             same ranking.
-        first_stage: how the first stage searches (exact / IVF, precision, ``nprobe``).
+        first_stage: how the first stage searches (exact / PQ / IVF, precision, ``rescore``, ``nprobe``).
         trim_query: run the text tower on the real tokens plus one padded position instead of all
             ``max_words`` (same scores, see :meth:`Searcher.encode_queries`).
     """

@@ -7,13 +7,15 @@ On disk (one folder)::
     shards/*.safetensors  features: frames after the temporal module (N, T, D) fp16, frame masks,
                           pooled first-stage embeddings (N, D) fp32, WTI frame weights (N, T) fp32
                           (see :mod:`diffusionret.index.shards`)
-    ivf-<content>.faiss   optional IVF first stage over the pooled embeddings, named after the rows
-                          it covers (see :mod:`diffusionret.index.first_stage`)
+    pq-<content>.faiss    optional approximate first stage over the pooled embeddings (PQ fast-scan
+    ivf-<content>.faiss   codes, or an IVF-Flat index), named after the rows it covers (see
+                          :mod:`diffusionret.index.first_stage`)
 
 In memory, a loaded index keeps every video's features in path order: row ``i`` of
 :attr:`VideoIndex.frames` belongs to ``VideoIndex.records[i]``. Memory is about
 ``N * (T * D * 2 + D * 4 + T * 4)`` bytes (N = 100k ViT-B/32 videos at T = 12: about 1.4 GB), plus
-the first stage's own copy of the embeddings for large indexes (fp16: ``N * D * 2``; IVF: ``N * D * 4``).
+the first stage's own copy of the embeddings for large indexes (fp16: ``N * D * 2``; IVF: ``N * D * 4``;
+PQ: ``N * M / 2`` codes, re-scored against the pooled embeddings above).
 
 Writing goes through :func:`diffusionret.index.builder.sync_index`; :meth:`VideoIndex.build` and
 :meth:`VideoIndex.update` are its two entry points.
@@ -43,10 +45,12 @@ from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.discover import discover_videos
 from diffusionret.index.features import FeatureExtractor
 from diffusionret.index.first_stage import (
+    ANN_KINDS,
     AnnUnavailableError,
     ExactFirstStage,
     FirstStageConfig,
     IvfFirstStage,
+    PqFirstStage,
     content_fingerprint,
     exact_topk,
     import_faiss,
@@ -135,9 +139,10 @@ class VideoIndex:
         self.weights_known = weights_known
         self._all_weights = weights_known is not None and bool(weights_known.all())
         self._rows = {record.id: row for row, record in enumerate(records)}
-        self.first_stage: ExactFirstStage | IvfFirstStage | None = None
+        self.first_stage: ExactFirstStage | IvfFirstStage | PqFirstStage | None = None
         self._fingerprint: str | None = None
-        self._ivf: IvfFirstStage | None = None  # loaded or built once, reused when reconfigured
+        # ANN indexes by kind, loaded or built once, reused when reconfigured.
+        self._ann: dict[str, IvfFirstStage | PqFirstStage] = {}
         self._pooled_half: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- writing
@@ -328,32 +333,44 @@ class VideoIndex:
             self._fingerprint = content_fingerprint(self.info.model_id, self.info.embed_dim, rows)
         return self._fingerprint
 
-    def configure_first_stage(self, config: FirstStageConfig | None = None, *, ivf: IvfFirstStage | None = None,
-                              save: bool = True) -> ExactFirstStage | IvfFirstStage:
+    def configure_first_stage(self, config: FirstStageConfig | None = None, *,
+                              ivf: IvfFirstStage | PqFirstStage | None = None,
+                              save: bool = True) -> ExactFirstStage | IvfFirstStage | PqFirstStage:
         """Choose what :meth:`search` uses (see :class:`~diffusionret.index.first_stage.FirstStageConfig`).
 
-        With ``method="ivf"`` and no up-to-date IVF file, the IVF index is built in memory (about
-        a minute per million videos) and, when ``save`` and no build or update holds the index,
-        written to the index folder for the next load.
+        With ``method="ivf"`` or ``"pq"`` and no up-to-date file of that kind, the ANN index is
+        built in memory (per million videos at 1 thread: IVF about 30 s, PQ about 15 s) and, when ``save``
+        and no build or update holds the index, written to the index folder for the next load.
 
         Args:
             config: the policy (default: ``auto``).
-            ivf: an already built IVF index over these rows (its fingerprint must match).
-            save: allow writing a newly built IVF file.
+            ivf: an already built ANN index (IVF or PQ) over these rows (its fingerprint must match).
+            save: allow writing a newly built ANN file.
 
         Raises:
-            AnnUnavailableError: ``method="ivf"`` without FAISS.
+            AnnUnavailableError: ``method`` ``ivf`` or ``pq`` without FAISS.
             ValueError: ``ivf`` covers other rows.
         """
         config = config or FirstStageConfig()
         large = len(self) >= config.large_index
-        stage: ExactFirstStage | IvfFirstStage | None = None
+        stage: ExactFirstStage | IvfFirstStage | PqFirstStage | None = None
         if ivf is not None:
             if ivf.fingerprint != self.content_fingerprint:
-                raise ValueError("the IVF index covers other rows than this index holds")
-            self._ivf = ivf
-        if len(self) > 0 and (config.method == "ivf" or (config.method == "auto" and large)):
-            stage = self._open_ivf(config, build=config.method == "ivf", save=save)
+                raise ValueError("the ANN index covers other rows than this index holds")
+            self._ann[ivf.name] = ivf
+        if len(self) > 0 and config.method in ANN_KINDS:
+            stage = self._open_ann(config.method, config, build=True, save=save)
+        elif len(self) > 0 and config.method == "auto" and large:
+            if not self._faiss_installed():
+                logger.info("FAISS is not installed: exact first stage over %d videos", len(self))
+            else:
+                for kind in ANN_KINDS:  # the best available up-to-date file
+                    stage = self._open_ann(kind, config, build=False, save=save)
+                    if stage is not None:
+                        break
+                else:
+                    logger.warning("%s has no up-to-date ANN file (run `diffusionret index update`); "
+                                   "exact first stage", self.root)
         if stage is None:
             half = config.precision == "float16" or (config.precision == "auto" and large)
             if half and self._pooled_half is None:
@@ -363,48 +380,56 @@ class VideoIndex:
         logger.info("first stage: %s", stage.describe())
         return stage
 
-    def _open_ivf(self, config: FirstStageConfig, *, build: bool, save: bool) -> IvfFirstStage | None:
-        if self._ivf is not None:
-            self._ivf.nprobe = config.nprobe
-            return self._ivf
+    @staticmethod
+    def _faiss_installed() -> bool:
         try:
             import_faiss()
         except AnnUnavailableError:
-            if build:
-                raise
-            logger.info("FAISS is not installed: exact first stage over %d videos", len(self))
-            return None
-        fingerprint = self.content_fingerprint
-        stage = IvfFirstStage.load(self.root, fingerprint, expected_rows=len(self), embed_dim=self.info.embed_dim,
-                                   nprobe=config.nprobe)
-        if stage is None and not build:
-            logger.warning("%s has no up-to-date IVF file (run `diffusionret index update`); exact first stage",
-                           self.root)
-            return None
+            return False
+        return True
+
+    def _open_ann(self, kind: str, config: FirstStageConfig, *, build: bool,
+                  save: bool) -> IvfFirstStage | PqFirstStage | None:
+        stage = self._ann.get(kind)
         if stage is None:
-            logger.warning("building the IVF first stage for %d videos in memory", len(self))
-            stage = IvfFirstStage.build(self.pooled, fingerprint, nprobe=config.nprobe)
-            if save:
-                self._save_ivf(stage)
-        self._ivf = stage
+            import_faiss()  # callers without build check first; this raises with the install command
+            fingerprint = self.content_fingerprint
+            if kind == "pq":
+                stage = PqFirstStage.load(self.root, fingerprint, pooled=self.pooled)
+            else:
+                stage = IvfFirstStage.load(self.root, fingerprint, expected_rows=len(self),
+                                           embed_dim=self.info.embed_dim)
+            if stage is None and not build:
+                return None
+            if stage is None:
+                logger.warning("building the %s first stage for %d videos in memory", kind.upper(), len(self))
+                stage = (PqFirstStage.build(self.pooled, fingerprint) if kind == "pq"
+                         else IvfFirstStage.build(self.pooled, fingerprint))
+                if save:
+                    self._save_ivf(stage)
+            self._ann[kind] = stage
+        if isinstance(stage, PqFirstStage):
+            stage.rescore = config.rescore
+        else:
+            stage.nprobe = config.nprobe
         return stage
 
-    def _save_ivf(self, stage: IvfFirstStage) -> None:
-        """Write a freshly built IVF file, unless the index changed or a writer holds it (best effort)."""
+    def _save_ivf(self, stage: IvfFirstStage | PqFirstStage) -> None:
+        """Write a freshly built ANN file, unless the index changed or a writer holds it (best effort)."""
         try:
             with exclusive_lock(self.root, create=False), \
                     contextlib.closing(catalog.connect(self.root, readonly=True)) as conn:
                 if index_fingerprint(conn)[0] != stage.fingerprint:
-                    logger.info("the index changed since it was loaded; not saving its IVF file")
+                    logger.info("the index changed since it was loaded; not saving its ANN file")
                     return
                 path = stage.save(self.root)
                 remove_stale_ivf(self.root, stage.fingerprint)
                 logger.info("wrote %s", path)
         except (OSError, RuntimeError) as exc:  # read-only folder, a build in progress, ...
-            logger.warning("could not save the IVF file in %s: %s", self.root, exc)
+            logger.warning("could not save the ANN file in %s: %s", self.root, exc)
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` maximum-inner-product search over the pooled embeddings (exact, or IVF: see :attr:`first_stage`).
+        """Top-``k`` maximum-inner-product search over the pooled embeddings (exact, IVF or PQ: see :attr:`first_stage`).
 
         Args:
             queries: (Nq, D) query embeddings (normalise them for cosine scores).
