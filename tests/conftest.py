@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import cli_logging
+from helpers import cli_logging
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "reference_tiny_a.pt"

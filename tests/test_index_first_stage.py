@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from test_index import make_videos
 
+from helpers import require_faiss
 from diffusionret.index.builder import IvfBuildConfig
 from diffusionret.index.features import pool_frames
 from diffusionret.index.first_stage import (
@@ -107,7 +108,7 @@ def test_auto_precision_follows_the_size_threshold(tmp_path: Path, no_faiss: Non
 
 # -------------------------------------------------------------------------------------------- IVF
 def test_ivf_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     root = _build(tmp_path, ivf=ON)
     index = VideoIndex.load(root)
     assert [p.name for p in ivf_files(root)] == [ivf_path(root, index.content_fingerprint).name]
@@ -131,7 +132,7 @@ def test_ivf_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None
 
 
 def test_stale_ivf_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     root = _build(tmp_path, ivf=ON)
     (old_file,) = ivf_files(root)
     old_bytes = old_file.read_bytes()
@@ -154,7 +155,7 @@ def test_stale_ivf_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> 
 
 
 def test_ivf_off_and_auto_threshold(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     root = _build(tmp_path, ivf=IvfBuildConfig(mode="auto", min_videos=1_000))
     assert ivf_files(root) == []  # below the threshold
     VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False,
@@ -165,7 +166,7 @@ def test_ivf_off_and_auto_threshold(tmp_path: Path) -> None:
 
 
 def test_a_file_for_another_index_size_is_ignored(tmp_path: Path) -> None:
-    faiss = pytest.importorskip("faiss")
+    faiss = require_faiss()
     root = _build(tmp_path)
     index = VideoIndex.load(root)
     # Same name (fingerprint) but the wrong number of vectors: ignored, not trusted.
@@ -191,7 +192,7 @@ def test_default_pq_m_divides_the_dimension() -> None:
 
 
 def test_pq_recall_is_high_and_scores_are_exact() -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     pooled = _clustered(20_000, 64, clusters=200)
     stage = PqFirstStage.build(pooled, "f" * 24, m=16, rescore=10)  # 4 bits: 8 bytes per vector
     assert stage.describe()["m"] == 16 and stage.index.ntotal == 20_000
@@ -214,7 +215,7 @@ def test_pq_recall_is_high_and_scores_are_exact() -> None:
 
 
 def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     root = _build(tmp_path, ivf=PQ_ON)
     index = VideoIndex.load(root)
     assert [p.name for p in ann_files(root)] == [ann_path(root, "pq", index.content_fingerprint).name]
@@ -242,7 +243,7 @@ def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
 
 
 def test_stale_pq_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     root = _build(tmp_path, ivf=PQ_ON)
     (old_file,) = ann_files(root)
     old_bytes = old_file.read_bytes()
@@ -261,7 +262,7 @@ def test_stale_pq_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> N
     built = fresh.configure_first_stage(FirstStageConfig(method="pq"))
     assert built.describe()["videos"] == 40 and ann_files(root) == [new_file]
     # A PQ file of the right name but the wrong size is ignored.
-    faiss = pytest.importorskip("faiss")
+    faiss = require_faiss()
     wrong = faiss.IndexPQFastScan(24, 12, 4, faiss.METRIC_INNER_PRODUCT)
     wrong.train(torch.randn(100, 24).numpy())
     wrong.add(torch.randn(5, 24).numpy())
@@ -334,7 +335,7 @@ def test_pooled_embeddings_follow_from_the_stored_frames(tmp_path: Path) -> None
 
 def test_ivf_file_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while writing leaves no file under the final name and no temp file behind."""
-    faiss = pytest.importorskip("faiss")
+    faiss = require_faiss()
     root = _build(tmp_path)
     index = VideoIndex.load(root)
 

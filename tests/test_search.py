@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import require_faiss
 from diffusionret.cli import main
 from diffusionret.data.decode import read_frames
 from diffusionret.data.transforms import ClipTransform
@@ -296,7 +297,7 @@ def test_cli_update_and_info(setup: dict, tmp_path: Path, capsys: pytest.Capture
 
 
 def test_cli_ivf_first_stage(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     index_dir = tmp_path / "idx"
     shutil.copytree(setup["index_dir"], index_dir)
     assert main(["index", "update", str(index_dir), "--ivf", "on", "--ann-kind", "ivf", "--ivf-nlist", "2",
@@ -319,7 +320,7 @@ def test_cli_ivf_first_stage(setup: dict, tmp_path: Path, capsys: pytest.Capture
 
 
 def test_cli_pq_first_stage(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("faiss")
+    require_faiss()
     index_dir = tmp_path / "idx"
     shutil.copytree(setup["index_dir"], index_dir)
     assert main(["index", "update", str(index_dir), "--ann", "on", "--no-progress"]) == 0  # PQ by default

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from cli_helpers import cli_logging
+from helpers import cli_logging
 from diffusionret.cli import main
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.serve.app import create_app

@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
+
+from diffusionret.config_utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -362,16 +362,8 @@ class IvfFirstStage:
 def _save_faiss(index: Any, path: Path) -> Path:
     """Write a FAISS index to ``path`` atomically (temp file + fsync + rename); returns ``path``."""
     faiss = import_faiss()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
     return path
 
 

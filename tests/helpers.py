@@ -1,4 +1,4 @@
-"""Helpers for tests that call ``diffusionret.cli.main`` in-process."""
+"""Small helpers shared by several test modules."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def cli_logging() -> Iterator[None]:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def require_faiss():
+    """FAISS, which the ``test`` extra installs: the tests that need it fail, never skip, where it is missing."""
+    import faiss
+
+    return faiss
