@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "0 keeps torch's default of one per core)")
     parser.add_argument("--workers", type=int, default=1,
                         help="searches run at once, each on its own thread (default: 1)")
+    parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="look for changes of the index on disk (`index update`) this often and serve the "
+                             "new contents once they have been stable that long (default: 5; 0: never reload)")
     parser.set_defaults(func=run)
 
 
@@ -73,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     from diffusionret.serve.app import ServeConfig, create_app
 
-    if args.threads < 0 or args.workers <= 0:
-        logger.error("--threads must be >= 0 and --workers positive")
+    if args.threads < 0 or args.workers <= 0 or args.reload_interval < 0:
+        logger.error("--threads and --reload-interval must be >= 0 and --workers positive")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and token is None:
         logger.warning("listening on %s without a token: anyone who can reach this port can search and "
                        "download the indexed videos (set $%s or --token-file)", args.host, TOKEN_ENV)
-    searcher = open_searcher(args)
+    if args.reload_interval > 0:
+        from diffusionret.serve.reload import ReloadingBackend
+
+        searcher = ReloadingBackend(args.index, lambda: open_searcher(args), poll_s=args.reload_interval,
+                                    settle_s=args.reload_interval)
+    else:
+        searcher = open_searcher(args)
     app = create_app(searcher, ServeConfig(token=token, max_pending=args.max_pending, max_k=args.max_k,
                                            workers=args.workers))
     logger.info("serving %d videos on http://%s:%d/ (%d torch threads per search, %d workers)", len(searcher.index),

@@ -191,6 +191,9 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None) -> Fas
             yield
         finally:
             gate.shutdown()
+            close = getattr(backend, "close", None)  # e.g. the index watcher of a ReloadingBackend
+            if close is not None:
+                close()
 
     app = FastAPI(
         title="diffusionret search",
