@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     path = convert_official(args.src, args.dst, diffusion_steps=args.diffusion_steps, noise_schedule=args.noise_schedule)
     model = load_model(path)
     cfg = model.config
-    print(f"wrote {path}: {cfg.stage} stage, {cfg.agg_module} ({cfg.temporal_layers} layers), CLIP ViT "
+    emit(f"wrote {path}: {cfg.stage} stage, {cfg.agg_module} ({cfg.temporal_layers} layers), CLIP ViT "
           f"{cfg.clip.vision_width}w/{cfg.clip.vision_layers}l/{cfg.clip.vision_patch_size}p @ {cfg.clip.image_size}px, "
           f"embed {cfg.embed_dim}, sampler {cfg.diffusion_steps} {cfg.noise_schedule} steps")
     return 0

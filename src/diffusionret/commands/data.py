@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def run_check(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     report = check_data(cfg, args.splits, workers=args.workers, deep=args.deep, progress=not args.no_progress)
-    print(format_report(report))
+    emit(format_report(report))
     if args.json_path:
         atomic_write_text(args.json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.ok else 1

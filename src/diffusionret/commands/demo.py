@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,36 +62,36 @@ def _print_report(result: Any) -> None:
 
     test = result.metrics["test"]
     n = test["num_test_videos"]
-    print()
-    print(f"Test split: {n} videos, {test['num_test_captions']} captions (chance R@1 = {test['chance_R1']:.2f}%)")
-    print()
-    print("Without re-ranking (WTI similarity, stage 1):")
-    print(format_table(test["wti"]))
+    emit()
+    emit(f"Test split: {n} videos, {test['num_test_captions']} captions (chance R@1 = {test['chance_R1']:.2f}%)")
+    emit()
+    emit("Without re-ranking (WTI similarity, stage 1):")
+    emit(format_table(test["wti"]))
     if "rerank" in test:
-        print()
-        print("With diffusion re-ranking (stage 2):")
-        print(format_table(test["rerank"]))
-        print()
+        emit()
+        emit("With diffusion re-ranking (stage 2):")
+        emit(format_table(test["rerank"]))
+        emit()
         for direction, name in (("t2v", "text->video"), ("v2t", "video->text")):
             delta = test["rerank_effect"][f"{direction}/R1"]
             verdict = "helps" if delta > 0 else "hurts" if delta < 0 else "does not change"
-            print(f"Re-ranking {verdict} {name} R@1 here: {test['wti'][direction]['R1']:.1f} -> "
+            emit(f"Re-ranking {verdict} {name} R@1 here: {test['wti'][direction]['R1']:.1f} -> "
                   f"{test['rerank'][direction]['R1']:.1f} ({delta:+.1f} points)")
     answer = result.answer
-    print()
-    print(f"Example query: {answer.query!r}")
+    emit()
+    emit(f"Example query: {answer.query!r}")
     if answer.target is not None:
         found = "found at rank" if answer.target_rank == 1 else "ranked"
-        print(f"  written for {answer.target}.mp4; {found} {answer.target_rank} "
+        emit(f"  written for {answer.target}.mp4; {found} {answer.target_rank} "
               f"(rank {answer.target_wti_rank} before re-ranking)")
     for hit in answer.hits:
         mark = "  <- target" if answer.target is not None and Path(hit.video_id).stem == answer.target else ""
-        print(f"  {hit.rank}. {Path(hit.video_id).name:<16} score {hit.score:7.3f}   (WTI {hit.wti_score:6.3f}, "
+        emit(f"  {hit.rank}. {Path(hit.video_id).name:<16} score {hit.score:7.3f}   (WTI {hit.wti_score:6.3f}, "
               f"WTI rank {hit.wti_rank}){mark}")
     timings = result.metrics["timings_s"]
-    print()
-    print("Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"Wrote {result.out_dir / 'metrics.json'} and {', '.join(str(p) for p in result.plots)}")
+    emit()
+    emit("Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    emit(f"Wrote {result.out_dir / 'metrics.json'} and {', '.join(str(p) for p in result.plots)}")
 
 
 def run(args: argparse.Namespace) -> int:

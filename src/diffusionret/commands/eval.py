@@ -17,6 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         destroy_distributed(ctx)
     if ctx.is_main:
         missing = results.get("num_missing_videos", 0)
-        print(f"{results['split']}: {results['num_captions']} captions, {results['num_videos']} videos"
+        emit(f"{results['split']}: {results['num_captions']} captions, {results['num_videos']} videos"
               + (f" ({missing} missing)" if missing else ""))
-        print(results_table(results))
-        print(f"metrics: {output}")
+        emit(results_table(results))
+        emit(f"metrics: {output}")
     return 0

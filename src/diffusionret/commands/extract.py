@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
         destroy_distributed(ctx)
     if ctx.is_main:
         missing = len(feats.missing_video_ids)
-        print(f"{feats.num_captions} captions, {feats.num_videos} videos"
+        emit(f"{feats.num_captions} captions, {feats.num_videos} videos"
               + (f" ({missing} missing)" if missing else "") + f" -> {args.output}")
     return 0

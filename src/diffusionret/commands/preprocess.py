@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
-    print(f"{report.total} videos: {len(report.done)} encoded, {len(report.skipped)} already done, "
+    emit(f"{report.total} videos: {len(report.done)} encoded, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed")
     if report.failed:
-        print("failures:")
+        emit("failures:")
         for result in sorted(report.failed, key=lambda r: r.source):
-            print(f"  {result.source}: {result.error}")
+            emit(f"  {result.source}: {result.error}")
         return 1
     return 0

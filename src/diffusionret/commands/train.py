@@ -15,6 +15,8 @@ import signal
 import threading
 from pathlib import Path
 
+from diffusionret.commands._output import emit
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger().removeHandler(handler)
             handler.close()
     if ctx.is_main:
-        print(f"model: {model_path}")
-        print(f"run folder: {cfg.output_dir}")
+        emit(f"model: {model_path}")
+        emit(f"run folder: {cfg.output_dir}")
     return 0
