@@ -153,21 +153,29 @@ def _report(report: Any, rank: int) -> None:
         )
 
 
-@user_errors
-def run_build(args: argparse.Namespace) -> int:
-    from diffusionret.index.store import VideoIndex
-
+def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
+          settings: dict[str, Any] | None = None) -> int:
+    """Encode with the model at ``model_path`` and run ``sync(encoder, **options)`` (build or update) on every rank."""
     ivf = _ivf_config(args)
     rank, world_size, barrier, device, ctx = _distributed(args.device)
     try:
-        encoder = _encoder(args, args.model, device)
-        report = VideoIndex.build(args.out, args.videos, encoder, video_root=args.video_root,
-                                  shard_size=args.shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                                  progress=not args.no_progress, ivf=ivf)
+        encoder = _encoder(args, model_path, device, settings=settings)
+        report = sync(encoder, video_root=args.video_root, shard_size=args.shard_size, rank=rank,
+                      world_size=world_size, barrier=barrier, progress=not args.no_progress, ivf=ivf)
         _report(report, rank)
     finally:
         _finish(ctx)
     return 0
+
+
+@user_errors
+def run_build(args: argparse.Namespace) -> int:
+    from diffusionret.index.store import VideoIndex
+
+    def build(encoder: Any, **options: Any) -> Any:
+        return VideoIndex.build(args.out, args.videos, encoder, **options)
+
+    return _sync(args, args.model, build)
 
 
 @user_errors
@@ -179,17 +187,10 @@ def run_update(args: argparse.Namespace) -> int:
     if model_path is None:
         logger.error("%s does not record its model; pass --model", args.index)
         return 2
-    ivf = _ivf_config(args)
-    rank, world_size, barrier, device, ctx = _distributed(args.device)
-    try:
-        encoder = _encoder(args, model_path, device, settings=info.settings)
-        report = VideoIndex.update(args.index, encoder, args.videos, video_root=args.video_root,
-                                   shard_size=args.shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                                   progress=not args.no_progress, ivf=ivf)
-        _report(report, rank)
-    finally:
-        _finish(ctx)
-    return 0
+    def update(encoder: Any, **options: Any) -> Any:
+        return VideoIndex.update(args.index, encoder, args.videos, **options)
+
+    return _sync(args, model_path, update, settings=info.settings)
 
 
 @user_errors
