@@ -351,8 +351,12 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One thread: many tiny files; threads would only add start-up cost.
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # One thread: many tiny files; threads would only add start-up cost. No lookahead and no
+        # macroblock tree: on frames this small, x264's lookahead made the output depend on the
+        # process (the same frames encoded in two processes gave different pixels in ~15 % of the
+        # clips), so one seed did not give one corpus, and the demo's metrics moved between runs.
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1",
+                          "x264-params": "threads=1:rc-lookahead=0:mbtree=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
