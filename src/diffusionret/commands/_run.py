@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time so ``diffusionret --help`` stays fast
     from diffusionret.config import RunConfig
-    from diffusionret.training.distributed import DistContext
+    from diffusionret.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,6 @@ def load_config(args: argparse.Namespace) -> "RunConfig | None":
 
 def start_distributed(cfg: "RunConfig") -> "DistContext":
     """The process group of this run (a single process outside ``torchrun``) on ``train.device``."""
-    from diffusionret.training.distributed import init_distributed
+    from diffusionret.distributed import init_distributed
 
     return init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.data.errors import MissingVideosError, VideoDecodeError
     from diffusionret.evaluation.evaluate import evaluate, results_table
-    from diffusionret.training.distributed import destroy_distributed
+    from diffusionret.distributed import destroy_distributed
 
     cfg = load_config(args)
     if cfg is None:

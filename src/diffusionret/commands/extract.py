@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.evaluation.evaluate import extract_features
-    from diffusionret.training.distributed import destroy_distributed
+    from diffusionret.distributed import destroy_distributed
 
     cfg = load_config(args)
     if cfg is None:

@@ -132,7 +132,7 @@ def _distributed(device: str | None):
         import torch
 
         return 0, 1, None, device or ("cuda" if torch.cuda.is_available() else "cpu"), None
-    from diffusionret.training.distributed import barrier, init_distributed
+    from diffusionret.distributed import barrier, init_distributed
 
     ctx = init_distributed(device)
     return ctx.rank, ctx.world_size, (lambda: barrier(ctx)), str(ctx.device), ctx
@@ -140,7 +140,7 @@ def _distributed(device: str | None):
 
 def _finish(ctx: Any) -> None:
     if ctx is not None:
-        from diffusionret.training.distributed import destroy_distributed
+        from diffusionret.distributed import destroy_distributed
 
         destroy_distributed(ctx)
 

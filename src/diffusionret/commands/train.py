@@ -58,7 +58,7 @@ def _install_signal_handlers(save: threading.Event, stop: threading.Event) -> di
 def run(args: argparse.Namespace) -> int:
     from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.data.errors import MissingVideosError
-    from diffusionret.training.distributed import destroy_distributed
+    from diffusionret.distributed import destroy_distributed
     from diffusionret.training.loop import TrainingStopped, train
 
     cfg = load_config(args)
