@@ -46,8 +46,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-stage", choices=("auto", "exact", "ivf", "pq"), default="auto",
                         help="first-stage search: auto = for indexes of 100k+ videos with FAISS installed, the "
                              "index's up-to-date PQ file, else its IVF file, else exact; exact = always exact (fp16 "
-                             "embeddings from 100k videos); ivf / pq = that ANN index, built (and saved) if missing "
-                             "(default: auto)")
+                             "embeddings from 100k videos); ivf / pq = that ANN index (built in memory if the index "
+                             "has no up-to-date file; `index update --ann on` writes one) (default: auto)")
     parser.add_argument("--nprobe", type=_positive_int, default=32,
                         help="IVF clusters scanned per query: higher = better recall, slower (default: 32)")
     parser.add_argument("--rescore", type=_positive_int, default=DEFAULT_RESCORE, metavar="FACTOR",
