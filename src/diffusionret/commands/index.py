@@ -8,32 +8,14 @@ Under ``torchrun`` every rank encodes its share of the pending videos and rank 0
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
 from typing import Any, Callable
 
+from diffusionret.commands._common import user_errors
+
 logger = logging.getLogger(__name__)
-
-
-def user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report the errors a user can fix (wrong model, missing index, locked index) without a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        from diffusionret.index.builder import IndexLockedError
-        from diffusionret.index.first_stage import AnnUnavailableError
-        from diffusionret.index.identity import ModelMismatchError
-        from diffusionret.models.checkpoint import CheckpointError
-
-        try:
-            return func(args)
-        except (ModelMismatchError, IndexLockedError, FileNotFoundError, CheckpointError, AnnUnavailableError) as exc:
-            logger.error("%s", exc)
-            return 2
-
-    return wrapper
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -217,7 +217,7 @@ def half_topk(queries: Tensor, database: Tensor, k: int, *, max_norm: float = 1.
     return out_scores, out_rows
 
 
-# ------------------------------------------------------------------------------------------- IVF
+# ------------------------------------------------------------------------------------- ANN files
 def content_fingerprint(model_id: str, embed_dim: int, rows: Sequence[tuple[str, str, int]]) -> str:
     """Digest of what a first-stage structure over an index covers.
 
@@ -255,6 +255,7 @@ def ivf_files(root: Path) -> list[Path]:
     return ann_files(root, ("ivf",))
 
 
+# ------------------------------------------------------------------------------------------- IVF
 def default_nlist(n: int) -> int:
     """IVF clusters for ``n`` vectors: the power of two nearest to sqrt(n) (1,024 at 1M), 1..65,536."""
     if n <= 1:
