@@ -24,7 +24,7 @@ from test_serve import running_server  # noqa: E402
 from diffusionret.demo.corpus import CorpusConfig, write_corpus  # noqa: E402
 from diffusionret.index.builder import build_index  # noqa: E402
 from diffusionret.index.store import VideoIndex  # noqa: E402
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher  # noqa: E402
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher  # noqa: E402
 from diffusionret.serve.app import ServeConfig, create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

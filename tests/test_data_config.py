@@ -19,7 +19,7 @@ from diffusionret.data import (
     format_report,
     load_data_config,
 )
-from diffusionret.data.synthetic import write_index_video
+from diffusionret.testing.videos import write_index_video
 
 
 def fake_tokenize(texts, max_words):

@@ -26,7 +26,7 @@ from diffusionret.data import (
     video_key,
     worker_init_fn,
 )
-from diffusionret.data.synthetic import read_index, write_index_video
+from diffusionret.testing.videos import read_index, write_index_video
 
 L, T, S = 8, 4, 48
 

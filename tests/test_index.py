@@ -1,6 +1,6 @@
 """The on-disk index without a model: storage, search, resume after a kill, update, model identity.
 
-Features come from :class:`diffusionret.index.testing.SyntheticExtractor` (a pure function of a
+Features come from :class:`diffusionret.testing.index.SyntheticExtractor` (a pure function of a
 file's name and bytes), so every expectation can be recomputed independently.
 """
 
@@ -28,7 +28,7 @@ from diffusionret.index.features import pool_frames
 from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.store import VideoIndex, exact_topk
-from diffusionret.index.testing import BROKEN_MARKER, SyntheticExtractor
+from diffusionret.testing.index import BROKEN_MARKER, SyntheticExtractor
 
 WORDS = ["red", "green", "blue", "circle", "square", "ring", "left", "right", "up", "down", "small", "large"]
 
@@ -150,7 +150,7 @@ def test_record_lookup_and_metadata(tmp_path: Path) -> None:
 _BUILD_SCRIPT = textwrap.dedent("""
     import sys
     from diffusionret.index.builder import build_index
-    from diffusionret.index.testing import SyntheticExtractor
+    from diffusionret.testing.index import SyntheticExtractor
     build_index(sys.argv[1], sys.argv[2], SyntheticExtractor(delay_s=0.04), shard_size=3, progress=False)
 """)
 

@@ -1,7 +1,7 @@
 """The first stage of the cascade: exact fp32 / fp16 search against brute force, the IVF and PQ files
 (FAISS) and their freshness across ``index update``, stored WTI frame weights, and running without FAISS.
 
-Indexes come from :class:`diffusionret.index.testing.SyntheticExtractor` (no model).
+Indexes come from :class:`diffusionret.testing.index.SyntheticExtractor` (no model).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from diffusionret.index.first_stage import (
     max_row_norm,
 )
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor
+from diffusionret.testing.index import SyntheticExtractor
 
 ON = AnnBuildConfig(mode="on", nlist=4, kind="ivf")
 PQ_ON = AnnBuildConfig(mode="on", kind="pq")

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from diffusionret.index.builder import build_index
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ServeConfig, UrlSigner, check_range, create_app
 
 TOKEN = "correct-horse-battery-staple"

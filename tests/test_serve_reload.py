@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import create_app
 from diffusionret.serve.reload import ReloadingBackend, catalog_signature
 

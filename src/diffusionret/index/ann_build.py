@@ -23,6 +23,7 @@ from diffusionret.index.first_stage import (
     ANN_SUFFIX,
     DEFAULT_ANN_KIND,
     LARGE_INDEX_VIDEOS,
+    AnnKind,
     AnnUnavailableError,
     IvfFirstStage,
     PqFirstStage,
@@ -54,7 +55,7 @@ class AnnBuildConfig:
     mode: str = "auto"
     min_videos: int = LARGE_INDEX_VIDEOS
     nlist: int | None = None
-    kind: str = DEFAULT_ANN_KIND
+    kind: AnnKind = DEFAULT_ANN_KIND
     pq_m: int | None = None
 
     def __post_init__(self) -> None:
