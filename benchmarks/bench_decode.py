@@ -6,7 +6,7 @@
 Test videos: 320x240 (MSR-VTT's usual size), 30 fps H.264 (libx264 default preset, crf 23), a
 keyframe every 250 frames (8.3 s; x264's default GOP, scene-cut detection off so the GOPs are
 exact), content that moves every frame (a panning texture and a moving square), so P/B frames
-carry real data. They are written once with :mod:`diffusionret.data.synthetic` and cached in
+carry real data. They are written once with :mod:`diffusionret.testing.videos` and cached in
 ``benchmarks/.cache/decode/`` (the 10 min video takes about a minute to encode).
 
 Timed with :func:`diffusionret.data.benchmark_decode`, best of ``--repeats``:
@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 from diffusionret.data import benchmark_decode, probe_video
-from diffusionret.data.synthetic import write_video
+from diffusionret.testing.videos import write_video
 
 from _common import CACHE_DIR, load_text, report
 

@@ -26,7 +26,7 @@ above ``--mmap-above`` videos the frame features are a read-only memory map of t
 (the page cache serves the 100 rows a query gathers; the pooled embeddings are in RAM as usual).
 The WTI frame weights an index stores are computed once with the model (``DiffusionRet.frame_weights``)
 and cached next to the features; so are the ANN files (``pq-<content>.faiss``, ``ivf-<content>.faiss``,
-as in an index folder; ``--rebuild-ivf`` times fresh builds).
+as in an index folder; ``--rebuild-ann`` times fresh builds).
 
 Printed per size:
 
@@ -62,6 +62,7 @@ from _common import (
     rss_bytes,
 )
 
+from diffusionret.index.ann_build import save_ann
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.features import pool_frames
 from diffusionret.index.first_stage import (
@@ -194,7 +195,7 @@ def ann_stage(index: VideoIndex, kind: str, rebuild: bool,
     stage = (PqFirstStage.build(index.pooled, fingerprint, m=pq_m) if kind == "pq"
              else IvfFirstStage.build(index.pooled, fingerprint))
     build_s = time.perf_counter() - start
-    stage.save(index.root)
+    save_ann(stage, index.root)
     timing_file.write_text(f"{build_s:.3f}\n")
     return stage, {f"{kind}_build_s": build_s, f"{kind}_build_cached": False}
 
@@ -318,7 +319,8 @@ def main() -> None:
                         help="queries for the final top-10 agreement of ANN vs exact cascades (0: skip)")
     parser.add_argument("--exact-queries", type=int, default=50,
                         help="timed queries with the fp16 exact first stage at large sizes (0: skip)")
-    parser.add_argument("--rebuild-ivf", action="store_true", help="build (and time) the ANN indexes even if cached")
+    parser.add_argument("--rebuild-ann", "--rebuild-ivf", dest="rebuild_ann", action="store_true",
+                        help="build (and time) the ANN indexes even if cached")
     parser.add_argument("--mmap-above", type=int, default=200_000,
                         help="memory-map the frame features of larger indexes instead of loading them")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")
@@ -351,9 +353,9 @@ def main() -> None:
             if large and recall_texts:
                 kinds |= ({"ivf"} if args.recall_nprobe else set()) | ({"pq"} if args.recall_rescore else set())
         for kind in sorted(kinds):
-            stage, built = ann_stage(index, kind, args.rebuild_ivf, pq_m=args.pq_m)
+            stage, built = ann_stage(index, kind, args.rebuild_ann, pq_m=args.pq_m)
             first.update(built)
-            index.configure_first_stage(config.first_stage, ivf=stage)
+            index.configure_first_stage(config.first_stage, ann=stage)
         searcher = Searcher(model, index, config, model_id=model_id)
         first["first_stage"] = index.first_stage.describe()
         if recall_texts and large and faiss_installed():

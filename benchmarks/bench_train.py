@@ -26,7 +26,7 @@ from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.tokenizer import EOT_ID, SOT_ID
 from diffusionret.training.checkpoint import TrainProgress
-from diffusionret.training.distributed import DistContext
+from diffusionret.distributed import DistContext
 from diffusionret.training.ema import ModelEMA
 from diffusionret.training.loop import _Run, _train_step
 from diffusionret.training.optim import build_optimizer, build_scheduler

@@ -86,7 +86,7 @@ def train_bench(args: argparse.Namespace, config, stage: str, amp: torch.dtype |
 def eval_bench(args: argparse.Namespace, model, precision: str, device: torch.device) -> None:
     from diffusionret.evaluation.evaluate import evaluate_features
     from diffusionret.evaluation.features import CorpusFeatures, autocast_context
-    from diffusionret.training.distributed import DistContext
+    from diffusionret.distributed import DistContext
 
     n, t, size = args.eval_size, args.frames, model.image_size
     ctx = DistContext.single(str(device))

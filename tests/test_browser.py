@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_serve import running_server  # noqa: E402
 
 from diffusionret.demo.corpus import CorpusConfig, write_corpus  # noqa: E402
+from diffusionret.index.builder import build_index  # noqa: E402
 from diffusionret.index.store import VideoIndex  # noqa: E402
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher  # noqa: E402
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher  # noqa: E402
 from diffusionret.serve.app import ServeConfig, create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,7 +47,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
         name = f"{spec.colour}_{spec.shape}_{spec.motion}_on_{spec.background}"
         shutil.copy(corpus.video_dir / f"{spec.video_id}.mp4", videos / f"{name}.mp4")
         names.append(name)
-    VideoIndex.build(root / "idx", videos, SyntheticExtractor(decode_media=True), progress=False)
+    build_index(root / "idx", videos, SyntheticExtractor(decode_media=True), progress=False)
     return root / "idx", names
 
 

@@ -14,13 +14,12 @@ from diffusionret.data import (
     ClipTransform,
     DataConfig,
     TrainTransform,
-    build_dataloader,
     build_dataset,
     check_data,
     format_report,
     load_data_config,
 )
-from diffusionret.data.synthetic import write_index_video
+from diffusionret.testing.videos import write_index_video
 
 
 def fake_tokenize(texts, max_words):
@@ -78,7 +77,7 @@ def test_invalid_configs_name_the_file(tmp_path, text, message):
     assert "bad.yaml" in str(info.value)
 
 
-def test_build_dataset_and_loaders(custom_data):
+def test_build_dataset(custom_data):
     cfg = DataConfig(dataset="custom", anno_path=custom_data, video_path=custom_data / "videos", max_words=8,
                      max_frames=3, size=32, augment="crop_flip", batch_size=2, batch_size_val=3, num_workers=0,
                      pin_memory=False)
@@ -87,12 +86,6 @@ def test_build_dataset_and_loaders(custom_data):
     test = build_dataset(cfg, "test", tokenizer=fake_tokenize)
     assert isinstance(test.transform, ClipTransform) and test.video_ids == ["b", "missing", "corrupt"]
     assert cfg.reader_split("val") == "test"
-    loader = build_dataloader(train, cfg, train=True)
-    batches = list(loader)
-    assert len(batches) == 2 and all(len(b) == 2 for b in batches)  # shuffled, drop_last
-    assert sorted(sum((b.index.tolist() for b in batches), [])) == [0, 1, 2, 3]
-    eval_loader = build_dataloader(train.video_view(), cfg, train=False, rank=1, world_size=2)
-    assert [b.video_index.tolist() for b in eval_loader] == [[1]]  # videos 1 of 0..2, no padding
     skip_cfg = from_dict(DataConfig, {**{k: getattr(cfg, k) for k in ("dataset", "anno_path", "video_path")},
                                       "on_error": "skip"})
     ds = build_dataset(skip_cfg, "test", tokenizer=fake_tokenize, report_dir=custom_data / "reports")

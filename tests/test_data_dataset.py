@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from diffusionret.data import (
     ClipTransform,
-    EvalShardSampler,
     MissingVideosError,
     TrainTransform,
     VideoDecodeError,
@@ -27,7 +26,7 @@ from diffusionret.data import (
     video_key,
     worker_init_fn,
 )
-from diffusionret.data.synthetic import read_index, write_index_video
+from diffusionret.testing.videos import read_index, write_index_video
 
 L, T, S = 8, 4, 48
 
@@ -223,14 +222,6 @@ def test_video_key_is_independent_of_the_hash_seed():
         outputs.append(out.stdout.split())
     assert outputs[0][0] == outputs[1][0] == str(video_key("video7020"))
     assert outputs[0][1] != outputs[1][1]  # what the reference used does change (SPEC 8 item 4)
-
-
-def test_eval_shard_sampler_has_no_duplicates():
-    shards = [list(EvalShardSampler(10, rank, 3)) for rank in range(3)]
-    assert sorted(sum(shards, [])) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]
-    assert len(EvalShardSampler(10, 2, 3)) == 3
-    with pytest.raises(ValueError):
-        EvalShardSampler(10, 3, 3)
 
 
 def test_default_tokenizer_is_the_project_tokenizer(corpus):

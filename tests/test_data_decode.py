@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffusionret.data import DecodeStats, VideoDecodeError, probe_video, read_frames
 from diffusionret.data.decode import resize_short_side
-from diffusionret.data.synthetic import index_frame, read_index, write_index_video, write_video
+from diffusionret.testing.videos import index_frame, read_index, write_index_video, write_video
 
 NTSC = Fraction(30000, 1001)
 VFR_PTS_MS = [0, 100, 150, 700, 710, 1500, 2300]

@@ -16,7 +16,7 @@ import pytest
 from diffusionret.cli import main
 from diffusionret.data import probe_video, read_frames
 from diffusionret.data.preprocess import PARTIAL_SUFFIX, output_size, preprocess_videos
-from diffusionret.data.synthetic import read_index, write_index_video, write_video
+from diffusionret.testing.videos import read_index, write_index_video, write_video
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
-from diffusionret.training.distributed import DistContext, TrainSampler, all_gather_variable, shard_range
+from diffusionret.distributed import DistContext, TrainSampler, all_gather_variable, shard_range
 from diffusionret.training.losses import symmetric_info_nce
 from diffusionret.training.stage1_contrastive import ContrastiveObjective, prepare_stage1_model
 

@@ -15,7 +15,7 @@ from diffusionret.evaluation.evaluate import evaluate, extract_features, similar
 from diffusionret.models.checkpoint import save_model
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
-from diffusionret.training.distributed import DistContext
+from diffusionret.distributed import DistContext
 from test_train_e2e import SMOKE2, write_smoke_corpus
 
 

@@ -1,6 +1,6 @@
 """The on-disk index without a model: storage, search, resume after a kill, update, model identity.
 
-Features come from :class:`diffusionret.index.testing.SyntheticExtractor` (a pure function of a
+Features come from :class:`diffusionret.testing.index.SyntheticExtractor` (a pure function of a
 file's name and bytes), so every expectation can be recomputed independently.
 """
 
@@ -22,13 +22,13 @@ import pytest
 import torch
 
 from diffusionret.index import catalog
-from diffusionret.index.builder import IndexLockedError, sync_index
+from diffusionret.index.builder import IndexLockedError, build_index, sync_index, update_index
 from diffusionret.index.discover import discover_videos
 from diffusionret.index.features import pool_frames
 from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.store import VideoIndex, exact_topk
-from diffusionret.index.testing import BROKEN_MARKER, SyntheticExtractor
+from diffusionret.testing.index import BROKEN_MARKER, SyntheticExtractor
 
 WORDS = ["red", "green", "blue", "circle", "square", "ring", "left", "right", "up", "down", "small", "large"]
 
@@ -95,7 +95,7 @@ def shard_consistency(root: Path) -> None:
 def test_search_equals_brute_force(tmp_path: Path) -> None:
     paths = make_videos(tmp_path / "videos", 37)
     extractor = SyntheticExtractor(frames=5, dim=24)
-    report = VideoIndex.build(tmp_path / "idx", tmp_path / "videos", extractor, shard_size=6, progress=False)
+    report = build_index(tmp_path / "idx", tmp_path / "videos", extractor, shard_size=6, progress=False)
     assert (report.added, report.total, report.shards_written) == (37, 37, 7)
     index = VideoIndex.load(tmp_path / "idx")
     assert [r.path for r in index.records] == sorted(str(p.resolve()) for p in paths)
@@ -125,7 +125,7 @@ def test_search_equals_brute_force(tmp_path: Path) -> None:
 
 def test_search_rejects_bad_queries(tmp_path: Path) -> None:
     make_videos(tmp_path / "videos", 3)
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False)
+    build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False)
     index = VideoIndex.load(tmp_path / "idx")
     with pytest.raises(ValueError, match="queries must be"):
         index.search(torch.randn(2, 7), 1)
@@ -135,7 +135,7 @@ def test_search_rejects_bad_queries(tmp_path: Path) -> None:
 
 def test_record_lookup_and_metadata(tmp_path: Path) -> None:
     (path,) = make_videos(tmp_path / "videos", 1)
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False)
+    build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False)
     index = VideoIndex.load(tmp_path / "idx")
     record = index.records[0]
     stat = path.stat()
@@ -149,9 +149,9 @@ def test_record_lookup_and_metadata(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- kill / resume
 _BUILD_SCRIPT = textwrap.dedent("""
     import sys
-    from diffusionret.index.store import VideoIndex
-    from diffusionret.index.testing import SyntheticExtractor
-    VideoIndex.build(sys.argv[1], sys.argv[2], SyntheticExtractor(delay_s=0.04), shard_size=3, progress=False)
+    from diffusionret.index.builder import build_index
+    from diffusionret.testing.index import SyntheticExtractor
+    build_index(sys.argv[1], sys.argv[2], SyntheticExtractor(delay_s=0.04), shard_size=3, progress=False)
 """)
 
 
@@ -179,12 +179,12 @@ def test_build_killed_then_resumed_equals_uninterrupted_build(tmp_path: Path) ->
     done = {r.path for r in partial.records}
 
     resume = CountingExtractor()
-    report = VideoIndex.build(killed, tmp_path / "videos", resume, shard_size=3, progress=False)
+    report = build_index(killed, tmp_path / "videos", resume, shard_size=3, progress=False)
     assert report.total == 40
     assert not done & set(resume.seen), "resume re-encoded videos the killed build had finished"
     assert len(resume.seen) == len(set(resume.seen))
 
-    VideoIndex.build(tmp_path / "clean", tmp_path / "videos", SyntheticExtractor(), shard_size=3, progress=False)
+    build_index(tmp_path / "clean", tmp_path / "videos", SyntheticExtractor(), shard_size=3, progress=False)
     assert_same_index(killed, tmp_path / "clean")
     shard_consistency(killed)
 
@@ -203,15 +203,15 @@ def test_crash_between_shard_write_and_registration(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(catalog, "register_shard", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), shard_size=4, progress=False)
+        build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), shard_size=4, progress=False)
     monkeypatch.setattr(catalog, "register_shard", real_register)
     assert len(VideoIndex.load(tmp_path / "idx")) == 4  # only the first shard is visible
     (tmp_path / "idx" / SHARD_DIR / ".leftover.safetensors.abc.tmp").write_bytes(b"partial write")
 
     resume = CountingExtractor()
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", resume, shard_size=4, progress=False)
+    build_index(tmp_path / "idx", tmp_path / "videos", resume, shard_size=4, progress=False)
     assert len(resume.seen) == 4  # the orphan shard's 4 videos were adopted, only the last 4 encoded
-    VideoIndex.build(tmp_path / "clean", tmp_path / "videos", SyntheticExtractor(), shard_size=4, progress=False)
+    build_index(tmp_path / "clean", tmp_path / "videos", SyntheticExtractor(), shard_size=4, progress=False)
     assert_same_index(tmp_path / "idx", tmp_path / "clean")
     shard_consistency(tmp_path / "idx")
 
@@ -225,30 +225,30 @@ def test_crash_during_extraction_resumes(tmp_path: Path) -> None:
             raise RuntimeError("decoder crashed the process")
 
     with pytest.raises(RuntimeError, match="decoder crashed"):
-        VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(on_video=explode), shard_size=3,
-                         progress=False)
+        build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(on_video=explode), shard_size=3,
+                    progress=False)
     assert len(VideoIndex.load(tmp_path / "idx")) == 6
     resume = CountingExtractor()
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", resume, shard_size=3, progress=False)
+    build_index(tmp_path / "idx", tmp_path / "videos", resume, shard_size=3, progress=False)
     assert len(resume.seen) == 4
-    VideoIndex.build(tmp_path / "clean", tmp_path / "videos", SyntheticExtractor(), shard_size=3, progress=False)
+    build_index(tmp_path / "clean", tmp_path / "videos", SyntheticExtractor(), shard_size=3, progress=False)
     assert_same_index(tmp_path / "idx", tmp_path / "clean")
 
 
 def test_concurrent_writer_is_refused(tmp_path: Path) -> None:
     make_videos(tmp_path / "videos", 2)
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False)
+    build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False)
     with open(tmp_path / "idx" / ".lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         with pytest.raises(IndexLockedError):
-            VideoIndex.update(tmp_path / "idx", SyntheticExtractor(), progress=False)
+            update_index(tmp_path / "idx", SyntheticExtractor(), progress=False)
 
 
 # --------------------------------------------------------------------------------------- update
 def test_update_adds_changed_and_removed_files(tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     paths = make_videos(videos, 14)
-    VideoIndex.build(tmp_path / "idx", videos, SyntheticExtractor(), shard_size=4, progress=False)
+    build_index(tmp_path / "idx", videos, SyntheticExtractor(), shard_size=4, progress=False)
     before = VideoIndex.load(tmp_path / "idx")
     changed, removed = paths[3], [paths[5], paths[8], paths[9]]
     old_frames = before.frames[before.row(catalog.video_id(str(changed.resolve())))].clone()
@@ -259,7 +259,7 @@ def test_update_adds_changed_and_removed_files(tmp_path: Path) -> None:
     added = make_videos(videos / "new", 3, start=100)
 
     counting = CountingExtractor()
-    report = VideoIndex.update(tmp_path / "idx", counting, shard_size=4, progress=False)
+    report = update_index(tmp_path / "idx", counting, shard_size=4, progress=False)
     assert (report.added, report.replaced, report.removed, report.unchanged) == (3, 1, 3, 10)
     assert sorted(counting.seen) == sorted(str(p.resolve()) for p in [changed, *added])
     after = VideoIndex.load(tmp_path / "idx")
@@ -268,13 +268,13 @@ def test_update_adds_changed_and_removed_files(tmp_path: Path) -> None:
     assert not torch.equal(after.frames[after.row(catalog.video_id(str(changed.resolve())))], old_frames)
 
     # The updated index is the index a fresh build over the new collection gives, without dead rows.
-    VideoIndex.build(tmp_path / "fresh", videos, SyntheticExtractor(), shard_size=4, progress=False)
+    build_index(tmp_path / "fresh", videos, SyntheticExtractor(), shard_size=4, progress=False)
     assert_same_index(tmp_path / "idx", tmp_path / "fresh")
     shard_consistency(tmp_path / "idx")
 
     # A second update with nothing changed encodes nothing.
     idle = CountingExtractor()
-    report = VideoIndex.update(tmp_path / "idx", idle, progress=False)
+    report = update_index(tmp_path / "idx", idle, progress=False)
     assert idle.seen == [] and report.unchanged == 14 and report.added == report.removed == 0
 
 
@@ -283,15 +283,15 @@ def test_undecodable_files_are_recorded_not_retried(tmp_path: Path) -> None:
     make_videos(videos, 3)
     broken = videos / "broken_clip.mp4"
     broken.write_bytes(BROKEN_MARKER + b" not a video")
-    report = VideoIndex.build(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
+    report = build_index(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
     assert (report.added, report.failed, report.total) == (3, 1, 3)
     idle = CountingExtractor()
-    VideoIndex.update(tmp_path / "idx", idle, progress=False)
+    update_index(tmp_path / "idx", idle, progress=False)
     assert idle.seen == []  # an unchanged broken file is not decoded again
     broken.write_bytes(b"repaired")
     os.utime(broken, ns=(time.time_ns(), time.time_ns() + 10**9))
     fixed = CountingExtractor()
-    report = VideoIndex.update(tmp_path / "idx", fixed, progress=False)
+    report = update_index(tmp_path / "idx", fixed, progress=False)
     assert fixed.seen == [str(broken.resolve())] and report.total == 4
 
 
@@ -319,7 +319,7 @@ def test_multi_rank_build_merges_shards(tmp_path: Path) -> None:
     assert reports[1].added == 10  # each rank counts its own work; rank 0 reports the whole job
     assert reports[0].added == reports[0].total == 21
     assert reports[0].shards_written == reports[1].shards_written == 2  # 11 + 10 videos: 8 + 3 and 8 + 2
-    VideoIndex.build(tmp_path / "single", tmp_path / "videos", SyntheticExtractor(), shard_size=8, progress=False)
+    build_index(tmp_path / "single", tmp_path / "videos", SyntheticExtractor(), shard_size=8, progress=False)
     assert_same_index(tmp_path / "ranks", tmp_path / "single")
     shard_consistency(tmp_path / "ranks")
     with contextlib.closing(catalog.connect(tmp_path / "ranks", readonly=True)) as conn:
@@ -330,12 +330,12 @@ def test_multi_rank_build_merges_shards(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- model identity
 def test_model_mismatch_is_refused(tmp_path: Path) -> None:
     make_videos(tmp_path / "videos", 4)
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(seed=0), progress=False)
+    build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(seed=0), progress=False)
     other = SyntheticExtractor(seed=1)
     with pytest.raises(ModelMismatchError):
-        VideoIndex.update(tmp_path / "idx", other, progress=False)
+        update_index(tmp_path / "idx", other, progress=False)
     with pytest.raises(ModelMismatchError):
-        VideoIndex.build(tmp_path / "idx", tmp_path / "videos", other, progress=False)
+        build_index(tmp_path / "idx", tmp_path / "videos", other, progress=False)
     with pytest.raises(ModelMismatchError):
         VideoIndex.load(tmp_path / "idx", model_id=other.identity.model_id)
     assert len(VideoIndex.load(tmp_path / "idx", model_id=SyntheticExtractor(seed=0).identity.model_id)) == 4
@@ -359,7 +359,7 @@ def test_model_fingerprint_covers_weights_and_config() -> None:
 
 def test_update_without_index_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        VideoIndex.update(tmp_path / "nothing", SyntheticExtractor(), tmp_path, progress=False)
+        update_index(tmp_path / "nothing", SyntheticExtractor(), tmp_path, progress=False)
     with pytest.raises(FileNotFoundError):
         VideoIndex.load(tmp_path / "nothing")
 
@@ -368,14 +368,14 @@ def test_update_without_index_fails(tmp_path: Path) -> None:
 def test_empty_sources_never_empty_the_index(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no videos found"):
-        VideoIndex.build(tmp_path / "idx", tmp_path / "empty", SyntheticExtractor(), progress=False)
+        build_index(tmp_path / "idx", tmp_path / "empty", SyntheticExtractor(), progress=False)
     videos = tmp_path / "videos"
     make_videos(videos, 3)
-    VideoIndex.build(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
+    build_index(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
     for path in videos.rglob("*.mp4"):  # e.g. the disk holding the collection is not mounted
         path.unlink()
     with pytest.raises(FileNotFoundError, match="no videos found"):
-        VideoIndex.update(tmp_path / "idx", SyntheticExtractor(), progress=False)
+        update_index(tmp_path / "idx", SyntheticExtractor(), progress=False)
     assert len(VideoIndex.load(tmp_path / "idx")) == 3
 
 
@@ -385,8 +385,8 @@ def test_list_source_with_video_root_is_recorded_for_update(tmp_path: Path) -> N
     listing = tmp_path / "annotations" / "test.csv"
     listing.parent.mkdir()
     listing.write_text("video,caption\n" + "".join(f"{p.relative_to(videos)},a caption\n" for p in paths[:3]))
-    VideoIndex.build(tmp_path / "idx", listing, SyntheticExtractor(), video_root=videos, progress=False)
+    build_index(tmp_path / "idx", listing, SyntheticExtractor(), video_root=videos, progress=False)
     assert len(VideoIndex.load(tmp_path / "idx")) == 3
     listing.write_text(listing.read_text() + f"{paths[3].relative_to(videos)},another\n")
-    report = VideoIndex.update(tmp_path / "idx", SyntheticExtractor(), progress=False)  # recorded list + root
+    report = update_index(tmp_path / "idx", SyntheticExtractor(), progress=False)  # recorded list + root
     assert (report.added, report.total) == (1, 4)

@@ -1,7 +1,7 @@
 """The first stage of the cascade: exact fp32 / fp16 search against brute force, the IVF and PQ files
 (FAISS) and their freshness across ``index update``, stored WTI frame weights, and running without FAISS.
 
-Indexes come from :class:`diffusionret.index.testing.SyntheticExtractor` (no model).
+Indexes come from :class:`diffusionret.testing.index.SyntheticExtractor` (no model).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from test_index import make_videos
 
 from helpers import require_faiss
-from diffusionret.index.builder import IvfBuildConfig
+from diffusionret.index.ann_build import AnnBuildConfig
+from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.features import pool_frames
 from diffusionret.index.first_stage import (
     AnnUnavailableError,
@@ -33,20 +34,20 @@ from diffusionret.index.first_stage import (
     max_row_norm,
 )
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor
+from diffusionret.testing.index import SyntheticExtractor
 
-ON = IvfBuildConfig(mode="on", nlist=4, kind="ivf")
-PQ_ON = IvfBuildConfig(mode="on", kind="pq")
+ON = AnnBuildConfig(mode="on", nlist=4, kind="ivf")
+PQ_ON = AnnBuildConfig(mode="on", kind="pq")
 
 
 def _queries(count: int, dim: int, seed: int = 1) -> torch.Tensor:
     return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def _build(tmp_path: Path, count: int = 37, ivf: IvfBuildConfig | None = None, **kwargs) -> Path:
+def _build(tmp_path: Path, count: int = 37, ann: AnnBuildConfig | None = None, **kwargs) -> Path:
     make_videos(tmp_path / "videos", count)
     extractor = SyntheticExtractor(frames=5, dim=24, **kwargs)
-    VideoIndex.build(tmp_path / "idx", tmp_path / "videos", extractor, shard_size=6, progress=False, ivf=ivf)
+    build_index(tmp_path / "idx", tmp_path / "videos", extractor, shard_size=6, progress=False, ann=ann)
     return tmp_path / "idx"
 
 
@@ -109,7 +110,7 @@ def test_auto_precision_follows_the_size_threshold(tmp_path: Path, no_faiss: Non
 # -------------------------------------------------------------------------------------------- IVF
 def test_ivf_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
     require_faiss()
-    root = _build(tmp_path, ivf=ON)
+    root = _build(tmp_path, ann=ON)
     index = VideoIndex.load(root)
     assert [p.name for p in ivf_files(root)] == [ivf_path(root, index.content_fingerprint).name]
     # auto uses the file for a "large" index; scanning every list it is exact.
@@ -133,35 +134,36 @@ def test_ivf_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None
 
 def test_stale_ivf_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
     require_faiss()
-    root = _build(tmp_path, ivf=ON)
+    root = _build(tmp_path, ann=ON)
     (old_file,) = ivf_files(root)
     old_bytes = old_file.read_bytes()
     make_videos(tmp_path / "videos" / "more", 3, start=200)
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ivf=ON)
+    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=ON)
     index = VideoIndex.load(root)
     (new_file,) = ivf_files(root)  # the stale file was deleted by the update
     assert new_file != old_file and new_file == ivf_path(root, index.content_fingerprint)
 
-    # A stale file (e.g. written late by a reader of the old contents) is never picked up.
+    # A stale file (e.g. restored from a backup of the old contents) is never picked up.
     old_file.write_bytes(old_bytes)
     config = FirstStageConfig(large_index=0, nprobe=4)
     assert index.configure_first_stage(config).describe()["videos"] == len(index) == 40
     new_file.unlink()
     fresh = VideoIndex.load(root)
     assert fresh.configure_first_stage(config).describe() == {"method": "exact", "precision": "float16"}
-    # Forcing IVF builds it in memory and saves it (the index is not locked), removing the stale file.
+    # Forcing IVF builds it in memory only: a reader never writes to the index folder.
     built = fresh.configure_first_stage(FirstStageConfig(method="ivf", nprobe=64))
-    assert built.describe()["videos"] == 40 and ivf_files(root) == [new_file]
+    assert built.describe()["videos"] == 40 and ivf_files(root) == [old_file]
+    assert built.fingerprint == fresh.content_fingerprint
 
 
 def test_ivf_off_and_auto_threshold(tmp_path: Path) -> None:
     require_faiss()
-    root = _build(tmp_path, ivf=IvfBuildConfig(mode="auto", min_videos=1_000))
+    root = _build(tmp_path, ann=AnnBuildConfig(mode="auto", min_videos=1_000))
     assert ivf_files(root) == []  # below the threshold
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False,
-                      ivf=IvfBuildConfig(mode="auto", min_videos=30, nlist=2, kind="ivf"))
+    update_index(root, SyntheticExtractor(frames=5, dim=24), progress=False,
+                 ann=AnnBuildConfig(mode="auto", min_videos=30, nlist=2, kind="ivf"))
     assert len(ivf_files(root)) == 1
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False, ivf=IvfBuildConfig(mode="off"))
+    update_index(root, SyntheticExtractor(frames=5, dim=24), progress=False, ann=AnnBuildConfig(mode="off"))
     assert ivf_files(root) == []
 
 
@@ -216,7 +218,7 @@ def test_pq_recall_is_high_and_scores_are_exact() -> None:
 
 def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
     require_faiss()
-    root = _build(tmp_path, ivf=PQ_ON)
+    root = _build(tmp_path, ann=PQ_ON)
     index = VideoIndex.load(root)
     assert [p.name for p in ann_files(root)] == [ann_path(root, "pq", index.content_fingerprint).name]
     assert ivf_files(root) == []
@@ -234,7 +236,7 @@ def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
     scores, rows = index.search(queries, 5)
     torch.testing.assert_close(scores, brute.gather(1, rows), rtol=0, atol=1e-6)
     # With both files up to date, auto prefers PQ; small indexes stay exact.
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ivf=ON)
+    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=ON)
     assert len(ann_files(root)) == 2  # the up-to-date PQ file is kept
     fresh = VideoIndex.load(root)
     assert fresh.configure_first_stage(FirstStageConfig(large_index=10)).describe()["method"] == "pq"
@@ -244,23 +246,25 @@ def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
 
 def test_stale_pq_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
     require_faiss()
-    root = _build(tmp_path, ivf=PQ_ON)
+    root = _build(tmp_path, ann=PQ_ON)
     (old_file,) = ann_files(root)
     old_bytes = old_file.read_bytes()
     make_videos(tmp_path / "videos" / "more", 3, start=200)
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ivf=PQ_ON)
+    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=PQ_ON)
     index = VideoIndex.load(root)
     (new_file,) = ann_files(root)  # the stale file was deleted by the update
     assert new_file != old_file and new_file == ann_path(root, "pq", index.content_fingerprint)
-    old_file.write_bytes(old_bytes)  # a stale file (e.g. written late by an old reader) is never used
+    old_file.write_bytes(old_bytes)  # a stale file (e.g. restored from a backup) is never used
     config = FirstStageConfig(large_index=0)
     assert index.configure_first_stage(config).describe()["videos"] == len(index) == 40
     new_file.unlink()
     fresh = VideoIndex.load(root)
     assert fresh.configure_first_stage(config).describe() == {"method": "exact", "precision": "float16"}
-    # Forcing PQ builds it in memory and saves it, removing the stale file.
+    # Forcing PQ builds it in memory only (the folder is unchanged); an update writes it and drops the stale one.
     built = fresh.configure_first_stage(FirstStageConfig(method="pq"))
-    assert built.describe()["videos"] == 40 and ann_files(root) == [new_file]
+    assert built.describe()["videos"] == 40 and ann_files(root) == [old_file]
+    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=PQ_ON)
+    assert ann_files(root) == [new_file]
     # A PQ file of the right name but the wrong size is ignored.
     faiss = require_faiss()
     wrong = faiss.IndexPQFastScan(24, 12, 4, faiss.METRIC_INNER_PRODUCT)
@@ -269,7 +273,7 @@ def test_stale_pq_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> N
     faiss.write_index(wrong, str(new_file))
     assert VideoIndex.load(root).configure_first_stage(config).describe()["method"] == "exact"
     # Switching ANN files off deletes it.
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24), progress=False, ivf=IvfBuildConfig(mode="off"))
+    update_index(root, SyntheticExtractor(frames=5, dim=24), progress=False, ann=AnnBuildConfig(mode="off"))
     assert ann_files(root) == []
 
 
@@ -286,11 +290,11 @@ def test_exact_search_works_without_faiss(tmp_path: Path, no_faiss: None) -> Non
 def test_forced_ivf_build_without_faiss_fails_before_encoding(tmp_path: Path, no_faiss: None) -> None:
     make_videos(tmp_path / "videos", 3)
     with pytest.raises(AnnUnavailableError):
-        VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False, ivf=ON)
+        build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False, ann=ON)
     assert not (tmp_path / "idx" / "shards").exists()
     # auto goes on without it.
-    report = VideoIndex.build(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False,
-                              ivf=IvfBuildConfig(mode="auto", min_videos=1))
+    report = build_index(tmp_path / "idx", tmp_path / "videos", SyntheticExtractor(), progress=False,
+                         ann=AnnBuildConfig(mode="auto", min_videos=1))
     assert report.total == 3 and ivf_files(tmp_path / "idx") == []
 
 
@@ -306,7 +310,7 @@ def test_frame_weights_are_stored_and_survive_compaction(tmp_path: Path) -> None
     # Removing files leaves holes; compaction rewrites shards and keeps the weights.
     for path in sorted((tmp_path / "videos").rglob("*.mp4"))[::4]:
         path.unlink()
-    VideoIndex.update(root, extractor, shard_size=6, progress=False)
+    update_index(root, extractor, shard_size=6, progress=False)
     after = VideoIndex.load(root)
     assert len(after) < len(index) and after.frame_weights is not None and bool(after.weights_known.all())
     torch.testing.assert_close(after.frame_weights, extractor.frame_weights(after.frames, after.frame_mask),
@@ -319,7 +323,7 @@ def test_index_without_weights_and_mixed_index(tmp_path: Path) -> None:
     assert index.frame_weights is None and index.gather_weights(torch.tensor([0])) is None
     # New videos encoded by an extractor that stores weights: only their rows have them.
     make_videos(tmp_path / "videos" / "new", 6, start=50)
-    VideoIndex.update(root, SyntheticExtractor(frames=5, dim=24, with_weights=True), shard_size=6, progress=False)
+    update_index(root, SyntheticExtractor(frames=5, dim=24, with_weights=True), shard_size=6, progress=False)
     mixed = VideoIndex.load(root)
     known = mixed.weights_known
     assert known is not None and 0 < int(known.sum()) < len(mixed)
@@ -337,13 +341,16 @@ def test_ivf_file_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
     """A failure while writing leaves no file under the final name and no temp file behind."""
     faiss = require_faiss()
     root = _build(tmp_path)
-    index = VideoIndex.load(root)
 
     def broken_write(index_obj, path):  # writes part of a file, then fails
         Path(path).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(faiss, "write_index", broken_write)
-    index.configure_first_stage(FirstStageConfig(method="ivf", nprobe=2))  # builds, save fails, search works
+    with pytest.raises(RuntimeError, match="disk full"):
+        update_index(root, SyntheticExtractor(frames=5, dim=24), progress=False, ann=ON)
     assert ivf_files(root) == [] and not [p for p in root.iterdir() if p.name.endswith(".tmp")]
-    assert index.search(_queries(1, 24), 3)[1].shape == (1, 3)
+    monkeypatch.undo()
+    index = VideoIndex.load(root)  # the index itself is intact, and a reader can still build IVF in memory
+    index.configure_first_stage(FirstStageConfig(method="ivf", nprobe=2))
+    assert index.search(_queries(1, 24), 3)[1].shape == (1, 3) and ivf_files(root) == []

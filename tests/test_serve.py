@@ -20,8 +20,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from diffusionret.index.builder import build_index
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ServeConfig, UrlSigner, check_range, create_app
 
 TOKEN = "correct-horse-battery-staple"
@@ -36,7 +37,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i, name in enumerate(NAMES):
         (videos / f"{name}.mp4").write_bytes(bytes(range(256)) * (4 + i))
     (root / "secret.txt").write_text("root:x:0:0:top secret\n")
-    VideoIndex.build(root / "idx", videos, SyntheticExtractor(), progress=False)
+    build_index(root / "idx", videos, SyntheticExtractor(), progress=False)
     index = VideoIndex.load(root / "idx")
     return {"root": root, "videos": videos, "index": index, "by_name": {Path(r.path).stem: r for r in index.records}}
 
@@ -181,7 +182,7 @@ def test_check_range_agrees_with_file_response_rules() -> None:
 def test_media_of_deleted_file(tmp_path: Path) -> None:
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "gone.mp4").write_bytes(b"soon deleted")
-    VideoIndex.build(tmp_path / "idx", tmp_path / "v", SyntheticExtractor(), progress=False)
+    build_index(tmp_path / "idx", tmp_path / "v", SyntheticExtractor(), progress=False)
     index = VideoIndex.load(tmp_path / "idx")
     (tmp_path / "v" / "gone.mp4").unlink()
     with TestClient(create_app(SyntheticSearcher(index))) as c:

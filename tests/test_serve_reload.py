@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import create_app
 from diffusionret.serve.reload import ReloadingBackend, catalog_signature
 
@@ -31,7 +32,7 @@ def write_videos(folder: Path, names: list[str]) -> None:
 def build(tmp_path: Path) -> tuple[Path, Path]:
     videos, root = tmp_path / "videos", tmp_path / "idx"
     write_videos(videos, ["red_circle", "blue_square", "green_ring"])
-    VideoIndex.build(root, videos, SyntheticExtractor(), progress=False)
+    build_index(root, videos, SyntheticExtractor(), progress=False)
     return videos, root
 
 
@@ -57,7 +58,7 @@ def test_reloads_after_an_update_once_the_catalogue_has_settled(tmp_path: Path) 
     write_videos(videos, ["yellow_cross", "purple_star"])
     (videos / "green_ring.mp4").unlink()
     before = catalog_signature(root)
-    VideoIndex.update(root, SyntheticExtractor(), progress=False)
+    update_index(root, SyntheticExtractor(), progress=False)
     assert catalog_signature(root) != before
 
     clock.now = 1.0
@@ -87,7 +88,7 @@ def test_a_failed_reload_keeps_serving_the_previous_index(tmp_path: Path, caplog
 
     backend = ReloadingBackend(root, open_searcher, poll_s=1.0, settle_s=0.0, start=False, clock=clock)
     write_videos(videos, ["yellow_cross"])
-    VideoIndex.update(root, SyntheticExtractor(), progress=False)
+    update_index(root, SyntheticExtractor(), progress=False)
     broken["on"] = True
     clock.now = 1.0
     assert not backend.poll()
@@ -102,7 +103,7 @@ def test_the_server_follows_the_index_and_stops_its_watcher(tmp_path: Path) -> N
     with TestClient(create_app(backend)) as client:
         assert client.get("/healthz").json()["videos"] == 3
         write_videos(videos, ["yellow_cross"])
-        VideoIndex.update(root, SyntheticExtractor(), progress=False)
+        update_index(root, SyntheticExtractor(), progress=False)
         deadline = time.monotonic() + 20
         while client.get("/healthz").json()["videos"] != 4:
             assert time.monotonic() < deadline, "the server never picked up the update"

@@ -13,7 +13,7 @@ from torch import nn
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.training.checkpoint import capture_rng_state, restore_rng_state
-from diffusionret.training.distributed import DistContext
+from diffusionret.distributed import DistContext
 from diffusionret.training.ema import ModelEMA
 from diffusionret.training.negatives import cap_num_negatives, candidate_indices, mine_hard_negatives
 from diffusionret.training.optim import build_optimizer, build_param_groups, build_scheduler, warmup_cosine

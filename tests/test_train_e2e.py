@@ -26,7 +26,7 @@ def write_smoke_corpus(root: Path) -> Path:
     Train has 10 records over 8 videos (two videos have two captions, so batches can hold
     duplicates), val 2 videos, test 2 videos with 3 captions (a multi-caption video).
     """
-    from diffusionret.data.synthetic import write_video
+    from diffusionret.testing.videos import write_video
 
     videos = root / "videos"
     for i, colour in enumerate(COLOURS):

@@ -7,7 +7,8 @@ Public API (imported lazily so that ``import diffusionret`` stays light):
 - :func:`build_model` — a fresh model from a :class:`ModelConfig` (optionally from CLIP weights).
 - :func:`tokenize` — CLIP BPE tokenisation with the reference's truncation and padding.
 - :mod:`diffusionret.metrics` — retrieval metrics.
-- :class:`VideoIndex`, :class:`Searcher` — on-disk video index and cascade search.
+- :class:`VideoIndex`, :class:`Searcher` — on-disk video index and cascade search;
+  :func:`build_index`, :func:`update_index` — write one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _LAZY = {
     "tokenize": "diffusionret.tokenizer",
     "VideoIndex": "diffusionret.index.store",
     "Searcher": "diffusionret.index.searcher",
+    "build_index": "diffusionret.index.builder",
+    "update_index": "diffusionret.index.builder",
 }
 
 __all__ = sorted([*_LAZY, "metrics", "__version__"])

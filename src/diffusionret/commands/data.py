@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from diffusionret.commands._output import emit
+from diffusionret.commands._common import emit
 
 logger = logging.getLogger(__name__)
 

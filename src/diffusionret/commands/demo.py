@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from diffusionret.commands._output import emit
+from diffusionret.commands._common import emit
 
 logger = logging.getLogger(__name__)
 

@@ -17,23 +17,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from diffusionret.commands._output import emit
+from diffusionret.commands._common import add_checkpoint_arguments, emit, load_config, start_distributed
 
 logger = logging.getLogger(__name__)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint, model file or run folder")
-    parser.add_argument("--config", required=True, help="run config YAML (its data/eval/diffusion sections are used)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.top_k=16")
-    parser.add_argument("--split", help="train / val / test or a reader split name (default: eval.split)")
-    parser.add_argument("--ema", action="store_true", help="use the EMA weights of a trainer checkpoint")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a checkpoint (metrics table + JSON)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--no-rerank", action="store_true", help="WTI ranking only (no diffusion re-ranking)")
     parser.add_argument("--features", metavar="FILE",
                         help="feature cache: re-used when it exists and matches, written otherwise")
@@ -44,10 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.data.errors import MissingVideosError, VideoDecodeError
     from diffusionret.evaluation.evaluate import evaluate, results_table
-    from diffusionret.training.distributed import destroy_distributed
+    from diffusionret.distributed import destroy_distributed
 
     cfg = load_config(args)
     if cfg is None:

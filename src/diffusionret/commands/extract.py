@@ -10,25 +10,22 @@ from __future__ import annotations
 import argparse
 import logging
 
-from diffusionret.commands._output import emit
+from diffusionret.commands._common import add_checkpoint_arguments, emit, load_config, start_distributed
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from diffusionret.commands.eval import add_common_arguments
-
     parser = subparsers.add_parser("extract", help="encode a split and cache its features", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--output", required=True, metavar="FILE", help="features file (.safetensors)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.evaluation.evaluate import extract_features
-    from diffusionret.training.distributed import destroy_distributed
+    from diffusionret.distributed import destroy_distributed
 
     cfg = load_config(args)
     if cfg is None:

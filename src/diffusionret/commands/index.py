@@ -8,32 +8,14 @@ Under ``torchrun`` every rank encodes its share of the pending videos and rank 0
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
 from typing import Any, Callable
 
+from diffusionret.commands._common import user_errors
+
 logger = logging.getLogger(__name__)
-
-
-def user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report the errors a user can fix (wrong model, missing index, locked index) without a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        from diffusionret.index.builder import IndexLockedError
-        from diffusionret.index.first_stage import AnnUnavailableError
-        from diffusionret.index.identity import ModelMismatchError
-        from diffusionret.models.checkpoint import CheckpointError
-
-        try:
-            return func(args)
-        except (ModelMismatchError, IndexLockedError, FileNotFoundError, CheckpointError, AnnUnavailableError) as exc:
-            logger.error("%s", exc)
-            return 2
-
-    return wrapper
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,14 +66,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding videos ahead of the model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--ivf", "--ann", dest="ivf", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--ann", "--ivf", dest="ann", choices=("auto", "on", "off"), default="auto",
                         help="keep an ANN file (--ann-kind) for an approximate first stage (FAISS): auto = for "
-                             "indexes of at least --ivf-min-videos videos when FAISS is installed; on = always "
+                             "indexes of at least --ann-min-videos videos when FAISS is installed; on = always "
                              "(needs FAISS); off = never, and delete existing ones (default: auto)")
     parser.add_argument("--ann-kind", choices=("pq", "ivf"), default="pq",
                         help="the ANN file built: pq = 4-bit PQ fast-scan codes, shortlist re-scored exactly; "
                              "ivf = IVF-Flat (default: pq)")
-    parser.add_argument("--ivf-min-videos", "--ann-min-videos", dest="ivf_min_videos", type=int, default=100_000,
+    parser.add_argument("--ann-min-videos", "--ivf-min-videos", dest="ann_min_videos", type=int, default=100_000,
                         metavar="N", help="index size from which --ann auto builds the ANN file (default: 100000)")
     parser.add_argument("--ivf-nlist", type=int, default=None, metavar="LISTS",
                         help="IVF clusters (default: the power of two nearest sqrt(videos), 1024 at 1M)")
@@ -99,10 +81,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="PQ sub-quantisers, a divisor of the embedding dimension (default: D/2, 256 at D=512)")
 
 
-def _ivf_config(args: argparse.Namespace) -> Any:
-    from diffusionret.index.builder import IvfBuildConfig
+def _ann_config(args: argparse.Namespace) -> Any:
+    from diffusionret.index.ann_build import AnnBuildConfig
 
-    return IvfBuildConfig(mode=args.ivf, min_videos=args.ivf_min_videos, nlist=args.ivf_nlist,
+    return AnnBuildConfig(mode=args.ann, min_videos=args.ann_min_videos, nlist=args.ivf_nlist,
                           kind=args.ann_kind, pq_m=args.pq_m)
 
 
@@ -132,7 +114,7 @@ def _distributed(device: str | None):
         import torch
 
         return 0, 1, None, device or ("cuda" if torch.cuda.is_available() else "cpu"), None
-    from diffusionret.training.distributed import barrier, init_distributed
+    from diffusionret.distributed import barrier, init_distributed
 
     ctx = init_distributed(device)
     return ctx.rank, ctx.world_size, (lambda: barrier(ctx)), str(ctx.device), ctx
@@ -140,7 +122,7 @@ def _distributed(device: str | None):
 
 def _finish(ctx: Any) -> None:
     if ctx is not None:
-        from diffusionret.training.distributed import destroy_distributed
+        from diffusionret.distributed import destroy_distributed
 
         destroy_distributed(ctx)
 
@@ -156,12 +138,12 @@ def _report(report: Any, rank: int) -> None:
 def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
           settings: dict[str, Any] | None = None) -> int:
     """Encode with the model at ``model_path`` and run ``sync(encoder, **options)`` (build or update) on every rank."""
-    ivf = _ivf_config(args)
+    ann = _ann_config(args)
     rank, world_size, barrier, device, ctx = _distributed(args.device)
     try:
         encoder = _encoder(args, model_path, device, settings=settings)
         report = sync(encoder, video_root=args.video_root, shard_size=args.shard_size, rank=rank,
-                      world_size=world_size, barrier=barrier, progress=not args.no_progress, ivf=ivf)
+                      world_size=world_size, barrier=barrier, progress=not args.no_progress, ann=ann)
         _report(report, rank)
     finally:
         _finish(ctx)
@@ -170,16 +152,17 @@ def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
 
 @user_errors
 def run_build(args: argparse.Namespace) -> int:
-    from diffusionret.index.store import VideoIndex
+    from diffusionret.index.builder import build_index
 
     def build(encoder: Any, **options: Any) -> Any:
-        return VideoIndex.build(args.out, args.videos, encoder, **options)
+        return build_index(args.out, args.videos, encoder, **options)
 
     return _sync(args, args.model, build)
 
 
 @user_errors
 def run_update(args: argparse.Namespace) -> int:
+    from diffusionret.index.builder import update_index
     from diffusionret.index.store import VideoIndex
 
     info = VideoIndex.read_info(args.index)
@@ -188,7 +171,7 @@ def run_update(args: argparse.Namespace) -> int:
         logger.error("%s does not record its model; pass --model", args.index)
         return 2
     def update(encoder: Any, **options: Any) -> Any:
-        return VideoIndex.update(args.index, encoder, args.videos, **options)
+        return update_index(args.index, encoder, args.videos, **options)
 
     return _sync(args, model_path, update, settings=info.settings)
 
@@ -199,7 +182,6 @@ def run_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from diffusionret.index import catalog
-    from diffusionret.index.builder import index_fingerprint
     from diffusionret.index.first_stage import (
         ANN_KINDS,
         ann_files,
@@ -207,7 +189,7 @@ def run_info(args: argparse.Namespace) -> int:
         ivf_files,
         ivf_path,
     )
-    from diffusionret.index.store import VideoIndex
+    from diffusionret.index.store import VideoIndex, index_fingerprint
 
     info = VideoIndex.read_info(args.index)
     root = Path(args.index)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from diffusionret.commands._output import emit
+from diffusionret.commands._common import emit
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from diffusionret.commands.index import user_errors
-from diffusionret.commands.search import add_search_options, open_searcher
+from diffusionret.commands._common import add_search_options, open_searcher, user_errors
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from diffusionret.commands._output import emit
+from diffusionret.commands._common import emit, load_config, start_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ def _install_signal_handlers(save: threading.Event, stop: threading.Event) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusionret.commands._run import load_config, start_distributed
     from diffusionret.data.errors import MissingVideosError
-    from diffusionret.training.distributed import destroy_distributed
+    from diffusionret.distributed import destroy_distributed
     from diffusionret.training.loop import TrainingStopped, train
 
     cfg = load_config(args)

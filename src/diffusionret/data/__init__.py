@@ -9,8 +9,7 @@ PyAV; ``read_frames`` needs PyAV only, the dataset and transforms need torch.
 - :data:`READERS`, :class:`VideoTextPair`, :class:`AnnotationError` (:mod:`.annotations`, :mod:`.records`)
 - :class:`VideoTextDataset`, :func:`collate`, :class:`Batch`, :func:`worker_init_fn`,
   :func:`require_complete` (:mod:`.dataset`, :mod:`.collate`)
-- :class:`DataConfig`, :func:`build_dataset`, :func:`build_dataloader`, :func:`load_data_config`
-  (:mod:`.config`)
+- :class:`DataConfig`, :func:`build_dataset`, :func:`load_data_config` (:mod:`.config`)
 - :func:`check_data`, :func:`preprocess_videos` (:mod:`.check`, :mod:`.preprocess`)
 """
 
@@ -61,9 +60,7 @@ _LAZY = {
     # config and factories
     "DataConfig": "diffusionret.data.config",
     "build_dataset": "diffusionret.data.config",
-    "build_dataloader": "diffusionret.data.config",
     "load_data_config": "diffusionret.data.config",
-    "EvalShardSampler": "diffusionret.data.config",
     # tools
     "check_data": "diffusionret.data.check",
     "format_report": "diffusionret.data.check",

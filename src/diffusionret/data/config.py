@@ -1,4 +1,4 @@
-"""The data section of a run config and the factories that turn it into datasets and loaders.
+"""The data section of a run config and the factory that turns it into datasets.
 
 ``DataConfig`` is self-contained so that a run config can embed it as its ``data`` field, and
 ``diffusionret data check CONFIG`` can read either such a run config or a file that is only a
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING, Literal
 from diffusionret.config_utils import ConfigError, apply_overrides, from_dict, load_yaml
 
 if TYPE_CHECKING:
-    import torch.utils.data
-
     from diffusionret.data.dataset import Tokenizer, VideoTextDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataConfig", "EvalShardSampler", "build_dataloader", "build_dataset", "load_data_config"]
+__all__ = ["DataConfig", "build_dataset", "load_data_config"]
 
 Split = Literal["train", "val", "test"]
 
@@ -170,69 +168,4 @@ def build_dataset(
         skip_report=report,
         seed=cfg.seed,
         name=f"{cfg.dataset}/{reader_split}",
-    )
-
-
-class EvalShardSampler:
-    """Indices ``rank, rank + world, ...`` without padding: every item is seen exactly once across
-    ranks (``DistributedSampler`` pads with repeats, which would duplicate test items)."""
-
-    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.dataset_len, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.dataset_len, self.world_size))
-
-
-def build_dataloader(
-    dataset: torch.utils.data.Dataset,
-    cfg: DataConfig,
-    *,
-    train: bool,
-    rank: int = 0,
-    world_size: int = 1,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader for ``dataset`` (a :class:`VideoTextDataset` or one of its views).
-
-    Training: per-rank batch ``cfg.batch_size // world_size``, shuffled (``DistributedSampler`` with
-    ``cfg.seed`` when ``world_size > 1``; call ``loader.sampler.set_epoch`` and ``dataset.set_epoch``
-    each epoch), ``drop_last``. Evaluation: ``cfg.batch_size_val // world_size``, in order, sharded
-    without padding by :class:`EvalShardSampler`.
-    """
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from diffusionret.data.collate import collate
-    from diffusionret.data.dataset import worker_init_fn
-
-    total = cfg.batch_size if train else cfg.batch_size_val
-    if total % world_size:
-        logger.warning("batch size %d is not divisible by world size %d; rounding down", total, world_size)
-    per_rank = max(1, total // world_size)
-    sampler: torch.utils.data.Sampler | None
-    if train and world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
-    elif not train and world_size > 1:
-        sampler = EvalShardSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
-    else:
-        sampler = None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(
-        dataset,
-        batch_size=per_rank,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-        pin_memory=cfg.pin_memory,
-        drop_last=train,
-        worker_init_fn=worker_init_fn,
-        generator=generator,
-        persistent_workers=False,  # dataset.set_epoch must reach fresh workers each epoch
     )

@@ -227,7 +227,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     """
     from diffusionret.evaluation.evaluate import evaluate_features, extract_features
     from diffusionret.models.checkpoint import load_model
-    from diffusionret.training.distributed import DistContext
+    from diffusionret.distributed import DistContext
     from diffusionret.training.loop import train
 
     cfg = cfg or DemoConfig()

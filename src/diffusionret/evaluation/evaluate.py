@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from diffusionret.config_utils import atomic_write_text
 from diffusionret.evaluation.features import CorpusFeatures, encode_corpus, model_fingerprint
 from diffusionret.evaluation.metrics import format_table, multi_caption_metrics
-from diffusionret.training.distributed import DistContext, all_gather_variable, broadcast_object, shard_range
+from diffusionret.distributed import DistContext, all_gather_variable, broadcast_object, shard_range
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffusionret.config_utils import atomic_path
-from diffusionret.training.distributed import DistContext, IndexSampler, all_gather_variable, shard_range
+from diffusionret.distributed import DistContext, IndexSampler, all_gather_variable, shard_range
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Build, resume and update an on-disk index (the writing side of :class:`~diffusionret.index.store.VideoIndex`).
 
-One routine, :func:`sync_index`, makes the index match a list of video files:
+:func:`build_index` and :func:`update_index` are the entry points; both find the videos and call
+one routine, :func:`sync_index`, which makes the index match a list of video files:
 
 1. (rank 0) open the catalogue under an exclusive lock, check the model, recover from a killed run:
    delete partial ``.tmp`` files and register complete shards that never got registered;
@@ -11,7 +12,11 @@ One routine, :func:`sync_index`, makes the index match a list of video files:
    the last complete shard;
 4. (rank 0) register the other ranks' shards (the merge), drop deleted files, compact shards
    left with dead rows, record the update time, and bring the ANN (PQ or IVF) first-stage file up
-   to date (:func:`refresh_ivf`: built for large indexes, stale ones deleted).
+   to date (:func:`~diffusionret.index.ann_build.refresh_ann`: built for large indexes, stale ones
+   deleted).
+
+The read side (:mod:`~diffusionret.index.store`, :mod:`~diffusionret.index.first_stage`) never
+writes; every file of an index, ANN files included, is written here under the writer lock.
 
 Because a shard is self-contained and registration is one SQLite transaction, any kill leaves an
 index that is consistent and that the next run completes without duplicates.
@@ -37,7 +42,7 @@ import diffusionret
 from diffusionret.config_utils import atomic_write_text
 from diffusionret.index import catalog
 from diffusionret.index.catalog import VideoRecord, video_id
-from diffusionret.index.discover import FileState
+from diffusionret.index.discover import FileState, discover_videos
 from diffusionret.index.features import (
     ExtractionFailure,
     FeatureExtractor,
@@ -46,18 +51,8 @@ from diffusionret.index.features import (
     pool_frames,
     stack_features,
 )
-from diffusionret.index.first_stage import (
-    ANN_KINDS,
-    DEFAULT_ANN_KIND,
-    LARGE_INDEX_VIDEOS,
-    AnnUnavailableError,
-    IvfFirstStage,
-    PqFirstStage,
-    ann_path,
-    content_fingerprint,
-    import_faiss,
-    remove_stale_ivf,
-)
+from diffusionret.index.ann_build import AnnBuildConfig, refresh_ann
+from diffusionret.index.first_stage import import_faiss
 from diffusionret.index.identity import ModelMismatchError
 from diffusionret.index.shards import (
     SHARD_DIR,
@@ -67,11 +62,11 @@ from diffusionret.index.shards import (
     ShardFailure,
     new_shard_name,
     read_shard_metadata,
-    read_shard_pooled,
     read_shard_rows,
     read_shard_weights,
     write_shard,
 )
+from diffusionret.index.store import VideoIndex
 
 logger = logging.getLogger(__name__)
 
@@ -111,37 +106,6 @@ class SyncReport:
 
 
 @dataclass(frozen=True)
-class IvfBuildConfig:
-    """Whether ``index build``/``update`` keep an ANN first-stage file (:mod:`~diffusionret.index.first_stage`).
-
-    Attributes:
-        mode: ``auto``: for indexes of at least ``min_videos`` videos when FAISS is installed;
-            ``on``: always (FAISS required); ``off``: never (existing ANN files are deleted).
-        min_videos: the ``auto`` threshold.
-        nlist: IVF clusters (default: the power of two nearest sqrt(N)).
-        kind: which structure to build: ``pq`` (PQ fast-scan + exact re-scoring, the default) or
-            ``ivf`` (IVF-Flat).
-        pq_m: PQ sub-quantisers (default :func:`~diffusionret.index.first_stage.default_pq_m`).
-    """
-
-    mode: str = "auto"
-    min_videos: int = LARGE_INDEX_VIDEOS
-    nlist: int | None = None
-    kind: str = DEFAULT_ANN_KIND
-    pq_m: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("auto", "on", "off"):
-            raise ValueError(f"ANN mode must be auto, on or off, got {self.mode!r}")
-        if self.kind not in ANN_KINDS:
-            raise ValueError(f"ANN kind must be one of {ANN_KINDS}, got {self.kind!r}")
-        if self.nlist is not None and self.nlist <= 0:
-            raise ValueError(f"nlist must be positive, got {self.nlist}")
-        if self.pq_m is not None and self.pq_m <= 0:
-            raise ValueError(f"pq_m must be positive, got {self.pq_m}")
-
-
-@dataclass(frozen=True)
 class _Plan:
     pending: list[tuple[str, FileState]]  # files to encode, sorted by path
     replaced: set[str]
@@ -158,6 +122,91 @@ class _Plan:
                    replaced=set(data["replaced"]), gone=list(data["gone"]), unchanged=int(data["unchanged"]))
 
 
+def build_index(
+    root: str | os.PathLike,
+    videos: str | os.PathLike | Sequence[str | os.PathLike],
+    extractor: FeatureExtractor,
+    *,
+    video_root: str | os.PathLike | None = None,
+    shard_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+    ann: AnnBuildConfig | None = None,
+) -> SyncReport:
+    """Create (or resume building) an index of the videos found in ``videos``.
+
+    Re-running a killed build with the same arguments resumes it: shards that were written
+    completely are kept, nothing is encoded twice.
+
+    Args:
+        root: index folder.
+        videos: folder(s) scanned recursively, ``.txt``/``.csv`` lists, or video files.
+        extractor: decoder + model (e.g. :class:`~diffusionret.index.encode.ModelVideoEncoder`).
+        video_root: folder that relative paths in list files refer to (default: the list's folder).
+        shard_size: videos per atomically written shard.
+        rank, world_size, barrier: torchrun sharding (each rank encodes ``pending[rank::world_size]``).
+        progress: show a progress bar.
+        ann: whether to write an ANN (PQ or IVF) first-stage file (default: for indexes of 100k+
+            videos when FAISS is installed; see :class:`AnnBuildConfig`).
+
+    Raises:
+        ModelMismatchError: ``root`` already holds an index built by another model.
+        FileNotFoundError: the sources hold no video.
+        AnnUnavailableError: ``ann.mode == "on"`` without FAISS.
+    """
+    sources = _source_list(videos)
+    root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
+    return sync_index(root, _discover_some(sources, root_dir), extractor, sources=sources, video_root=root_dir,
+                      create=True, shard_size=shard_size, rank=rank, world_size=world_size, barrier=barrier,
+                      progress=progress, ann=ann)
+
+
+def update_index(
+    root: str | os.PathLike,
+    extractor: FeatureExtractor,
+    videos: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    video_root: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> SyncReport:
+    """Bring an existing index up to date: encode new and changed files, drop deleted ones.
+
+    Args:
+        root: index folder.
+        extractor: must carry the model that built the index.
+        videos: sources to scan; default: the sources recorded at build time.
+        video_root: folder for relative paths in list files; default: the recorded one.
+        **kwargs: as for :func:`build_index` (``shard_size``, ``rank``, ``ann``, ...).
+
+    Raises:
+        FileNotFoundError: no index at ``root``, or the sources hold no video (an unmounted
+            disk must not empty the index).
+    """
+    info = VideoIndex.read_info(root)
+    sources = _source_list(videos) if videos is not None else info.sources
+    if not sources:
+        raise ValueError(f"{root}: no video sources recorded; pass the videos to scan")
+    if video_root is not None:
+        video_root = str(Path(video_root).expanduser().resolve())
+    elif videos is None:
+        video_root = info.video_root
+    return sync_index(root, _discover_some(sources, video_root), extractor, sources=sources,
+                      video_root=video_root, create=False, **kwargs)
+
+
+def _discover_some(sources: Sequence[str], video_root: str | None) -> list[Path]:
+    videos = discover_videos(sources, video_root)
+    if not videos:
+        raise FileNotFoundError(f"no videos found in {', '.join(sources)}")
+    return videos
+
+
+def _source_list(videos: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    items = [videos] if isinstance(videos, (str, os.PathLike)) else list(videos)
+    return [str(Path(item).expanduser().resolve()) for item in items]
+
+
 def sync_index(
     root: str | os.PathLike,
     videos: Sequence[Path],
@@ -171,7 +220,7 @@ def sync_index(
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
-    ivf: IvfBuildConfig | None = None,
+    ann: AnnBuildConfig | None = None,
 ) -> SyncReport:
     """Make the index at ``root`` hold exactly ``videos``, encoding only what is new or changed.
 
@@ -188,7 +237,7 @@ def sync_index(
         rank, world_size: this process's place in a torchrun job.
         barrier: synchronises ranks (required when ``world_size > 1``).
         progress: show a tqdm bar (rank 0).
-        ivf: whether to keep an IVF first-stage file (default :class:`IvfBuildConfig`: for large indexes).
+        ann: whether to keep an ANN first-stage file (default :class:`AnnBuildConfig`: for large indexes).
 
     Returns:
         A :class:`SyncReport`.
@@ -197,12 +246,12 @@ def sync_index(
         ModelMismatchError: the index was built by another model or with other decoding settings.
         IndexLockedError: another process holds the index.
         FileNotFoundError: ``create`` is false and there is no index.
-        AnnUnavailableError: ``ivf.mode == "on"`` and FAISS is not installed (checked before any work).
+        AnnUnavailableError: ``ann.mode == "on"`` and FAISS is not installed (checked before any work).
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    ivf = ivf or IvfBuildConfig()
-    if ivf.mode == "on" and rank == 0:
+    ann = ann or AnnBuildConfig()
+    if ann.mode == "on" and rank == 0:
         import_faiss()
     if world_size > 1 and barrier is None:
         raise ValueError("a multi-rank build needs a barrier")
@@ -233,7 +282,7 @@ def sync_index(
             _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
             _compact(conn, root, shard_size, extractor)
             catalog.write_info(conn, {"updated_at": time.time()})
-            refresh_ivf(conn, root, ivf)
+            refresh_ann(conn, root, ann)
             _count_outcomes(conn, plan, report)
             (root / PLAN_NAME).unlink(missing_ok=True)
         sync()
@@ -522,53 +571,3 @@ def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoR
     created_ns = read_shard_metadata(shard_dir / name).created_ns
     # Old shards are retired by the caller once every rewrite has committed; here only rows move.
     catalog.move_rows(conn, name, len(records), created_ns, [(r.id, row) for row, r in enumerate(records)])
-
-
-def index_fingerprint(conn: sqlite3.Connection) -> tuple[str, list[VideoRecord]]:
-    """:func:`~diffusionret.index.first_stage.content_fingerprint` of the catalogue's current rows, and the rows."""
-    info = catalog.read_info(conn)
-    records = catalog.list_records(conn)
-    rows = [(r.id, r.shard, r.row) for r in records]
-    return content_fingerprint(info["model_id"], int(info["embed_dim"]), rows), records
-
-
-def refresh_ivf(conn: sqlite3.Connection, root: Path, config: IvfBuildConfig) -> Path | None:
-    """Make the index folder hold an up-to-date ANN file when ``config`` asks for one (caller holds the lock).
-
-    Builds ``<kind>-<fingerprint>.faiss`` (``config.kind``) for the catalogue's current rows when it
-    is wanted and missing, then deletes every ANN file of other contents. Returns the path of the
-    ``config.kind`` file, or ``None`` when the index keeps none of that kind.
-    """
-    fingerprint, records = index_fingerprint(conn)
-    wanted = bool(records) and (config.mode == "on"
-                                or (config.mode == "auto" and len(records) >= config.min_videos))
-    path = ann_path(root, config.kind, fingerprint)
-    if wanted and not path.is_file():
-        try:
-            import_faiss()
-        except AnnUnavailableError as exc:  # raised up front for mode "on"; "auto" goes on without
-            logger.warning("not building an ANN first stage for %d videos: %s", len(records), exc)
-        else:
-            pooled = load_pooled(root, records, int(catalog.read_info(conn)["embed_dim"]))
-            if config.kind == "pq":
-                PqFirstStage.build(pooled, fingerprint, m=config.pq_m).save(root)
-            else:
-                IvfFirstStage.build(pooled, fingerprint, nlist=config.nlist).save(root)
-            logger.info("wrote %s", path.name)
-    # Up-to-date files (of either kind, e.g. one a user built on purpose) stay unless ANN is switched off.
-    keep = fingerprint if config.mode != "off" else None
-    for name in remove_stale_ivf(root, keep):
-        logger.info("deleted stale ANN file %s", name)
-    return path if keep and path.is_file() else None
-
-
-def load_pooled(root: Path, records: Sequence[VideoRecord], embed_dim: int) -> torch.Tensor:
-    """(N, D) float32 pooled embeddings of ``records`` in their order, read from the shards (not the frames)."""
-    by_shard: dict[str, list[int]] = {}
-    for position, record in enumerate(records):
-        by_shard.setdefault(record.shard, []).append(position)
-    pooled = torch.zeros(len(records), embed_dim, dtype=torch.float32)
-    for shard, positions in by_shard.items():
-        values = read_shard_pooled(root / SHARD_DIR / shard, [records[i].row for i in positions])
-        pooled[torch.as_tensor(positions, dtype=torch.long)] = values
-    return pooled

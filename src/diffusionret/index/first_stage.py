@@ -20,8 +20,10 @@ These two "ANN" structures are persisted in the index folder as ``<kind>-<conten
 :func:`content_fingerprint` of the rows it covers (model, dimension, and every video's id, shard
 and shard row, in the loaded row order). Shards are immutable and uniquely named, so equal
 fingerprints mean equal pooled vectors in the same rows; after ``index update`` the fingerprint
-changes and the old file is simply not found (it is rebuilt by the update, or ignored). FAISS is
-optional (``pip install 'diffusionret[ann]'``) and imported only when an ANN index is used.
+changes and the old file is simply not found (it is rebuilt by the update, or ignored). This module
+only reads them: writing and deleting them is the index writer's job
+(:func:`diffusionret.index.builder.refresh_ann`). FAISS is optional (``pip install 'diffusionret[ann]'``)
+and imported only when an ANN index is used.
 """
 
 from __future__ import annotations
@@ -37,16 +39,13 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-from diffusionret.config_utils import atomic_path
-
 logger = logging.getLogger(__name__)
 
-# Indexes at least this large are "large": an IVF file is built for them (``index build``/``update``
-# with ``--ivf auto``), searched with it (``--first-stage auto``), and their exact path keeps fp16
+# Indexes at least this large are "large": an ANN file is built for them (``index build``/``update``
+# with ``--ann auto``), searched with it (``--first-stage auto``), and their exact path keeps fp16
 # embeddings. Below it the exact fp32 product takes a few ms (2.4 ms at 10k, 21 ms at 100k).
 LARGE_INDEX_VIDEOS = 100_000
-IVF_PREFIX = "ivf-"
-IVF_SUFFIX = ".faiss"
+ANN_SUFFIX = ".faiss"
 # The persisted approximate structures; ``auto`` prefers them in this order (see FirstStageConfig).
 ANN_KINDS: tuple[str, ...] = ("pq", "ivf")
 # What ``index build``/``update`` write by default: on the 1M synthetic benchmark PQ fast-scan with
@@ -75,8 +74,8 @@ class FirstStageConfig:
     """How the first stage searches the pooled embeddings.
 
     Attributes:
-        method: ``exact`` (always exact), ``ivf`` / ``pq`` (that ANN index; built in memory and
-            saved when the index folder has no up-to-date one), or ``auto``: when the index has at
+        method: ``exact`` (always exact), ``ivf`` / ``pq`` (that ANN index; built in memory when
+            the index folder has no up-to-date one, never written by a reader), or ``auto``: when the index has at
             least ``large_index`` videos and FAISS is installed, its up-to-date PQ file, else its
             up-to-date IVF file (``index build``/``update`` write one), exact otherwise.
         nprobe: IVF clusters scanned per query (more: higher recall, slower).
@@ -85,7 +84,7 @@ class FirstStageConfig:
         precision: storage of the exact path's embeddings: ``float32``, ``float16`` (half the
             memory traffic, same ranking of the stored fp16 vectors), or ``auto`` (fp16 for large
             indexes).
-        large_index: the size from which ``auto`` means IVF / fp16.
+        large_index: the size from which ``auto`` means an ANN file / fp16.
     """
 
     method: FirstStageMethod = "auto"
@@ -218,7 +217,7 @@ def half_topk(queries: Tensor, database: Tensor, k: int, *, max_norm: float = 1.
     return out_scores, out_rows
 
 
-# ------------------------------------------------------------------------------------------- IVF
+# ------------------------------------------------------------------------------------- ANN files
 def content_fingerprint(model_id: str, embed_dim: int, rows: Sequence[tuple[str, str, int]]) -> str:
     """Digest of what a first-stage structure over an index covers.
 
@@ -239,12 +238,12 @@ def ann_path(root: Path, kind: str, fingerprint: str) -> Path:
     """``<root>/<kind>-<fingerprint>.faiss``."""
     if kind not in ANN_KINDS:
         raise ValueError(f"ANN kind must be one of {ANN_KINDS}, got {kind!r}")
-    return Path(root) / f"{kind}-{fingerprint}{IVF_SUFFIX}"
+    return Path(root) / f"{kind}-{fingerprint}{ANN_SUFFIX}"
 
 
 def ann_files(root: Path, kinds: Sequence[str] = ANN_KINDS) -> list[Path]:
     """Every ANN file of ``kinds`` in an index folder (up to date or not)."""
-    return sorted(p for kind in kinds for p in Path(root).glob(f"{kind}-*{IVF_SUFFIX}"))
+    return sorted(p for kind in kinds for p in Path(root).glob(f"{kind}-*{ANN_SUFFIX}"))
 
 
 def ivf_path(root: Path, fingerprint: str) -> Path:
@@ -256,6 +255,7 @@ def ivf_files(root: Path) -> list[Path]:
     return ann_files(root, ("ivf",))
 
 
+# ------------------------------------------------------------------------------------------- IVF
 def default_nlist(n: int) -> int:
     """IVF clusters for ``n`` vectors: the power of two nearest to sqrt(n) (1,024 at 1M), 1..65,536."""
     if n <= 1:
@@ -325,10 +325,6 @@ class IvfFirstStage:
         logger.info("built IVF index: %d vectors, %d lists, %.1f s", n, nlist, time.perf_counter() - start)
         return cls(index, fingerprint, nprobe)
 
-    def save(self, root: Path) -> Path:
-        """Write ``ivf-<fingerprint>.faiss`` atomically (temp file + fsync + rename); returns its path."""
-        return _save_faiss(self.index, ann_path(root, self.name, self.fingerprint))
-
     @classmethod
     def load(cls, root: Path, fingerprint: str, *, expected_rows: int, embed_dim: int,
              nprobe: int = 32) -> "IvfFirstStage | None":
@@ -357,14 +353,6 @@ class IvfFirstStage:
         params = faiss.SearchParametersIVF(nprobe=min(nprobe, int(self.index.nlist)))
         scores, rows = self.index.search(queries.contiguous().numpy(), k, params=params)
         return torch.from_numpy(scores), torch.from_numpy(rows).long()
-
-
-def _save_faiss(index: Any, path: Path) -> Path:
-    """Write a FAISS index to ``path`` atomically (temp file + fsync + rename); returns ``path``."""
-    faiss = import_faiss()
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-    return path
 
 
 def _load_faiss(path: Path, expected_rows: int, embed_dim: int) -> Any | None:
@@ -453,10 +441,6 @@ class PqFirstStage:
         logger.info("built PQ index: %d vectors, M=%d x 4 bits, %.1f s", n, m, time.perf_counter() - start)
         return cls(index, fingerprint, pooled, rescore)
 
-    def save(self, root: Path) -> Path:
-        """Write ``pq-<fingerprint>.faiss`` (codes and codebooks only) atomically; returns its path."""
-        return _save_faiss(self.index, ann_path(root, self.name, self.fingerprint))
-
     @classmethod
     def load(cls, root: Path, fingerprint: str, *, pooled: Tensor, rescore: int = DEFAULT_RESCORE,
              ) -> "PqFirstStage | None":
@@ -483,19 +467,3 @@ class PqFirstStage:
             scores, order = exact.topk(k)
             out_scores[i], out_rows[i] = scores, rows[i][order]
         return out_scores, out_rows
-
-
-def remove_stale_ivf(root: Path, keep: str | None) -> list[str]:
-    """Delete ANN files (IVF or PQ) not for fingerprint ``keep`` (and leftover temp files)."""
-    removed = []
-    for path in ann_files(root):
-        if keep is None or path.name.removesuffix(IVF_SUFFIX).split("-", 1)[1] != keep:
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-    for kind in ANN_KINDS:
-        for tmp in Path(root).glob(f".{kind}-*{IVF_SUFFIX}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-    return removed
-
-
-remove_stale_ann = remove_stale_ivf

@@ -17,8 +17,8 @@ In memory, a loaded index keeps every video's features in path order: row ``i`` 
 the first stage's own copy of the embeddings for large indexes (fp16: ``N * D * 2``; IVF: ``N * D * 4``;
 PQ: ``N * M / 2`` codes, re-scored against the pooled embeddings above).
 
-Writing goes through :func:`diffusionret.index.builder.sync_index`; :meth:`VideoIndex.build` and
-:meth:`VideoIndex.update` are its two entry points.
+This module only reads: an index is written by :mod:`diffusionret.index.builder` (``build_index``,
+``update_index``), ANN files included (:mod:`diffusionret.index.ann_build`).
 """
 
 from __future__ import annotations
@@ -26,24 +26,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
 from diffusionret.index import catalog
-from diffusionret.index.builder import (
-    IvfBuildConfig,
-    SyncReport,
-    exclusive_lock,
-    index_fingerprint,
-    sync_index,
-)
 from diffusionret.index.catalog import VideoRecord
-from diffusionret.index.discover import discover_videos
-from diffusionret.index.features import FeatureExtractor
 from diffusionret.index.first_stage import (
     ANN_KINDS,
     AnnUnavailableError,
@@ -54,14 +46,13 @@ from diffusionret.index.first_stage import (
     content_fingerprint,
     exact_topk,
     import_faiss,
-    remove_stale_ivf,
 )
 from diffusionret.index.identity import ModelMismatchError
 from diffusionret.index.shards import SHARD_DIR, read_shard_rows, read_shard_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexInfo", "VideoIndex", "exact_topk"]
+__all__ = ["IndexInfo", "VideoIndex", "exact_topk", "index_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +97,7 @@ class IndexInfo:
 class VideoIndex:
     """A loaded index: per-video features, metadata and an exact first-stage search.
 
-    Use :meth:`load` (or :meth:`build` / :meth:`update` to write one).
+    Use :meth:`load` (:func:`diffusionret.index.builder.build_index` / ``update_index`` write one).
 
     Attributes:
         root: index folder.
@@ -145,79 +136,16 @@ class VideoIndex:
         self._ann: dict[str, IvfFirstStage | PqFirstStage] = {}
         self._pooled_half: Tensor | None = None
 
-    # ----------------------------------------------------------------------------------- writing
+    # Writing moved to the write side (a reader never writes); these tell old callers where it went.
     @staticmethod
-    def build(
-        root: str | os.PathLike,
-        videos: str | os.PathLike | Sequence[str | os.PathLike],
-        extractor: FeatureExtractor,
-        *,
-        video_root: str | os.PathLike | None = None,
-        shard_size: int = 256,
-        rank: int = 0,
-        world_size: int = 1,
-        barrier: Callable[[], None] | None = None,
-        progress: bool = True,
-        ivf: IvfBuildConfig | None = None,
-    ) -> SyncReport:
-        """Create (or resume building) an index of the videos found in ``videos``.
-
-        Re-running a killed build with the same arguments resumes it: shards that were written
-        completely are kept, nothing is encoded twice.
-
-        Args:
-            root: index folder.
-            videos: folder(s) scanned recursively, ``.txt``/``.csv`` lists, or video files.
-            extractor: decoder + model (e.g. :class:`~diffusionret.index.encode.ModelVideoEncoder`).
-            video_root: folder that relative paths in list files refer to (default: the list's folder).
-            shard_size: videos per atomically written shard.
-            rank, world_size, barrier: torchrun sharding (each rank encodes ``pending[rank::world_size]``).
-            progress: show a progress bar.
-            ivf: whether to write an IVF first-stage file (default: for indexes of 100k+ videos
-                when FAISS is installed; see :class:`~diffusionret.index.builder.IvfBuildConfig`).
-
-        Raises:
-            ModelMismatchError: ``root`` already holds an index built by another model.
-            FileNotFoundError: the sources hold no video.
-            AnnUnavailableError: ``ivf.mode == "on"`` without FAISS.
-        """
-        sources = _source_list(videos)
-        root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
-        return sync_index(root, _discover_some(sources, root_dir), extractor, sources=sources, video_root=root_dir,
-                          create=True, shard_size=shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                          progress=progress, ivf=ivf)
+    def build(*_: Any, **__: Any) -> NoReturn:
+        raise AttributeError("VideoIndex.build moved: call diffusionret.build_index(root, videos, extractor, ...) "
+                             "(diffusionret.index.builder.build_index; ivf= is now ann=)")
 
     @staticmethod
-    def update(
-        root: str | os.PathLike,
-        extractor: FeatureExtractor,
-        videos: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-        video_root: str | os.PathLike | None = None,
-        **kwargs: Any,
-    ) -> SyncReport:
-        """Bring an existing index up to date: encode new and changed files, drop deleted ones.
-
-        Args:
-            root: index folder.
-            extractor: must carry the model that built the index.
-            videos: sources to scan; default: the sources recorded at build time.
-            video_root: folder for relative paths in list files; default: the recorded one.
-            **kwargs: as for :meth:`build` (``shard_size``, ``rank``, ``ivf``, ...).
-
-        Raises:
-            FileNotFoundError: no index at ``root``, or the sources hold no video (an unmounted
-                disk must not empty the index).
-        """
-        info = VideoIndex.read_info(root)
-        sources = _source_list(videos) if videos is not None else info.sources
-        if not sources:
-            raise ValueError(f"{root}: no video sources recorded; pass the videos to scan")
-        if video_root is not None:
-            video_root = str(Path(video_root).expanduser().resolve())
-        elif videos is None:
-            video_root = info.video_root
-        return sync_index(root, _discover_some(sources, video_root), extractor, sources=sources,
-                          video_root=video_root, create=False, **kwargs)
+    def update(*_: Any, **__: Any) -> NoReturn:
+        raise AttributeError("VideoIndex.update moved: call diffusionret.update_index(root, extractor, ...) "
+                             "(diffusionret.index.builder.update_index; ivf= is now ann=)")
 
     # ----------------------------------------------------------------------------------- reading
     @staticmethod
@@ -327,45 +255,45 @@ class VideoIndex:
     # ------------------------------------------------------------------------------ first stage
     @property
     def content_fingerprint(self) -> str:
-        """:func:`~diffusionret.index.first_stage.content_fingerprint` of the loaded rows (names the IVF file)."""
+        """:func:`~diffusionret.index.first_stage.content_fingerprint` of the loaded rows (names the ANN files)."""
         if self._fingerprint is None:
             rows = [(r.id, r.shard, r.row) for r in self.records]
             self._fingerprint = content_fingerprint(self.info.model_id, self.info.embed_dim, rows)
         return self._fingerprint
 
     def configure_first_stage(self, config: FirstStageConfig | None = None, *,
-                              ivf: IvfFirstStage | PqFirstStage | None = None,
-                              save: bool = True) -> ExactFirstStage | IvfFirstStage | PqFirstStage:
+                              ann: IvfFirstStage | PqFirstStage | None = None,
+                              ) -> ExactFirstStage | IvfFirstStage | PqFirstStage:
         """Choose what :meth:`search` uses (see :class:`~diffusionret.index.first_stage.FirstStageConfig`).
 
         With ``method="ivf"`` or ``"pq"`` and no up-to-date file of that kind, the ANN index is
-        built in memory (per million videos at 1 thread: IVF about 30 s, PQ about 15 s) and, when ``save``
-        and no build or update holds the index, written to the index folder for the next load.
+        built in memory (per million videos at 1 thread: IVF about 30 s, PQ about 15 s) for this
+        process only: a reader never writes to the index folder (``index update --ann on
+        --ann-kind KIND`` writes the file for the next load).
 
         Args:
             config: the policy (default: ``auto``).
-            ivf: an already built ANN index (IVF or PQ) over these rows (its fingerprint must match).
-            save: allow writing a newly built ANN file.
+            ann: an already built ANN index (IVF or PQ) over these rows (its fingerprint must match).
 
         Raises:
             AnnUnavailableError: ``method`` ``ivf`` or ``pq`` without FAISS.
-            ValueError: ``ivf`` covers other rows.
+            ValueError: ``ann`` covers other rows.
         """
         config = config or FirstStageConfig()
         large = len(self) >= config.large_index
         stage: ExactFirstStage | IvfFirstStage | PqFirstStage | None = None
-        if ivf is not None:
-            if ivf.fingerprint != self.content_fingerprint:
+        if ann is not None:
+            if ann.fingerprint != self.content_fingerprint:
                 raise ValueError("the ANN index covers other rows than this index holds")
-            self._ann[ivf.name] = ivf
+            self._ann[ann.name] = ann
         if len(self) > 0 and config.method in ANN_KINDS:
-            stage = self._open_ann(config.method, config, build=True, save=save)
+            stage = self._open_ann(config.method, config, build=True)
         elif len(self) > 0 and config.method == "auto" and large:
             if not self._faiss_installed():
                 logger.info("FAISS is not installed: exact first stage over %d videos", len(self))
             else:
                 for kind in ANN_KINDS:  # the best available up-to-date file
-                    stage = self._open_ann(kind, config, build=False, save=save)
+                    stage = self._open_ann(kind, config, build=False)
                     if stage is not None:
                         break
                 else:
@@ -388,8 +316,7 @@ class VideoIndex:
             return False
         return True
 
-    def _open_ann(self, kind: str, config: FirstStageConfig, *, build: bool,
-                  save: bool) -> IvfFirstStage | PqFirstStage | None:
+    def _open_ann(self, kind: str, config: FirstStageConfig, *, build: bool) -> IvfFirstStage | PqFirstStage | None:
         stage = self._ann.get(kind)
         if stage is None:
             import_faiss()  # callers without build check first; this raises with the install command
@@ -402,31 +329,17 @@ class VideoIndex:
             if stage is None and not build:
                 return None
             if stage is None:
-                logger.warning("building the %s first stage for %d videos in memory", kind.upper(), len(self))
+                logger.warning("building the %s first stage for %d videos in memory (not saved: run "
+                               "`diffusionret index update %s --ann on --ann-kind %s` to keep one)",
+                               kind.upper(), len(self), self.root, kind)
                 stage = (PqFirstStage.build(self.pooled, fingerprint) if kind == "pq"
                          else IvfFirstStage.build(self.pooled, fingerprint))
-                if save:
-                    self._save_ivf(stage)
             self._ann[kind] = stage
         if isinstance(stage, PqFirstStage):
             stage.rescore = config.rescore
         else:
             stage.nprobe = config.nprobe
         return stage
-
-    def _save_ivf(self, stage: IvfFirstStage | PqFirstStage) -> None:
-        """Write a freshly built ANN file, unless the index changed or a writer holds it (best effort)."""
-        try:
-            with exclusive_lock(self.root, create=False), \
-                    contextlib.closing(catalog.connect(self.root, readonly=True)) as conn:
-                if index_fingerprint(conn)[0] != stage.fingerprint:
-                    logger.info("the index changed since it was loaded; not saving its ANN file")
-                    return
-                path = stage.save(self.root)
-                remove_stale_ivf(self.root, stage.fingerprint)
-                logger.info("wrote %s", path)
-        except (OSError, RuntimeError) as exc:  # read-only folder, a build in progress, ...
-            logger.warning("could not save the ANN file in %s: %s", self.root, exc)
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` maximum-inner-product search over the pooled embeddings (exact, IVF or PQ: see :attr:`first_stage`).
@@ -451,13 +364,12 @@ class VideoIndex:
         return stage.search(queries, k)
 
 
-def _discover_some(sources: Sequence[str], video_root: str | None) -> list[Path]:
-    videos = discover_videos(sources, video_root)
-    if not videos:
-        raise FileNotFoundError(f"no videos found in {', '.join(sources)}")
-    return videos
+def index_fingerprint(conn: sqlite3.Connection) -> tuple[str, list[VideoRecord]]:
+    """:func:`~diffusionret.index.first_stage.content_fingerprint` of the catalogue's current rows, and the rows.
 
-
-def _source_list(videos: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    items = [videos] if isinstance(videos, (str, os.PathLike)) else list(videos)
-    return [str(Path(item).expanduser().resolve()) for item in items]
+    Equals :attr:`VideoIndex.content_fingerprint` of the index loaded from that catalogue (same rows, same order).
+    """
+    info = catalog.read_info(conn)
+    records = catalog.list_records(conn)
+    rows = [(r.id, r.shard, r.row) for r in records]
+    return content_fingerprint(info["model_id"], int(info["embed_dim"]), rows), records

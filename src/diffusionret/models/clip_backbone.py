@@ -141,22 +141,6 @@ def load_clip_weights(clip: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     clip.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
-def clip_config_from_open_clip(name: str) -> ClipConfig:
-    """ClipConfig of a named open_clip architecture (e.g. ``ViT-B-32``), for OpenAI-layout ViTs."""
-    import open_clip
-
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(open_clip.list_models()[:20])} ...")
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    if not isinstance(v.get("layers"), int) or "timm_model_name" in v or "hf_model_name" in t:
-        raise ValueError(f"open_clip model {name!r} is not an OpenAI-layout ViT CLIP")
-    return ClipConfig(embed_dim=cfg["embed_dim"], image_size=v.get("image_size", 224), vision_width=v["width"],
-                      vision_layers=v["layers"], vision_patch_size=v["patch_size"], text_width=t.get("width", 512),
-                      text_layers=t.get("layers", 12), context_length=t.get("context_length", 77),
-                      vocab_size=t.get("vocab_size", 49408), open_clip_name=name)
-
-
 def load_open_clip_weights(name: str, pretrained: str) -> dict[str, torch.Tensor]:
     """State dict of an open_clip model from a pretrained tag (local cache only) or a local file."""
     import open_clip

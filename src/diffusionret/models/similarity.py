@@ -57,7 +57,12 @@ def chunked_token_weights(weight_fc: nn.Module, feats: torch.Tensor, mask: torch
 
 
 def _masked_unit(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """float32 L2-normalised rows with padded positions zeroed: (N, L, D), (N, L) -> (N, L, D)."""
+    """float32 L2-normalised rows with padded positions zeroed: (N, L, D), (N, L) -> (N, L, D).
+
+    Zero vectors make every masked similarity exactly 0 (not -inf) before the max, as the reference's
+    "multiply the scores by both masks" does (kept for number compatibility), without a pass over the
+    (A, L, B, T) block.
+    """
     return F.normalize(feats.float(), dim=-1) * mask.to(torch.float32).unsqueeze(-1)
 
 
@@ -71,26 +76,6 @@ def _block_scores(text_unit: torch.Tensor, text_w: torch.Tensor, video_unit: tor
     t2v = torch.einsum("al,alb->ab", text_w, s.amax(dim=3))
     v2t = torch.einsum("bt,abt->ab", video_w, s.amax(dim=1))
     return (t2v + v2t) / 2
-
-
-def wti_scores(text_norm: torch.Tensor, text_mask: torch.Tensor, text_w: torch.Tensor,
-               video_norm: torch.Tensor, video_mask: torch.Tensor, video_w: torch.Tensor) -> torch.Tensor:
-    """WTI logits for one chunk of texts x one chunk of videos.
-
-    Masked similarities are 0, not -inf, before the max (the reference's "zero floor", SPEC.md 1.4
-    step 4), which we keep for checkpoint/number compatibility.
-
-    Args:
-        text_norm: (A, L, D) L2-normalised tokens; text_mask, text_w: (A, L).
-        video_norm: (B, T, D) L2-normalised frames; video_mask, video_w: (B, T).
-    Returns:
-        (A, B) = (t2v + v2t) / 2.
-    """
-    # Zeroing padded vectors *before* the product gives exactly the reference's "multiply the
-    # scores by both masks" without a pass over the (A, L, B, T) block.
-    text_norm = text_norm * text_mask.to(text_norm.dtype).unsqueeze(-1)
-    video_norm = video_norm * video_mask.to(video_norm.dtype).unsqueeze(-1)
-    return _block_scores(text_norm, text_w, video_norm, video_w)
 
 
 def default_chunk_size(length: int, frames: int, budget_bytes: int = 64 * 2**20) -> int:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from diffusionret.config_utils import atomic_write_text
 from diffusionret.training import checkpoint as ckpt
-from diffusionret.training.distributed import (
+from diffusionret.distributed import (
     DistContext,
     TrainSampler,
     all_reduce_mean,
@@ -425,7 +425,7 @@ def train(run_config: Any, *, dist: DistContext | None = None, resume: bool | st
 
     Args:
         run_config: a :class:`diffusionret.config.RunConfig`.
-        dist: distributed context (from :func:`~diffusionret.training.distributed.init_distributed`);
+        dist: distributed context (from :func:`~diffusionret.distributed.init_distributed`);
             default: one process on ``train.device``.
         resume: ``True`` continues from ``<output_dir>/checkpoints/last.pt``; a path names the checkpoint.
         on_step: called on every rank after every optimizer step with the progress and the logged values.

@@ -8,7 +8,7 @@ other apart (SPEC.md 8.5), and its AllGather backward drops the other ranks' gra
   the global batch is a positive (a soft target spread uniformly over the copies), never a
   negative; with no duplicates this is exactly the reference's ``CrossEn``;
 * each rank scores only its own queries (local texts against all videos, local videos against all
-  texts), and :func:`~diffusionret.training.distributed.all_gather_with_grad` sums gradients over
+  texts), and :func:`~diffusionret.distributed.all_gather_with_grad` sums gradients over
   ranks, so DDP's gradient average equals the single-process gradient of the global-batch loss.
 """
 
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffusionret.training.distributed import DistContext, all_gather_no_grad, all_gather_with_grad, batch_sizes
+from diffusionret.distributed import DistContext, all_gather_no_grad, all_gather_with_grad, batch_sizes
 
 # sim_fn(text_tokens (Nt,L,D), text_mask (Nt,L), video (Nv,T,D), frame_mask (Nv,T)) -> (Nt, Nv)
 SimilarityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusionret.training.distributed import DistContext
+from diffusionret.distributed import DistContext
 from diffusionret.training.losses import symmetric_info_nce
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from diffusionret.training.distributed import DistContext, all_gather_no_grad, batch_sizes
+from diffusionret.distributed import DistContext, all_gather_no_grad, batch_sizes
 from diffusionret.training.losses import positive_mask, soft_target_cross_entropy
 from diffusionret.training.negatives import cap_num_negatives, candidate_indices
 

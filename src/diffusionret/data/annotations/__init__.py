@@ -37,9 +37,6 @@ READERS: dict[str, Reader] = {
 # Names the reference's ``--datatype`` used, accepted for convenience.
 ALIASES: dict[str, str] = {"activity": "activitynet"}
 
-# Datasets whose records are paragraphs (all captions of a video in one text, SPEC 5.8-5.9).
-PARAGRAPH_DATASETS: frozenset[str] = frozenset({"activitynet", "didemo"})
-
 
 def get_reader(name: str) -> Reader:
     """The reader registered under ``name`` (or one of :data:`ALIASES`)."""
@@ -51,7 +48,6 @@ def get_reader(name: str) -> Reader:
 
 __all__ = [
     "ALIASES",
-    "PARAGRAPH_DATASETS",
     "READERS",
     "Reader",
     "get_reader",
