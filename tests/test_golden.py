@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import diffusionret
+from diffusionret.training.distributed import DistContext
+from diffusionret.training.losses import symmetric_info_nce
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_denoisers(setup):
 
 
 def test_q_sample_and_losses(setup):
-    model, inputs, out, _, cls, video = setup
+    model, inputs, out, tokens, cls, video = setup
     k, mask = inputs["topk_t2v"], inputs["video_mask"]
     q = model.diffusion.q_sample(inputs["micro"], inputs["q_t"], inputs["q_noise"])
     torch.testing.assert_close(q, out["q_sample"], atol=1e-5, rtol=0)
@@ -74,10 +75,10 @@ def test_q_sample_and_losses(setup):
         loss = model.diffusion.generation_loss(model.denoise_t2v, inputs["micro"], inputs["q_t"], inputs["q_noise"], temp=100.0,
                                                cls=cls, cand_video=video[k], cand_mask=mask[k])
     torch.testing.assert_close(loss, out["gen_loss_t2v"], atol=1e-5, rtol=0)
-    sim = out["sim"]
-    labels = torch.arange(sim.shape[0])
-    scale = model.logit_scale.exp()
-    disc = (F.cross_entropy(scale * sim, labels) + F.cross_entropy(scale * sim.T, labels)) / 2
+    # The project's stage-1 loss (unique videos: each text's positive is its own video).
+    with torch.no_grad():
+        disc = symmetric_info_nce(model.similarity, tokens, inputs["text_mask"], video, inputs["video_mask"],
+                                  torch.arange(video.shape[0]), model.logit_scale, DistContext()).loss
     torch.testing.assert_close(disc, out["disc_loss"], atol=1e-5, rtol=0)
 
 

@@ -66,6 +66,20 @@ class GenerationObjective(nn.Module):
         self.model.diffusion_model_v.train(mode)
         return self
 
+    def draw_noise(self, n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random draws of one step, all from ``self.generator``.
+
+        A method of its own so that a test can substitute the reference's recorded draws.
+
+        Returns:
+            ``t`` (n,) int64 timesteps shared by both directions, and the q_sample noise of the
+            text->video and of the video->text loss, (n, k) each.
+        """
+        t = self.model.diffusion.sample_timesteps(n, generator=self.generator, device=device)
+        noise_t2v = torch.randn((n, k), generator=self.generator, device=device)
+        noise_v2t = torch.randn((n, k), generator=self.generator, device=device)
+        return t, noise_t2v, noise_v2t
+
     @torch.no_grad()
     def _frozen_features(self, text_ids: torch.Tensor, text_mask: torch.Tensor, frames: torch.Tensor,
                          frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,9 +144,7 @@ class GenerationObjective(nn.Module):
             n, k = rows.numel(), num + 1
             x0 = joint_distribution_target(n, k, self.negative_label, device=device)
             diffusion = model.diffusion
-            t = diffusion.sample_timesteps(n, generator=self.generator, device=device)
-            noise_t2v = torch.randn((n, k), generator=self.generator, device=device)
-            noise_v2t = torch.randn((n, k), generator=self.generator, device=device)
+            t, noise_t2v, noise_v2t = self.draw_noise(n, k, device)
             loss_t2v = diffusion.generation_loss(model.denoise_t2v, x0, t, noise_t2v, temp=self.loss_temp,
                                                  cls=cls[rows], cand_video=cand_video, cand_mask=cand_mask)
             loss_v2t = diffusion.generation_loss(model.denoise_v2t, x0, t, noise_v2t, temp=self.loss_temp,
