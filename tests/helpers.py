@@ -1,10 +1,26 @@
-"""Small helpers shared by several test modules."""
+"""Small helpers shared by several test modules (test modules never import each other)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE1 = ROOT / "configs" / "smoke_stage1.yaml"
+SMOKE2 = ROOT / "configs" / "smoke_stage2.yaml"
+
+_COLOURS = [(230, 30, 30), (30, 200, 40), (40, 90, 255), (250, 230, 20), (150, 40, 220), (255, 140, 0),
+            (0, 225, 230), (255, 120, 200), (120, 120, 120), (105, 60, 25), (255, 255, 255), (20, 20, 20)]
+_COLOUR_NAMES = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "gray", "brown", "white",
+                 "black"]
+_WORDS = ["red", "green", "blue", "circle", "square", "ring", "left", "right", "up", "down", "small", "large"]
 
 
 @contextlib.contextmanager
@@ -24,3 +40,78 @@ def require_faiss():
     import faiss
 
     return faiss
+
+
+def write_smoke_corpus(root: Path) -> Path:
+    """12 tiny videos (32x32, 8 frames at 4 fps) and train/val/test CSVs in the ``custom`` format.
+
+    Train has 10 records over 8 videos (two videos have two captions, so batches can hold
+    duplicates), val 2 videos, test 2 videos with 3 captions (a multi-caption video). The videos
+    are lossless (libx264rgb, crf 0), so their decoded pixels do not depend on the encoder's
+    version: the smoke runs' losses (tests/data/smoke_losses.json) depend only on the maths.
+    """
+    from diffusionret.testing.videos import write_video
+
+    videos = root / "videos"
+    for i, colour in enumerate(_COLOURS):
+        frames = []
+        for f in range(8):
+            frame = np.zeros((32, 32, 3), dtype=np.uint8)
+            frame[:] = colour
+            x = (f * 3 + i) % 24
+            frame[8:16, x:x + 8] = 255 - np.array(colour, dtype=np.uint8)
+            frames.append(frame)
+        write_video(videos / f"v{i}.mp4", frames, fps=4, codec="libx264rgb", options={"crf": "0"})
+    anno = root / "annotations"
+    anno.mkdir(parents=True, exist_ok=True)
+    train = [(f"v{i}", f"a {_COLOUR_NAMES[i]} clip with a moving square") for i in range(8)]
+    train += [("v0", f"{_COLOUR_NAMES[0]} background"), ("v3", f"{_COLOUR_NAMES[3]} background")]
+    val = [(f"v{i}", f"a {_COLOUR_NAMES[i]} video") for i in (8, 9)]
+    test = [("v10", "a white video"), ("v11", "a black video"), ("v11", "something dark moving")]
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        lines = ["video,caption"] + [f"{v},{c}" for v, c in rows]
+        (anno / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_videos(folder: Path, count: int, start: int = 0) -> list[Path]:
+    """``count`` fake video files (bytes only, for the synthetic extractor) with distinct word-based
+    names, some in sub-folders."""
+    paths = []
+    for i in range(start, start + count):
+        name = f"{_WORDS[i % 12]}_{_WORDS[(i * 5 + 3) % 12]}_{i:03d}.mp4"
+        path = folder / (f"part{i % 3}" if i % 2 else "") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"video {i} ".encode() * (i + 1))
+        paths.append(path)
+    return paths
+
+
+def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.01) -> None:
+    """Poll ``condition()`` until it is true. The timeout only keeps a broken test from hanging:
+    it is generous, and no test's outcome depends on how fast the condition comes true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[int]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the port."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), "the server to start")
+    assert thread.is_alive(), "server did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_serve import running_server  # noqa: E402
-
-from diffusionret.demo.corpus import CorpusConfig, write_corpus  # noqa: E402
-from diffusionret.index.builder import build_index  # noqa: E402
-from diffusionret.index.store import VideoIndex  # noqa: E402
-from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher  # noqa: E402
-from diffusionret.serve.app import ServeConfig, create_app  # noqa: E402
+from diffusionret.demo.corpus import CorpusConfig, write_corpus
+from diffusionret.index.builder import build_index
+from diffusionret.index.store import VideoIndex
+from diffusionret.serve.app import ServeConfig, create_app
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
+from helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("DIFFUSIONRET_ARTIFACTS", Path(__file__).parent / "artifacts"))
@@ -52,7 +49,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 
-def _wait_until(page, expression: str, timeout: float = 15.0) -> None:
+def _wait_until(page, expression: str, timeout: float = 60.0) -> None:
     """Poll a JS expression with ``page.evaluate``: the page's CSP forbids the ``eval`` that
     Playwright's string predicates in ``wait_for_function`` rely on."""
     import time

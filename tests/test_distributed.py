@@ -176,7 +176,7 @@ def test_shard_range_covers_each_index_once(n: int, world: int) -> None:
 
 def _train_worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
     from diffusionret.training.loop import train
-    from test_train_e2e import SMOKE1, SMOKE2
+    from helpers import SMOKE1, SMOKE2
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DIFFUSIONRET_SMOKE=corpus)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -208,7 +208,7 @@ def test_ddp_smoke_run_of_both_stages(tmp_path: Path, monkeypatch: pytest.Monkey
     import json
 
     from diffusionret.training.loop import train
-    from test_train_e2e import SMOKE1, write_smoke_corpus
+    from helpers import SMOKE1, write_smoke_corpus
 
     corpus = write_smoke_corpus(tmp_path / "corpus")
     monkeypatch.setenv("DIFFUSIONRET_SMOKE", str(corpus))

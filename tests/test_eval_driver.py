@@ -16,7 +16,7 @@ from diffusionret.models.checkpoint import save_model
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.distributed import DistContext
-from test_train_e2e import SMOKE2, write_smoke_corpus
+from helpers import SMOKE2, write_smoke_corpus
 
 
 @pytest.fixture(scope="module")

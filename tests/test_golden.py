@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffusionret
-from diffusionret.training.distributed import DistContext
+from diffusionret.distributed import DistContext
 from diffusionret.training.losses import symmetric_info_nce
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import diffusionret
-from diffusionret.training.distributed import DistContext
+from diffusionret.distributed import DistContext
 from diffusionret.training.stage1_contrastive import ContrastiveObjective, prepare_stage1_model
 from diffusionret.training.stage2_diffusion import GenerationObjective, prepare_stage2_model
 

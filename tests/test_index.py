@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -29,20 +28,8 @@ from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.store import VideoIndex, exact_topk
 from diffusionret.testing.index import BROKEN_MARKER, SyntheticExtractor
+from helpers import make_videos, wait_for
 
-WORDS = ["red", "green", "blue", "circle", "square", "ring", "left", "right", "up", "down", "small", "large"]
-
-
-def make_videos(folder: Path, count: int, start: int = 0) -> list[Path]:
-    """``count`` fake video files with distinct word-based names, some in sub-folders."""
-    paths = []
-    for i in range(start, start + count):
-        name = f"{WORDS[i % 12]}_{WORDS[(i * 5 + 3) % 12]}_{i:03d}.mp4"
-        path = folder / (f"part{i % 3}" if i % 2 else "") / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(f"video {i} ".encode() * (i + 1))
-        paths.append(path)
-    return paths
 
 
 class CountingExtractor(SyntheticExtractor):
@@ -147,35 +134,36 @@ def test_record_lookup_and_metadata(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- kill / resume
+# Builds with shards of 3 and, when about to encode its 11th video (the 2nd of shard 4), says so
+# through a marker file and blocks: the test's SIGKILL then lands inside a shard, whatever the load.
 _BUILD_SCRIPT = textwrap.dedent("""
-    import sys
+    import sys, threading
+    from pathlib import Path
     from diffusionret.index.builder import build_index
     from diffusionret.testing.index import SyntheticExtractor
-    build_index(sys.argv[1], sys.argv[2], SyntheticExtractor(delay_s=0.04), shard_size=3, progress=False)
+    seen = []
+    def on_video(path):
+        seen.append(path)
+        if len(seen) == 11:
+            Path(sys.argv[3]).write_text(str(path))
+            threading.Event().wait()
+    build_index(sys.argv[1], sys.argv[2], SyntheticExtractor(on_video=on_video), shard_size=3, progress=False)
 """)
-
-
-def _registered_shards(root: Path) -> int:
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{root / catalog.CATALOG_NAME}?mode=ro", uri=True)) as conn:
-            return conn.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_build_killed_then_resumed_equals_uninterrupted_build(tmp_path: Path) -> None:
     make_videos(tmp_path / "videos", 40)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, str(killed), str(tmp_path / "videos")])
-    deadline = time.monotonic() + 60
-    while _registered_shards(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)  # land the kill somewhere inside the next shard
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the build finished before it could be killed"
+    marker = tmp_path / "inside-shard-4"
+    proc = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, str(killed), str(tmp_path / "videos"), str(marker)])
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, "the build to reach its 4th shard")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the build ended before it could be killed"
 
     partial = VideoIndex.load(killed)  # a killed build leaves a consistent, searchable index
-    assert 9 <= len(partial) < 40
+    assert len(partial) == 9  # the 3 finished shards; the 10th video, encoded, was never written
     done = {r.path for r in partial.records}
 
     resume = CountingExtractor()

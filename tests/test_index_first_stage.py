@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_index import make_videos
 
-from helpers import require_faiss
 from diffusionret.index.ann_build import AnnBuildConfig
 from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.features import pool_frames
@@ -35,6 +33,7 @@ from diffusionret.index.first_stage import (
 )
 from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor
+from helpers import make_videos, require_faiss
 
 ON = AnnBuildConfig(mode="on", nlist=4, kind="ivf")
 PQ_ON = AnnBuildConfig(mode="on", kind="pq")

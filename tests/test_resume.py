@@ -9,7 +9,7 @@ import torch
 
 from diffusionret.config import load_run_config
 from diffusionret.training.loop import train
-from test_train_e2e import SMOKE1, SMOKE2, write_smoke_corpus
+from helpers import SMOKE1, SMOKE2, write_smoke_corpus
 
 
 @pytest.fixture(scope="module")

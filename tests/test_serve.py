@@ -7,23 +7,22 @@ and concurrency tests talk to a real uvicorn server over loopback.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from diffusionret.index.builder import build_index
 from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ServeConfig, UrlSigner, check_range, create_app
+from helpers import running_server, wait_for
 
 TOKEN = "correct-horse-battery-staple"
 NAMES = ["red_circle_left", "blue_square_up", "green_ring_down", "yellow_cross_right", "purple_triangle_still"]
@@ -244,26 +243,6 @@ def test_unknown_routes_and_methods_are_json(client: TestClient) -> None:
 
 
 # ------------------------------------------------------------------------------- real server tests
-@contextlib.contextmanager
-def running_server(app) -> Iterator[int]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def raw_get(port: int, target: str, headers: str = "") -> tuple[int, bytes]:
     """Send ``target`` byte for byte (no client-side normalisation of ``..`` or escapes)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -305,42 +284,61 @@ def test_path_traversal_is_impossible(corpus: dict) -> None:
         assert status == 200 and body == Path(record.path).read_bytes()
 
 
-def test_search_runs_off_the_event_loop(corpus: dict) -> None:
-    """While a slow search runs, the server still answers other requests at once."""
-    app = create_app(SyntheticSearcher(corpus["index"], delay_s=1.0))
-    with running_server(app) as port:
-        async def scenario() -> tuple[float, int]:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                slow = asyncio.create_task(http.get("/api/search", params={"q": "red"}))
-                await asyncio.sleep(0.2)
-                start = time.perf_counter()
-                health = await http.get("/healthz")
-                elapsed = time.perf_counter() - start
-                assert health.status_code == 200
-                return elapsed, (await slow).status_code
+class BlockingSearcher(SyntheticSearcher):
+    """A search that holds its worker thread until the test releases it, so that "a search is
+    running" is a state the test controls rather than a race against a sleep."""
 
-        elapsed, slow_status = asyncio.run(scenario())
-    assert slow_status == 200 and elapsed < 0.5
+    def __init__(self, index: VideoIndex) -> None:
+        super().__init__(index)
+        self.entered = threading.Semaphore(0)  # one release per search that started
+        self.release = threading.Event()
+
+    def search(self, query: str, k: int = 10):
+        self.entered.release()
+        if not self.release.wait(timeout=120):  # never hang the suite if the test fails first
+            raise TimeoutError("the test never released the search")
+        return super().search(query, k)
+
+
+def test_search_runs_off_the_event_loop(corpus: dict) -> None:
+    """While a search runs, the server still answers other requests."""
+    backend = BlockingSearcher(corpus["index"])
+    app = create_app(backend)
+    with running_server(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http, \
+            ThreadPoolExecutor(1) as pool:
+        try:
+            slow = pool.submit(http.get, "/api/search", params={"q": "red"})
+            assert backend.entered.acquire(timeout=120), "the search never started"
+            # The search is still blocked: had it run on the event loop, this request could not be answered.
+            assert http.get("/healthz").status_code == 200
+            assert not slow.done()
+        finally:
+            backend.release.set()
+        assert slow.result().status_code == 200
 
 
 def test_burst_is_shed_with_503_not_crash(corpus: dict) -> None:
     """More concurrent searches than the gate allows: the excess get 503 + Retry-After, the rest succeed."""
-    app = create_app(SyntheticSearcher(corpus["index"], delay_s=0.3), ServeConfig(max_pending=3))
-    with running_server(app) as port:
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-                return await asyncio.gather(*[http.get("/api/search", params={"q": f"ring {i}"}) for i in range(12)])
-
-        responses = asyncio.run(burst())
-        statuses = sorted(r.status_code for r in responses)
-        assert set(statuses) == {200, 503}, statuses
-        assert statuses.count(200) >= 3
-        for response in responses:
-            if response.status_code == 503:
-                assert response.json()["error"] == "busy" and response.headers["retry-after"] == "1"
-        assert app.state.gate.pending == 0  # nothing left queued: memory does not grow with the burst
+    backend = BlockingSearcher(corpus["index"])
+    app = create_app(backend, ServeConfig(max_pending=3))
+    with running_server(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http, \
+            ThreadPoolExecutor(12) as pool:
+        try:
+            admitted = [pool.submit(http.get, "/api/search", params={"q": f"ring {i}"}) for i in range(3)]
+            wait_for(lambda: app.state.gate.pending == 3, "three searches to be admitted")
+            # The gate is full while those three are held: a burst of nine more is refused at once.
+            burst = [pool.submit(http.get, "/api/search", params={"q": f"ring {i}"}) for i in range(3, 12)]
+            refused = [future.result() for future in burst]
+            assert not any(future.done() for future in admitted)
+        finally:
+            backend.release.set()
+        assert [future.result().status_code for future in admitted] == [200] * 3
+        for response in refused:
+            assert response.status_code == 503
+            assert response.json()["error"] == "busy" and response.headers["retry-after"] == "1"
+        wait_for(lambda: app.state.gate.pending == 0, "the gate to drain")  # memory does not grow with the burst
         # The server is healthy afterwards and serves searches again.
-        assert httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "red"}).status_code == 200
+        assert http.get("/api/search", params={"q": "red"}).status_code == 200
 
 
 # ----------------------------------------------------------------------------------------- config

@@ -10,44 +10,7 @@ import pytest
 import torch
 
 from diffusionret.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE1 = ROOT / "configs" / "smoke_stage1.yaml"
-SMOKE2 = ROOT / "configs" / "smoke_stage2.yaml"
-
-COLOURS = [(230, 30, 30), (30, 200, 40), (40, 90, 255), (250, 230, 20), (150, 40, 220), (255, 140, 0),
-           (0, 225, 230), (255, 120, 200), (120, 120, 120), (105, 60, 25), (255, 255, 255), (20, 20, 20)]
-NAMES = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "gray", "brown", "white", "black"]
-
-
-def write_smoke_corpus(root: Path) -> Path:
-    """12 tiny videos (32x32, 8 frames at 4 fps) and train/val/test CSVs in the ``custom`` format.
-
-    Train has 10 records over 8 videos (two videos have two captions, so batches can hold
-    duplicates), val 2 videos, test 2 videos with 3 captions (a multi-caption video).
-    """
-    from diffusionret.testing.videos import write_video
-
-    videos = root / "videos"
-    for i, colour in enumerate(COLOURS):
-        frames = []
-        for f in range(8):
-            frame = np.zeros((32, 32, 3), dtype=np.uint8)
-            frame[:] = colour
-            x = (f * 3 + i) % 24
-            frame[8:16, x:x + 8] = 255 - np.array(colour, dtype=np.uint8)
-            frames.append(frame)
-        write_video(videos / f"v{i}.mp4", frames, fps=4)
-    anno = root / "annotations"
-    anno.mkdir(parents=True, exist_ok=True)
-    train = [(f"v{i}", f"a {NAMES[i]} clip with a moving square") for i in range(8)]
-    train += [("v0", f"{NAMES[0]} background"), ("v3", f"{NAMES[3]} background")]
-    val = [(f"v{i}", f"a {NAMES[i]} video") for i in (8, 9)]
-    test = [("v10", "a white video"), ("v11", "a black video"), ("v11", "something dark moving")]
-    for name, rows in (("train", train), ("val", val), ("test", test)):
-        lines = ["video,caption"] + [f"{v},{c}" for v, c in rows]
-        (anno / f"{name}.csv").write_text("\n".join(lines) + "\n")
-    return root
+from helpers import SMOKE1, SMOKE2, write_smoke_corpus
 
 
 @pytest.fixture(scope="module")
