@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from diffusionret.cli import main
 from diffusionret.data import probe_video, read_frames
 from diffusionret.data.preprocess import PARTIAL_SUFFIX, output_size, preprocess_videos
 from diffusionret.testing.videos import read_index, write_index_video, write_video
+from helpers import wait_for
 
 
 @pytest.mark.parametrize(
@@ -91,28 +91,47 @@ def test_name_collision_and_bad_arguments(tmp_path):
         preprocess_videos(tmp_path / "nowhere", tmp_path / "out", workers=1, progress=False)
 
 
+# ``diffusionret preprocess`` that, at the 5th frame of its 3rd video, says so through a marker file
+# and blocks: the test's SIGKILL then lands inside a transcode, whatever the machine's load.
+_PREPROCESS_SCRIPT = """
+import sys, threading
+from pathlib import Path
+from diffusionret.cli import main
+from diffusionret.data import preprocess
+real_transcode, real_convert = preprocess.transcode_video, preprocess._convert
+state = {"videos": 0, "frames": 0}
+def transcode(*args, **kwargs):
+    state["videos"] += 1
+    state["frames"] = 0
+    return real_transcode(*args, **kwargs)
+def convert(*args, **kwargs):
+    state["frames"] += 1
+    if state["videos"] == 3 and state["frames"] == 5:
+        Path(sys.argv[3]).write_text("inside the 3rd video")
+        threading.Event().wait()
+    return real_convert(*args, **kwargs)
+preprocess.transcode_video, preprocess._convert = transcode, convert
+sys.exit(main(["preprocess", sys.argv[1], sys.argv[2], "--workers", "1", "--no-progress"]))
+"""
+
+
 def test_resume_after_killed_run(tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    # Eight copies of a 6 s, 30 fps, 320x240 clip: each takes a noticeable fraction of a second.
+    src, out, marker = tmp_path / "in", tmp_path / "out", tmp_path / "inside-clip2"
+    # Eight copies of a 6 s, 30 fps, 320x240 clip.
     frames = (np.full((240, 320, 3), (k * 7) % 256, np.uint8) for k in range(180))
     first = write_video(src / "clip0.mp4", frames, fps=30, options={"preset": "ultrafast"})
     for k in range(1, 8):
         shutil.copy(first, src / f"clip{k}.mp4")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffusionret", "preprocess", str(src), str(out), "--workers", "1", "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
+    proc = subprocess.Popen([sys.executable, "-c", _PREPROCESS_SCRIPT, str(src), str(out), str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not list(out.glob("clip*.mp4")):
-            assert proc.poll() is None, "preprocess finished before it could be killed"
-            assert time.monotonic() < deadline, "no output appeared"
-            time.sleep(0.005)
+        wait_for(lambda: marker.exists() or proc.poll() is not None, "preprocess to reach its 3rd video")
+        assert proc.poll() is None, "preprocess ended before it could be killed"
     finally:
         proc.kill()  # SIGKILL: no cleanup handlers run
         proc.wait()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("clip*.mp4")}
-    assert 1 <= len(finished) < 8
+    assert sorted(finished) == ["clip0.mp4", "clip1.mp4"]  # clip2 was being written
     for name in finished:  # what was renamed into place is complete
         assert probe_video(out / name).num_frames == 18
     report = preprocess_videos(src, out, workers=2, progress=False)

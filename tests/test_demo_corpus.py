@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import av
 import numpy as np
 import pytest
 
@@ -26,7 +27,6 @@ from diffusionret.demo.corpus import (
 
 
 def _decode(path):
-    av = pytest.importorskip("av")
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 

@@ -16,6 +16,13 @@ from diffusionret.models.diffusionret import init_head_weights
 from diffusionret.models.factory import build_model
 
 
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    """A tiny generation-stage model with a 5-step sampler."""
+    torch.manual_seed(0)  # open_clip initialises CLIP from the global RNG
+    return build_model(ModelConfig.tiny(stage="generation", diffusion_steps=5), generator=torch.Generator().manual_seed(0))
+
+
 def test_cosine_schedule_values_from_spec():
     betas = cosine_betas(50)
     np.testing.assert_allclose(betas[:3], [0.001748, 0.003689, 0.005634], atol=5e-7)
@@ -167,10 +174,9 @@ def test_batched_rerank_equals_per_query_reference():
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 8), st.integers(1, 5), st.integers(0, 10_000))
-def test_rerank_invariants(nq, nc, k, seed):
+def test_rerank_invariants(model, nq, nc, k, seed):
     """Only each row's top-K change, each by a positive bonus summing to alpha; the top-K set stays on top."""
     g = torch.Generator().manual_seed(seed)
-    model = _RERANK_MODEL
     d = model.embed_dim
     cls, video = torch.randn(nq, d, generator=g), torch.randn(nc, 2, d, generator=g)
     mask = torch.ones(nc, 2, dtype=torch.long)
@@ -185,13 +191,9 @@ def test_rerank_invariants(nq, nc, k, seed):
     assert torch.all(torch.gather(delta, 1, top) > 0)
 
 
-_RERANK_MODEL = build_model(ModelConfig.tiny(stage="generation", diffusion_steps=5), generator=torch.Generator().manual_seed(0))
-
-
-def test_rerank_independent_of_chunk_size():
+def test_rerank_independent_of_chunk_size(model):
     """The initial noise is drawn for all rows up front, so splitting the rows differently changes nothing."""
     g = torch.Generator().manual_seed(6)
-    model = _RERANK_MODEL
     nt, nv, frames, d, k = 11, 8, 3, model.embed_dim, 4
     cls, video = torch.randn(nt, d, generator=g), torch.randn(nv, frames, d, generator=g)
     mask = torch.ones(nv, frames, dtype=torch.long)

@@ -15,7 +15,10 @@ from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.models.similarity import chunked_token_weights, token_weights, wti_similarity
 
-_MODEL = build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(0))
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)  # open_clip initialises CLIP from the global RNG
+    return build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(0))
 
 
 def _oracle(model, tokens, tmask, video, vmask):
@@ -42,13 +45,13 @@ def _inputs(g, nt, nv, length=6, frames=4, d=64):
 
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.integers(0, 10_000))
-def test_wti_matches_oracle_and_chunking(nt, nv, chunk, seed):
+def test_wti_matches_oracle_and_chunking(model, nt, nv, chunk, seed):
     g = torch.Generator().manual_seed(seed)
     tokens, tmask, video, vmask = _inputs(g, nt, nv)
     with torch.no_grad():
-        full = _MODEL.similarity(tokens, tmask, video, vmask)
-        chunked = _MODEL.similarity(tokens, tmask, video, vmask, chunk_size=chunk)
-        oracle = _oracle(_MODEL, tokens, tmask, video, vmask)
+        full = model.similarity(tokens, tmask, video, vmask)
+        chunked = model.similarity(tokens, tmask, video, vmask, chunk_size=chunk)
+        oracle = _oracle(model, tokens, tmask, video, vmask)
     torch.testing.assert_close(full, oracle, atol=1e-5, rtol=0)
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
     assert full.abs().max() <= 1 + 1e-5
@@ -56,13 +59,13 @@ def test_wti_matches_oracle_and_chunking(nt, nv, chunk, seed):
 
 @settings(max_examples=15, deadline=None)
 @given(st.integers(2, 6), st.integers(2, 6), st.integers(0, 10_000))
-def test_wti_permutation_equivariance(nt, nv, seed):
+def test_wti_permutation_equivariance(model, nt, nv, seed):
     g = torch.Generator().manual_seed(seed)
     tokens, tmask, video, vmask = _inputs(g, nt, nv)
     pt, pv = torch.randperm(nt, generator=g), torch.randperm(nv, generator=g)
     with torch.no_grad():
-        base = _MODEL.similarity(tokens, tmask, video, vmask)
-        perm = _MODEL.similarity(tokens[pt], tmask[pt], video[pv], vmask[pv])
+        base = model.similarity(tokens, tmask, video, vmask)
+        perm = model.similarity(tokens[pt], tmask[pt], video[pv], vmask[pv])
     torch.testing.assert_close(perm, base[pt][:, pv], atol=1e-6, rtol=0)
 
 
@@ -96,31 +99,31 @@ class _RowSpy:
             h.remove()
 
 
-def _largest_intermediate(nt, nv, chunk, frame_weights=False):
+def _largest_intermediate(model, nt, nv, chunk, frame_weights=False):
     """Largest tensor produced during one call, ignoring the (Nt, Nv) output and the (Nv, T) weights."""
     g = torch.Generator().manual_seed(nt * 100 + nv)
     tokens, tmask, video, vmask = _inputs(g, nt, nv)
-    fw = _MODEL.frame_weights(video, vmask, chunk_size=chunk) if frame_weights else None
-    spy = _RowSpy(_MODEL.text_weight_fc, _MODEL.video_weight_fc)
+    fw = model.frame_weights(video, vmask, chunk_size=chunk) if frame_weights else None
+    spy = _RowSpy(model.text_weight_fc, model.video_weight_fc)
     try:
         with torch.no_grad(), _LargestOutputs() as rec:
-            out = _MODEL.similarity(tokens, tmask, video, vmask, chunk, frame_weights=fw)
+            out = model.similarity(tokens, tmask, video, vmask, chunk, frame_weights=fw)
     finally:
         spy.remove()
     assert out.shape == (nt, nv)
     ignored = {(nt, nv), (nv, video.shape[1])}
     largest = max(torch.Size(s).numel() for s in rec.shapes if s not in ignored)
-    return largest, spy.rows[id(_MODEL.text_weight_fc)], spy.rows[id(_MODEL.video_weight_fc)]
+    return largest, spy.rows[id(model.text_weight_fc)], spy.rows[id(model.video_weight_fc)]
 
 
 @pytest.mark.parametrize("frame_weights", [False, True])
-def test_memory_bounded_by_chunk(frame_weights):
+def test_memory_bounded_by_chunk(model, frame_weights):
     """Peak memory does not grow with Nt or Nv: the weight MLPs never see more than ``chunk`` rows,
     and no intermediate tensor is larger than a chunk's worth (an implementation that ran the MLPs or
     normalised all features at once would produce (Nt, L, 2D) / (Nt, L, D) tensors and fail)."""
     chunk, length, frames, d = 3, 6, 4, 64
-    small, t_rows, v_rows = _largest_intermediate(chunk, chunk, chunk, frame_weights)
-    large, t_rows_l, v_rows_l = _largest_intermediate(7 * chunk + 1, 5 * chunk + 2, chunk, frame_weights)
+    small, t_rows, v_rows = _largest_intermediate(model, chunk, chunk, chunk, frame_weights)
+    large, t_rows_l, v_rows_l = _largest_intermediate(model, 7 * chunk + 1, 5 * chunk + 2, chunk, frame_weights)
     assert large == small
     hidden = 2 * d  # the weight MLP's hidden layer
     assert large <= max(chunk * length * chunk * frames, chunk * max(length, frames) * hidden)
@@ -131,11 +134,11 @@ def test_memory_bounded_by_chunk(frame_weights):
         assert max(v_rows + v_rows_l) <= chunk and sum(v_rows_l) == 5 * chunk + 2  # once per video, not per text chunk
 
 
-def test_chunked_token_weights_matches_unchunked():
+def test_chunked_token_weights_matches_unchunked(model):
     g = torch.Generator().manual_seed(11)
     tokens, tmask, video, vmask = _inputs(g, 9, 7)
     with torch.no_grad():
-        for fc, x, m in ((_MODEL.text_weight_fc, tokens, tmask), (_MODEL.video_weight_fc, video, vmask)):
+        for fc, x, m in ((model.text_weight_fc, tokens, tmask), (model.video_weight_fc, video, vmask)):
             full = token_weights(fc, x, m)
             for chunk in (None, 1, 2, 4, 100):
                 torch.testing.assert_close(chunked_token_weights(fc, x, m, chunk), full, atol=1e-7, rtol=0)
@@ -146,53 +149,52 @@ def test_chunked_token_weights_matches_unchunked():
 @settings(max_examples=15, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 8), st.sampled_from([None, 1, 2, 3]), st.sampled_from([None, 1, 4]),
        st.sampled_from([torch.float32, torch.float16]), st.integers(0, 10_000))
-def test_precomputed_frame_weights_equal(nt, nv, chunk, weight_chunk, dtype, seed):
+def test_precomputed_frame_weights_equal(model, nt, nv, chunk, weight_chunk, dtype, seed):
     """Weights from ``frame_weights`` (e.g. stored with an fp16 index, gathered per query) give the same scores."""
     g = torch.Generator().manual_seed(seed)
     tokens, tmask, video, vmask = _inputs(g, nt, nv)
     tokens, video = tokens.to(dtype), video.to(dtype)
     with torch.no_grad():
-        fw = _MODEL.frame_weights(video, vmask, chunk_size=weight_chunk)
+        fw = model.frame_weights(video, vmask, chunk_size=weight_chunk)
         assert fw.shape == vmask.shape and fw.dtype == torch.float32
-        base = _MODEL.similarity(tokens, tmask, video, vmask, chunk)
-        torch.testing.assert_close(_MODEL.similarity(tokens, tmask, video, vmask, chunk, frame_weights=fw), base,
+        base = model.similarity(tokens, tmask, video, vmask, chunk)
+        torch.testing.assert_close(model.similarity(tokens, tmask, video, vmask, chunk, frame_weights=fw), base,
                                    atol=1e-6, rtol=0)
         pick = torch.randint(0, nv, (max(1, nv // 2),), generator=g)  # a candidate subset, as in search
         torch.testing.assert_close(
-            _MODEL.similarity(tokens, tmask, video[pick], vmask[pick], frame_weights=fw[pick]),
-            _MODEL.similarity(tokens, tmask, video[pick], vmask[pick]), atol=1e-6, rtol=0)
+            model.similarity(tokens, tmask, video[pick], vmask[pick], frame_weights=fw[pick]),
+            model.similarity(tokens, tmask, video[pick], vmask[pick]), atol=1e-6, rtol=0)
         if dtype == torch.float16:  # fp16 features score like their float32 cast
-            torch.testing.assert_close(base, _MODEL.similarity(tokens.float(), tmask, video.float(), vmask, chunk),
+            torch.testing.assert_close(base, model.similarity(tokens.float(), tmask, video.float(), vmask, chunk),
                                        atol=0, rtol=0)
         # the same chunking gives bit-identical scores
-        assert torch.equal(_MODEL.similarity(tokens, tmask, video, vmask, chunk,
-                                             frame_weights=_MODEL.frame_weights(video, vmask, chunk_size=chunk)),
-                           _MODEL.similarity(tokens, tmask, video, vmask, chunk))
+        assert torch.equal(model.similarity(tokens, tmask, video, vmask, chunk,
+                                             frame_weights=model.frame_weights(video, vmask, chunk_size=chunk)),
+                           model.similarity(tokens, tmask, video, vmask, chunk))
 
 
-def test_frame_weights_shape_checked():
+def test_frame_weights_shape_checked(model):
     g = torch.Generator().manual_seed(12)
     tokens, tmask, video, vmask = _inputs(g, 2, 3)
     with pytest.raises(ValueError, match="frame_weights"):
-        wti_similarity(_MODEL.text_weight_fc, _MODEL.video_weight_fc, tokens, tmask, video, vmask,
+        wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask,
                        frame_weights=torch.ones(3, 5))
     with pytest.raises(ValueError):
-        _MODEL.frame_weights(video, vmask[:, :2])
+        model.frame_weights(video, vmask[:, :2])
 
 
-def test_padding_content_is_ignored():
+def test_padding_content_is_ignored(model):
     g = torch.Generator().manual_seed(5)
     tokens, tmask, video, vmask = _inputs(g, 3, 3)
     tokens2, video2 = tokens.clone(), video.clone()
     tokens2[tmask == 0] = 123.0
     video2[vmask == 0] = -7.0
     with torch.no_grad():
-        torch.testing.assert_close(_MODEL.similarity(tokens2, tmask, video2, vmask), _MODEL.similarity(tokens, tmask, video, vmask))
+        torch.testing.assert_close(model.similarity(tokens2, tmask, video2, vmask), model.similarity(tokens, tmask, video, vmask))
 
 
-def test_encoders_batch_consistent_and_padding():
+def test_encoders_batch_consistent_and_padding(model):
     g = torch.Generator().manual_seed(6)
-    model = _MODEL
     frames = torch.randn(3, 4, 3, 32, 32, generator=g)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     with torch.no_grad():
