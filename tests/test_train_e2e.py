@@ -12,6 +12,8 @@ import torch
 from diffusionret.cli import main
 from helpers import SMOKE1, SMOKE2, write_smoke_corpus
 
+DATA = Path(__file__).parent / "data"
+
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -44,6 +46,20 @@ def test_stage1_run_folder(smoke_runs: Path) -> None:
     test = json.loads((run / "test_metrics.json").read_text())
     # The multi-caption test video is encoded once: 3 captions, 2 videos.
     assert test["num_captions"] == 3 and test["num_videos"] == 2 and "rerank" not in test
+
+
+def test_smoke_losses_are_pinned(smoke_runs: Path) -> None:
+    """The smoke runs' losses equal those recorded in tests/data/smoke_losses.json (one thread, lossless
+    videos): only a change of the training maths moves them. After an intended change, regenerate
+    with the command in tests/data/make_smoke_losses.py and say why in the commit."""
+    expected = json.loads((DATA / "smoke_losses.json").read_text())
+    for stage in ("stage1", "stage2"):
+        train = [r for r in _records(smoke_runs / "runs" / stage) if r["kind"] == "train"]
+        got = {key: train[0][key] for key in expected[stage] if key != "loss_per_step"}
+        got["loss_per_step"] = [r["loss"] for r in train]
+        assert got.keys() == expected[stage].keys()
+        for key, value in expected[stage].items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=0), (stage, key, got[key])
 
 
 def test_stage2_trains_only_the_denoisers(smoke_runs: Path) -> None:
