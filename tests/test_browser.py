@@ -24,6 +24,8 @@ from diffusionret.serve.app import ServeConfig, create_app
 from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from helpers import running_server
 
+pytestmark = pytest.mark.slow  # a real browser against a real server
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("DIFFUSIONRET_ARTIFACTS", Path(__file__).parent / "artifacts"))
 THUMBS_LOADED = "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"

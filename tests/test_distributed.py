@@ -105,6 +105,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_process_contrastive_loss_and_grads_match_single_process(tmp_path: Path) -> None:
     model = _model()  # also imports open_clip before the fork, so the children need not
     loss = ContrastiveObjective(model, DistContext())(**_inputs())["loss"]
@@ -204,6 +205,7 @@ def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # two training processes, both stages
 def test_ddp_smoke_run_of_both_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 

@@ -11,6 +11,8 @@ from diffusionret.config import load_run_config
 from diffusionret.training.loop import train
 from helpers import SMOKE1, SMOKE2, write_smoke_corpus
 
+pytestmark = pytest.mark.slow  # training runs killed and resumed
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -255,6 +255,7 @@ def test_another_model_is_refused(setup: dict, capsys: pytest.CaptureFixture) ->
     assert "Build a new index for it" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_torchrun_build_equals_single_process_build(setup: dict, tmp_path: Path) -> None:
     """`torchrun --nproc_per_node 2 -m diffusionret index build`: each rank encodes a share, rank 0 merges."""
     out = tmp_path / "idx"

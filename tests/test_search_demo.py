@@ -20,6 +20,8 @@ from diffusionret.cli import main
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.serve.app import create_app
 
+pytestmark = pytest.mark.slow  # the full demo (demo_run)
+
 
 @pytest.fixture(scope="module")
 def demo_out(demo_run: tuple[int, Path, str]) -> Path:

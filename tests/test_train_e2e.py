@@ -12,6 +12,8 @@ import torch
 from diffusionret.cli import main
 from helpers import SMOKE1, SMOKE2, write_smoke_corpus
 
+pytestmark = pytest.mark.slow  # both stages trained end to end
+
 DATA = Path(__file__).parent / "data"
 
 
