@@ -1,6 +1,6 @@
 """Re-ranking at MSR-VTT scale: diffusionret's batched, hoisted re-ranking vs a per-query baseline.
 
-The baseline is a straightforward implementation of the reference algorithm (SPEC.md 3.3), written
+The baseline is a straightforward implementation of the reference algorithm (docs/reference.md §3.3), written
 here: for each query, take its top-K candidates, run the denoiser's plain forward through all DDIM
 steps, and add ``softmax(x0)`` to those K scores. Both run on the same inputs and initial noise, and
 the maximum absolute difference of the two results is reported.

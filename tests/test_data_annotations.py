@@ -66,7 +66,7 @@ def test_msrvtt_miniature_splits(tmp_path):
 def test_msrvtt_real_test_list():
     records = read_msrvtt(MSRVTT_REAL, "/videos", "test")
     assert len(records) == 1000 and len({r.video_id for r in records}) == 1000
-    assert len({r.caption for r in records}) == 995  # four captions repeat (SPEC 5.5)
+    assert len({r.caption for r in records}) == 995  # four captions repeat (docs/reference.md §5.5)
     assert records[0] == VideoTextPair("video9770", "a person is connecting something to system",
                                        Path("/videos/video9770.mp4"))
     ids = sorted(int(r.video_id[5:]) for r in records)
@@ -260,7 +260,7 @@ def test_custom_missing_split_file(tmp_path):
 
 
 def test_video_key_is_stable_and_signed_int64():
-    # Pinned: the key must not change between processes, ranks or releases (SPEC 8 item 4).
+    # Pinned: the key must not change between processes, ranks or releases (docs/reference.md §8.4).
     assert video_key("video7020") == video_key("video7020")
     assert video_key("video7020") != video_key("video7021")
     assert all(-(2**63) <= video_key(f"video{i}") < 2**63 for i in range(100))

@@ -221,7 +221,7 @@ def test_video_key_is_independent_of_the_hash_seed():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         outputs.append(out.stdout.split())
     assert outputs[0][0] == outputs[1][0] == str(video_key("video7020"))
-    assert outputs[0][1] != outputs[1][1]  # what the reference used does change (SPEC 8 item 4)
+    assert outputs[0][1] != outputs[1][1]  # what the reference used does change (docs/reference.md §8.4)
 
 
 def test_default_tokenizer_is_the_project_tokenizer(corpus):

@@ -214,11 +214,11 @@ def test_dense_sampling_decodes_sequentially(videos):
     assert indices(frames[:5]) == [0, 1, 2, 3, 4] and read_index(frames[-1]) == 1199
 
 
-# -- reference sampling (SPEC 5.3) ------------------------------------------------------------------------
+# -- reference sampling (docs/reference.md §5.3) -----------------------------------------------------------------------
 
 
 def spec_reference_indices(frame_count: float, fps: float, max_frames: int, framerate: int = 1) -> list[int]:
-    """SPEC 5.3, written out independently of the library: int fps, ceil duration in whole seconds,
+    """docs/reference.md §5.3, written out independently of the library: int fps, ceil duration in whole seconds,
     frame sec * fps + offset for sec in 0..duration inclusive until the first read past the end,
     then floor(linspace) to max_frames."""
     fps = int(fps)

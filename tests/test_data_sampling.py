@@ -79,7 +79,7 @@ def test_sample_times_properties(duration, fps, start_frac, length, max_frames):
 
 
 def reference_oracle(num_frames: int, fps_float: float, framerate: int, max_frames: int) -> list[int]:
-    """Simulates the reference's OpenCV loop (SPEC 5.3) with a capture whose reads fail past the end."""
+    """Simulates the reference's OpenCV loop (docs/reference.md §5.3) with a capture whose reads fail past the end."""
     fps = int(fps_float)
     total_duration = -(-num_frames // fps)
     interval = fps // framerate if fps // framerate > 0 else 1
@@ -116,7 +116,7 @@ def test_reference_indices_examples():
     # 29.97 fps: the reference reads frame 29 k (drifting), one per second, plus one past the
     # ceil'd duration check: ceil(300 / 29) = 11 seconds.
     assert reference_frame_indices(300, 29.97, max_frames=100) == [29 * k for k in range(11)]
-    # 3 fps preprocessed videos (SPEC 6): frame 3 sec.
+    # 3 fps preprocessed videos (docs/reference.md §6): frame 3 sec.
     assert reference_frame_indices(30, 3.0, max_frames=100) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
     # With a clip window (ActivityNet/DiDeMo style integer seconds).
     assert reference_frame_indices(300, 10.0, start=5, end=8, max_frames=100) == [50, 60, 70, 80]

@@ -17,8 +17,8 @@ from diffusionret.data.transforms import (
     clip_mean_std,
 )
 
-SPEC_MEAN = (0.48145466, 0.4578275, 0.40821073)
-SPEC_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def random_video(t: int = 3, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
@@ -27,7 +27,7 @@ def random_video(t: int = 3, h: int = 48, w: int = 64, seed: int = 0) -> np.ndar
 
 def test_clip_constants_come_from_open_clip_and_match_the_spec():
     mean, std = clip_mean_std()
-    assert mean == SPEC_MEAN and std == SPEC_STD
+    assert mean == CLIP_MEAN and std == CLIP_STD
 
 
 @pytest.mark.parametrize(("h", "w", "size"), [(48, 64, 32), (64, 48, 32), (49, 65, 24), (40, 40, 40), (30, 80, 32)])
@@ -39,7 +39,7 @@ def test_clip_transform_matches_torchvision_pipeline(h, w, size):
             T.CenterCrop(size),
             lambda image: image.convert("RGB"),
             T.ToTensor(),
-            T.Normalize(SPEC_MEAN, SPEC_STD),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
         ]
     )
     expected = torch.stack([reference(Image.fromarray(frame)) for frame in video])

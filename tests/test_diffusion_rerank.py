@@ -137,7 +137,7 @@ def test_ddim_eta():
 
 
 def _naive_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t):
-    """Straightforward per-query implementation of SPEC.md 3.3 (reference algorithm)."""
+    """Straightforward per-query implementation of docs/reference.md §3.3 (reference algorithm)."""
     t2v, v2t = sim.clone(), sim.T.clone()
     for i in range(sim.shape[0]):
         idx = torch.topk(sim[i], k).indices

@@ -53,7 +53,8 @@ def test_stage1_objective_matches_the_reference(golden: dict, train_golden: dict
     for name, expected in out["stage1_grads"].items():
         torch.testing.assert_close(grads[name], expected, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     ids = out["stage1_token_embedding_ids"]
-    torch.testing.assert_close(grads[TOKEN_EMBEDDING][ids], out["stage1_token_embedding_grad_rows"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[TOKEN_EMBEDDING][ids], out["stage1_token_embedding_grad_rows"],
+                               atol=1e-4, rtol=1e-4)
     others = torch.ones(grads[TOKEN_EMBEDDING].shape[0], dtype=torch.bool)
     others[ids] = False
     assert not grads[TOKEN_EMBEDDING][others].any()  # tokens outside the batch get no gradient

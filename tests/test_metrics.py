@@ -50,7 +50,7 @@ def naive_rank(row: list[float], positive: set[int], ties: str) -> float:
 
 def naive_metrics(sim: np.ndarray, positives: list[set[int]], ties: str, ks=KS) -> dict:
     if ties == "reference":
-        # compute_metrics as described in SPEC 3.4: sort each negated row, every column where
+        # compute_metrics as described in docs/reference.md §3.4: sort each negated row, every column where
         # sorted - negated target == 0 is an entry (0-based rank).
         entries = []
         with np.errstate(invalid="ignore"):
@@ -204,7 +204,7 @@ def test_tie_policies_hand_computed(ties, expected):
 
 
 def test_reference_duplicate_columns_enlarge_denominator():
-    """SPEC 8.7: duplicated captions give identical v2t columns, so two queries count twice each."""
+    """docs/reference.md §8.7: duplicated captions give identical v2t columns, so two queries count twice each."""
     rng = np.random.default_rng(5)
     v2t = rng.standard_normal((6, 6)).astype(np.float32)
     v2t[:, 4] = v2t[:, 1]  # captions 1 and 4 are the same sentence
@@ -399,7 +399,7 @@ def test_multi_caption_hand_computed():
 
 
 def test_multi_caption_grouping_ignores_caption_order():
-    """Groups come from caption_to_video, so the reference's positional off-by-one (SPEC 3.5) cannot happen."""
+    """Groups come from caption_to_video: the reference's positional off-by-one (docs/reference.md §3.5) cannot happen."""
     perm = np.random.default_rng(10).permutation(len(CAPTION_TO_VIDEO))
     for mode in ("videos", "captions"):
         want = multi_caption_metrics(MULTI_SIM, CAPTION_TO_VIDEO, v2t_candidates=mode)

@@ -22,7 +22,7 @@ def model() -> torch.nn.Module:
 
 
 def _oracle(model, tokens, tmask, video, vmask):
-    """Per-pair loop following SPEC.md 1.4 literally (including the zero floor for padding)."""
+    """Per-pair loop following docs/reference.md §1.4 literally (including the zero floor for padding)."""
     out = torch.zeros(tokens.shape[0], video.shape[0])
     for a in range(tokens.shape[0]):
         wt = model.text_weight_fc(tokens[a]).squeeze(-1).masked_fill(tmask[a] == 0, -9e15).softmax(-1)

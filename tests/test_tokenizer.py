@@ -1,4 +1,4 @@
-"""Tokenizer tests: the reference layout (SPEC 5.2) on every MSR-VTT 1k-A caption, plus hand-checked ids."""
+"""Tokenizer tests: the reference layout (docs/reference.md §5.2) on every MSR-VTT 1k-A caption, hand-checked ids."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def bpe_ids(captions: list[str], fresh_bpe: SimpleTokenizer) -> list[list[int]]:
 
 
 def reference_clean(text: str) -> str:
-    """The reference's cleaning recipe (SPEC 5.2): ftfy, double HTML unescape, regex whitespace collapse, lower."""
+    """The reference's cleaning (docs/reference.md §5.2): ftfy, HTML unescaped twice, whitespace collapsed, lower case."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 

@@ -44,7 +44,7 @@ def test_param_groups_follow_the_reference(tiny: nn.Module) -> None:
     # transformerClip is the temporal module, not CLIP: base learning rate.
     assert any(n.startswith("transformerClip.") for n in members["other_decay"])
     assert not any(n.startswith("transformerClip.") for n in members["clip_decay"] | members["clip_no_decay"])
-    # conv1 is frozen (SPEC.md 1.8) and in no group.
+    # conv1 is frozen (docs/reference.md §1.8) and in no group.
     assert all("clip.visual.conv1.weight" not in m for m in members.values())
 
 

@@ -4,7 +4,7 @@ A :class:`RunConfig` is a tree of frozen dataclasses filled from one YAML file p
 overrides (:func:`load_run_config`); unknown keys are errors and every section validates itself.
 The architecture (:class:`~diffusionret.models.config.ModelConfig`) is *built* from the ``model``
 section, so a run config can name a preset, override single fields, start from CLIP weights or
-from a checkpoint. Reference values (SPEC.md 4.4-4.5) are the defaults.
+from a checkpoint. Reference values (docs/reference.md §4.4-4.5) are the defaults.
 
 Example (the shape of every file in ``configs/``)::
 
@@ -85,7 +85,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with the reference's groups and hyperparameters (SPEC.md 4.3).
+    """AdamW with the reference's groups and hyperparameters (docs/reference.md §4.3).
 
     Attributes:
         lr: learning rate of the non-CLIP parameters (reference 1e-4).
@@ -160,11 +160,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The generation stage and the re-ranking sampler (SPEC.md 1.6-1.7, 2).
+    """The generation stage and the re-ranking sampler (docs/reference.md §1.6-1.7, §2).
 
     Attributes:
         steps: diffusion steps T, for training *and* re-ranking (reference README: 50; its
-            training default of 1000 mismatched evaluation, SPEC.md 8.13).
+            training default of 1000 mismatched evaluation, docs/reference.md §8.13).
         schedule: ``cosine`` (reference) or ``linear``.
         denoiser_temp: temperature of the denoisers' frame pooling (``--temp`` 1).
         num_negatives: hard negatives per query in training (``--num`` 127), capped to what the
@@ -195,7 +195,7 @@ class EvalConfig:
             ``val``: the best epoch (model or EMA) on ``data.val_split``, which must be a real
             validation split; ``last``: the final epoch, for datasets without a validation split
             (MSR-VTT 1k-A and ActivityNet val_1 are the test sets; the reference selected on them,
-            SPEC.md 8.8); ``test``: the reference's behaviour, selection on the test split
+            docs/reference.md §8.8); ``test``: the reference's behaviour, selection on the test split
             (optimistic numbers; logged as a warning).
         test_after_training: evaluate the selected model on the test split when training ends.
         chunk_size: texts/videos per block of the WTI matrix (bounded memory).

@@ -140,7 +140,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     features) and returns this rank's slice, so that DDP's gradient *average* over ranks gives the
     gradient of the mean of the per-rank losses, which is what a single process computes on the
     global batch. (The reference returned the local slice without the sum: a 1/world_size smaller
-    gradient, SPEC.md 4.2.)
+    gradient, docs/reference.md §4.2.)
     """
 
     @staticmethod

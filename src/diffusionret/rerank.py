@@ -1,4 +1,4 @@
-"""Diffusion re-ranking of each query's top-K candidates (SPEC.md 3.3), batched over all queries.
+"""Diffusion re-ranking of each query's top-K candidates (docs/reference.md §3.3), batched over all queries.
 
 For every query row of a similarity matrix, the K best candidates (descending score) are handed to
 a denoiser, DDIM generates an x0 score vector over them, and ``alpha * softmax(temp * x0)`` is added

@@ -1,4 +1,4 @@
-"""CLIP BPE tokenisation with the reference's truncation and padding (SPEC 5.2).
+"""CLIP BPE tokenisation with the reference's truncation and padding (docs/reference.md §5.2).
 
 The byte-level BPE itself comes from ``open_clip.tokenizer.SimpleTokenizer`` (the same
 ``bpe_simple_vocab_16e6`` merges and vocabulary as OpenAI CLIP); this module only adds the layout the
@@ -123,7 +123,7 @@ def _check_max_words(max_words: int) -> int:
 
 
 def tokenize(texts: str | Sequence[str], max_words: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask in the reference's layout (SPEC 5.2).
+    """Token ids and attention mask in the reference's layout (docs/reference.md §5.2).
 
     Args:
         texts: one text or a sequence of ``N`` texts (a single ``str`` gives ``N = 1``).

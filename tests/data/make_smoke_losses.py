@@ -4,8 +4,8 @@
 
 Runs ``diffusionret train`` with configs/smoke_stage1.yaml and then configs/smoke_stage2.yaml on
 the lossless smoke corpus of tests/helpers.py, on one CPU thread (as the tests run), and records
-the training losses of step 1 of each stage (and the loss of every step). tests/test_train_e2e.py compares a fresh run with
-them, so that a change of the training maths cannot pass silently. Regenerate only for an
+the training losses of step 1 of each stage and the loss of every step. tests/test_train_e2e.py
+compares a fresh run with them, so that a change of the training maths cannot pass silently. Regenerate only for an
 intended change of the maths, and say so in the commit.
 """
 

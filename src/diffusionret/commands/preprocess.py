@@ -1,4 +1,4 @@
-"""``diffusionret preprocess``: re-encode a folder of videos to a low frame rate and short side (SPEC 6)."""
+"""``diffusionret preprocess``: re-encode videos to a low frame rate and short side (docs/reference.md §6)."""
 
 from __future__ import annotations
 

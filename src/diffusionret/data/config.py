@@ -36,7 +36,7 @@ class DataConfig:
         video_path: video folder.
         train_split, test_split: the reader's split names used for training and testing.
         val_split: the split used for validation; ``None`` means ``test_split`` (what the reference
-            does for every benchmark, SPEC 5.1).
+            does for every benchmark, docs/reference.md §5.1).
         max_words: ``L``, token length including SOT/EOT (the paper: 32; ActivityNet/DiDeMo: 64).
         max_frames: ``T`` (the paper: 12; ActivityNet/DiDeMo: 64).
         fps: frames per second of video time to sample (the reference's ``--video_framerate``).

@@ -495,7 +495,7 @@ def read_frames(
             decoded size.
         sampling: ``"uniform"`` / ``"head"`` / ``"tail"``: targets ``start + k / fps`` inside the clip,
             reduced to ``T`` uniformly (floor of ``linspace``) or by taking the first/last ``T``;
-            ``"reference"``: the frame indices of the reference's OpenCV reader (SPEC 5.3), exact for
+            ``"reference"``: the frame indices of the reference's OpenCV reader (docs/reference.md §5.3), exact for
             constant-frame-rate videos.
         seek: allow seeking (``False`` decodes sequentially from the start; for benchmarks).
         stats: optional counters of decoded frames and seeks.

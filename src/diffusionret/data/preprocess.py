@@ -1,7 +1,7 @@
-"""Re-encode a folder of videos to a low frame rate and a small short side (SPEC 6), with PyAV.
+"""Re-encode a folder of videos to a low frame rate and a small short side (docs/reference.md §6), with PyAV.
 
 The reference ran ``ffmpeg -r 3`` with a scale filter that made portrait videos *narrower* than 224
-(SPEC 6, 8 item 37); here the short side is ``short_side`` for every orientation, both sides even
+(docs/reference.md §6, §8.37); here the short side is ``short_side`` for every orientation, both sides even
 (yuv420p needs it), aspect ratio kept, rotation metadata applied to the pixels, audio dropped.
 Output frame ``k`` (at ``k / fps`` seconds) is the input frame displayed at that time, so the output
 has ``ceil(duration * fps)`` frames whatever the input frame rate.

@@ -51,7 +51,7 @@ def video_key(video_id: str) -> int:
     """A stable signed 64-bit key of a video id, equal in every process and on every rank.
 
     The reference used Python's ``hash(str)``, which is randomised per process, so the same video got
-    different ids on different ranks (SPEC 8 item 4). blake2b does not depend on ``PYTHONHASHSEED``.
+    different ids on different ranks (docs/reference.md §8.4). blake2b does not depend on ``PYTHONHASHSEED``.
     """
     digest = hashlib.blake2b(video_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)

@@ -8,7 +8,7 @@ Two families:
   for each target, the frame *displayed* at that time (the last frame whose presentation timestamp is
   ``<= t``), which is also correct for variable-frame-rate videos.
 * **Reference sampling** (``"reference"``): the frame indices the reference's OpenCV pipeline reads
-  (SPEC 5.3), for numerical compatibility with released checkpoints.
+  (docs/reference.md §5.3), for numerical compatibility with released checkpoints.
 
 Reducing ``n`` candidates to ``max_frames`` (:func:`subsample`): ``"uniform"`` takes
 ``floor(linspace(0, n - 1, max_frames))`` (the reference's choice), ``"head"`` the first and ``"tail"``
@@ -128,7 +128,7 @@ def reference_frame_indices(
     end: float | None = None,
     mode: str = "uniform",
 ) -> list[int]:
-    """Frame indices the reference's OpenCV pipeline reads (SPEC 5.3), before the 224 transform.
+    """Frame indices the reference's OpenCV pipeline reads (docs/reference.md §5.3), before the 224 transform.
 
     The reference truncates the frame rate to an integer (``int(29.97) == 29``), measures the video in
     whole seconds ``ceil(num_frames / fps)``, reads frame ``int(sec * fps) + offset`` for every second

@@ -5,7 +5,7 @@ Input of every transform: uint8 ``(T, H, W, 3)`` RGB frames as returned by
 float32 ``(T, 3, S, S)`` normalised with CLIP's mean/std.
 
 * :class:`ClipTransform` (evaluation, and training by default, as in the reference, which never
-  augments; SPEC 5.3 and 8 item 3): bicubic short-side resize to ``S`` (torchvision/PIL rule), centre
+  augments; docs/reference.md §5.3 and §8.3): bicubic short-side resize to ``S`` (torchvision/PIL rule), centre
   crop ``S x S`` (torchvision rule), ``/255``, normalise.
 * :class:`TrainTransform`: random resized crop + horizontal flip and/or a RandAugment-style policy,
   with *one* set of random parameters per video so all its frames change the same way (a flip on
@@ -109,7 +109,7 @@ def _uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 
 
 @dataclass(frozen=True)
 class RandAugmentPolicy:
-    """A RandAugment-style policy in the spirit of timm's ``rand-m7-n4-mstd0.5-inc1`` (SPEC 5.3).
+    """A RandAugment-style policy in the spirit of timm's ``rand-m7-n4-mstd0.5-inc1`` (docs/reference.md §5.3).
 
     ``num_ops`` operations are drawn (with replacement) from the "increasing" list, each applied with
     probability ``prob`` at magnitude ``magnitude`` (out of 10) plus Gaussian jitter ``magnitude_std``,

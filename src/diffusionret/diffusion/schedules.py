@@ -1,4 +1,4 @@
-"""Noise schedules (float64), as in improved/guided diffusion (SPEC.md 2)."""
+"""Noise schedules (float64), as in improved/guided diffusion (docs/reference.md §2)."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
 @torch.no_grad()
 def rerank_scores(model: nn.Module, sim: torch.Tensor, feats: CorpusFeatures, *, top_k: int, alpha: float,
                   temp: float, seed: int, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diffusion re-ranking of both directions (SPEC.md 3.3).
+    """Diffusion re-ranking of both directions (docs/reference.md §3.3).
 
     The initial noise of every query is drawn up front from ``torch.Generator().manual_seed(seed)``
     (text->video rows first, then video->text rows), so the result does not depend on how the rows

@@ -4,7 +4,7 @@ Texts and videos are encoded separately, through the dataset's text view (no dec
 view (each video decoded once, also for multi-caption datasets such as MSVD). Under torchrun each
 rank encodes a contiguous, *unpadded* shard; the gathered rows are put back in place by their
 dataset index, so no sample is counted twice and none is lost (the reference padded its shards and
-relied on an index scatter, SPEC.md 3.2 / 8.34).
+relied on an index scatter, docs/reference.md §3.2 / §8.34).
 
 Videos that cannot be read under ``data.on_error: skip`` are recorded as missing; their captions are
 dropped. :func:`diffusionret.evaluation.evaluate.evaluate_features` refuses to report metrics over such

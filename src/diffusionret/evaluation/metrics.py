@@ -10,7 +10,7 @@ goes inside its tied block:
 * ``"mean"``: the expected rank under uniformly random tie-breaking, ``g + 1 + n / 2`` for one target
   (``scipy.stats.rankdata(method="average")``); with ``p`` tied positives the expected rank of the first
   of them, ``g + (n + p + 1) / (p + 1)``. R@k thresholds this rank (a rank of 5.5 is no hit at R@5).
-* ``"reference"``: the reference ``compute_metrics`` counting (SPEC 3.4), for comparison with published
+* ``"reference"``: the reference ``compute_metrics`` counting (docs/reference.md §3.4), for comparison with published
   numbers: a query whose target ties with ``t - 1`` other candidates contributes ``t`` entries with
   0-based ranks ``g, g + 1, ..., g + t - 1``, so tied queries enlarge the denominator
   (``num_entries > num_queries``); queries whose target score is NaN or +-inf vanish (the reference's
@@ -309,7 +309,7 @@ def multi_caption_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     v2t_candidates: Literal["videos", "captions"] = "videos",
 ) -> dict[str, dict[str, float | int]]:
-    """Both directions when videos have several captions (MSVD-style evaluation, SPEC 3.5 fixed).
+    """Both directions when videos have several captions (MSVD-style evaluation, docs/reference.md §3.5 fixed).
 
     Text-to-video: every caption ranks all videos; its target is its own video.
 

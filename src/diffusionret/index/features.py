@@ -93,7 +93,7 @@ class FeatureExtractor(Protocol):
 def pool_frames(frames: Tensor, frame_mask: Tensor) -> Tensor:
     """The first-stage video embedding: the masked mean of L2-normalised frames, re-normalised.
 
-    The WTI head compares *normalised* word and frame features (SPEC.md 1.4), so averaging the
+    The WTI head compares *normalised* word and frame features (docs/reference.md §1.4), so averaging the
     normalised frames keeps every frame's vote equal, and the cosine between this vector and the
     normalised text ``cls`` is a cheap, monotone-ish proxy for the full token interaction.
 

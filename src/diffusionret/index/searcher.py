@@ -5,10 +5,10 @@
    embeddings for large indexes) or an ANN index (FAISS PQ fast-scan with exact re-scoring, or
    IVF-Flat) for large indexes that have one; see
    :mod:`~diffusionret.index.first_stage`. Keeps the top ``N`` (``candidates``).
-2. **WTI** (``N`` videos): the model's token-level similarity head (SPEC.md 1.4) on the stored
+2. **WTI** (``N`` videos): the model's token-level similarity head (docs/reference.md §1.4) on the stored
    frame features, with the video-side weights stored at build time when the index has them.
 3. **Diffusion re-ranking** (top ``K`` of the WTI list, ``rerank_top_k``): the text->video denoiser
-   adds a bonus in (0, 1) to each of the K scores (SPEC.md 3.3), so the re-ranked K stay ahead of
+   adds a bonus in (0, 1) to each of the K scores (docs/reference.md §3.3), so the re-ranked K stay ahead of
    the other N - K, whose WTI order is kept. Skipped when the model has no denoisers or ``K = 0``.
 
 The searcher is pure composition of objects (model, index, tokenizer); :meth:`Searcher.open` is a
@@ -172,7 +172,7 @@ class Searcher:
         With ``trim_query`` the padding after the longest text is cut to one position:
         ``L' = min(max_words, longest + 1)``. This is exact: the text tower's attention is causal,
         so real positions never see later ones, and the WTI head needs only one padded position,
-        whose similarity 0 takes part in the maximum over tokens (the "zero floor", SPEC.md 1.4)
+        whose similarity 0 takes part in the maximum over tokens (the "zero floor", docs/reference.md §1.4)
         exactly as the ``max_words - longest`` padded positions would.
         """
         ids, mask = self.tokenizer(list(queries), max_words=self.config.max_words)

@@ -3,7 +3,7 @@
 Two formats:
 
 * **Official DiffusionRet checkpoints** (``best.pth``: a plain ``state_dict`` of the reference
-  model, SPEC.md 7): stage 1 or 2, with or without ``module.`` prefixes, fp16 or fp32 tensors. The
+  model, docs/reference.md §7): stage 1 or 2, with or without ``module.`` prefixes, fp16 or fp32 tensors. The
   architecture is rebuilt from the tensors alone; the duplicated ``pe`` buffers are derived and
   ignored. Unlike the reference (``strict=False``), any missing or unexpected key and any shape
   mismatch is an error that lists them.

@@ -3,7 +3,7 @@
 We do not carry CLIP code: the towers are open_clip's ``CLIP`` (whose parameter names are the
 OpenAI ones, so OpenAI-format state dicts and the ``clip.*`` part of DiffusionRet checkpoints load
 without renaming). This module adds what open_clip does not expose: every text position through
-``ln_final`` and the projection, with the reference's per-sample key-padding mask (SPEC.md 1.2.2).
+``ln_final`` and the projection, with the reference's per-sample key-padding mask (docs/reference.md §1.2.2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class ClipFormatError(ValueError):
 
 
 def infer_clip_config(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> ClipConfig:
-    """Infer the CLIP architecture from OpenAI-format tensor shapes (SPEC.md 1.1 step 3).
+    """Infer the CLIP architecture from OpenAI-format tensor shapes (docs/reference.md §1.1).
 
     Args:
         state_dict: keys without prefix (``visual.conv1.weight``, ``transformer.resblocks.0...``).
@@ -152,7 +152,7 @@ def load_open_clip_weights(name: str, pretrained: str) -> dict[str, torch.Tensor
 
 
 def causal_key_padding_mask(text_mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask of the reference text tower (SPEC.md 1.2.2).
+    """Additive attention mask of the reference text tower (docs/reference.md §1.2.2).
 
     ``A[b, i, j] = 0`` where ``j <= i`` and token ``j`` is valid, ``-inf`` elsewhere; repeated
     sample-major over heads as ``nn.MultiheadAttention`` expects.

@@ -49,7 +49,7 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DiffusionRet architecture (SPEC.md 1).
+    """The DiffusionRet architecture (docs/reference.md §1).
 
     Attributes:
         clip: the CLIP backbone.

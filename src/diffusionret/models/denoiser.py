@@ -1,4 +1,4 @@
-"""The two DiffusionRet denoisers (SPEC.md 1.6) and their fast, precomputed sampling form.
+"""The two DiffusionRet denoisers (docs/reference.md §1.6) and their fast, precomputed sampling form.
 
 Both networks predict x0, a score vector over N candidates, from a noisy vector ``x_t``, the
 timestep and the query/candidate features. Parameter names mirror the reference

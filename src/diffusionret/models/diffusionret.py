@@ -42,7 +42,7 @@ def init_head_weights(module: nn.Module, generator: torch.Generator | None = Non
 
 
 class DiffusionRet(nn.Module):
-    """Generative text-video retrieval model (SPEC.md 1).
+    """Generative text-video retrieval model (docs/reference.md §1).
 
     Build it with :func:`diffusionret.build_model` or :func:`diffusionret.load_model`.
     """
@@ -66,7 +66,7 @@ class DiffusionRet(nn.Module):
         self.diffusion = GaussianDiffusion(config.diffusion_steps, config.noise_schedule)
         if config.stage == "generation":
             self._create_denoisers(generator)
-        # conv1 is frozen in every stage of the reference (SPEC.md 1.8).
+        # conv1 is frozen in every stage of the reference (docs/reference.md §1.8).
         self.clip.visual.conv1.weight.requires_grad_(False)
         self.eval()
 
@@ -111,12 +111,12 @@ class DiffusionRet(nn.Module):
         self.diffusion = GaussianDiffusion(diffusion_steps, noise_schedule).to(device)
 
     def freeze_backbone(self) -> None:
-        """Generation stage: everything but the two denoisers is frozen (SPEC.md 1.8)."""
+        """Generation stage: everything but the two denoisers is frozen (docs/reference.md §1.8)."""
         for name, param in self.named_parameters():
             param.requires_grad_(name.startswith(("diffusion_model.", "diffusion_model_v.")))
 
     def init_temporal_from_clip(self) -> None:
-        """The reference's initialisation trick (SPEC.md 1.1 step 13).
+        """The reference's initialisation trick (docs/reference.md §1.1).
 
         Frame positions from CLIP's text positional table and, for seqTransf, the first
         ``temporal_layers`` CLIP text layers as the temporal transformer.
@@ -205,7 +205,7 @@ class DiffusionRet(nn.Module):
 
     def similarity(self, tokens: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
                    chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """WTI scores (Nt, Nv) in [-1, 1]; no logit scale (SPEC.md 1.4).
+        """WTI scores (Nt, Nv) in [-1, 1]; no logit scale (docs/reference.md §1.4).
 
         ``frame_weights``: optional (Nv, T) from :meth:`frame_weights`; the video weight MLP is then skipped.
         """
@@ -290,7 +290,7 @@ class DiffusionRet(nn.Module):
                video: torch.Tensor, frame_mask: torch.Tensor, *, top_k: int = 32, noise_t2v: torch.Tensor | None = None,
                noise_v2t: torch.Tensor | None = None, generator: torch.Generator | None = None, alpha: float = 1.0,
                temp: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both directions from the same base matrix (SPEC.md 3.3).
+        """Both directions from the same base matrix (docs/reference.md §3.3).
 
         Args:
             sim: (Nt, Nv) WTI scores. ``tokens``/``text_mask`` are accepted for API symmetry; the

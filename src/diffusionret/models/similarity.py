@@ -1,4 +1,4 @@
-"""Weighted token interaction ("WTI") similarity (SPEC.md 1.4), computed in bounded-memory chunks.
+"""Weighted token interaction ("WTI") similarity (docs/reference.md §1.4), computed in bounded-memory chunks.
 
 Peak memory is bounded by the chunk size, not by the number of texts or videos: the weight MLPs
 run on at most ``chunk_size`` rows at a time (only their small (N, L) softmax outputs are kept),

@@ -1,4 +1,4 @@
-"""Temporal modules over per-frame CLIP features (SPEC.md 1.3).
+"""Temporal modules over per-frame CLIP features (docs/reference.md §1.3).
 
 Parameter names mirror the reference (``transformerClip.resblocks.{i}.attn/ln_1/mlp.c_fc/...``,
 ``frame_position_embeddings``, ``lstm_visual``) so official checkpoints load without renaming.
@@ -26,7 +26,7 @@ class TemporalBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)
         # eps 1e-12, not CLIP's 1e-5: the reference uses its own LayerNorm here even though the
-        # weights are copied from CLIP text layers (SPEC.md 1.3 step 3).
+        # weights are copied from CLIP text layers (docs/reference.md §1.3).
         self.ln_1 = nn.LayerNorm(width, eps=1e-12)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, width * 4)),

@@ -1,7 +1,7 @@
-"""Exponential moving average of the trainable weights (the reference's ``--moment``, SPEC.md 4.2).
+"""Exponential moving average of the trainable weights (the reference's ``--moment``, docs/reference.md §4.2).
 
 The reference kept a second model built from scratch, so the EMA of its randomly initialised parts
-started from *different* random values (SPEC.md 8.16), and averaged frozen weights too. Here the
+started from *different* random values (docs/reference.md §8.16), and averaged frozen weights too. Here the
 average starts from the model's own weights and covers only trainable parameters (frozen ones would
 average to themselves); evaluation swaps the averaged weights in and back out.
 """

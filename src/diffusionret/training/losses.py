@@ -1,8 +1,8 @@
 """Stage-1 contrastive loss: symmetric InfoNCE over the global batch, duplicate-aware.
 
-The reference (SPEC.md 1.5) all-gathers features, scores the whole global batch on every rank and
+The reference (docs/reference.md §1.5) all-gathers features, scores the whole global batch on every rank and
 takes the diagonal as the only positive, so two samples of the same video in one batch push each
-other apart (SPEC.md 8.5), and its AllGather backward drops the other ranks' gradient terms. Here:
+other apart (docs/reference.md §8.5), and its AllGather backward drops the other ranks' gradient terms. Here:
 
 * positives are decided by the stable ``video_key`` of every sample, so every copy of a video in
   the global batch is a positive (a soft target spread uniformly over the copies), never a
@@ -76,7 +76,7 @@ class ContrastiveOutput:
 def symmetric_info_nce(sim_fn: SimilarityFn, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                        video: torch.Tensor, frame_mask: torch.Tensor, video_keys: torch.Tensor,
                        logit_scale: torch.Tensor, ctx: DistContext) -> ContrastiveOutput:
-    """Symmetric, duplicate-aware InfoNCE over the global batch (SPEC.md 1.5, bugs 8.4/8.5 fixed).
+    """Symmetric, duplicate-aware InfoNCE over the global batch (docs/reference.md §1.5, §8.4/§8.5 fixed).
 
     Args:
         sim_fn: the WTI similarity, ``(tokens, text_mask, video, frame_mask) -> (Nt, Nv)``.

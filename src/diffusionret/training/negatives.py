@@ -1,4 +1,4 @@
-"""Hard-negative mining for the generation stage (SPEC.md 1.7 step 5, bugs 8.4/8.5 fixed).
+"""Hard-negative mining for the generation stage (docs/reference.md §1.7, §8.4/§8.5 fixed).
 
 Each query gets a candidate list: its positive first, then the ``num`` candidates of the global batch
 with the highest WTI similarity that are *not* the same video. The reference ranks by

@@ -1,17 +1,17 @@
 """Optimizer parameter groups and the warm-up + cosine learning-rate schedule.
 
-The reference's BertAdam (SPEC.md 4.3) is replaced by ``torch.optim.AdamW`` (decoupled weight decay,
+The reference's BertAdam (docs/reference.md §4.3) is replaced by ``torch.optim.AdamW`` (decoupled weight decay,
 bias-corrected moments), keeping its hyperparameters and its parameter grouping:
 
 * CLIP parameters (names starting with ``clip.``) train at ``lr * clip_lr_scale`` (reference:
   1e-4 * 1e-3); ``transformerClip`` (the temporal module) is not CLIP and trains at ``lr``.
 * No weight decay on biases, norm weights and other 0-/1-D tensors (``logit_scale``, CLIP's
   ``class_embedding``). The reference meant to exempt LayerNorms but matched ``LayerNorm.`` names
-  that CLIP does not use (its norms are ``ln_*``), so only biases escaped decay (SPEC.md 4.3).
+  that CLIP does not use (its norms are ``ln_*``), so only biases escaped decay (docs/reference.md §4.3).
 
 The schedule is a pure function of the step, over the *real* number of optimizer steps (the
-reference hard-coded 5 epochs, SPEC.md 8.9), with a non-zero first step (8.10) and a cosine that
-starts at 1 where warm-up ends (8.10).
+reference hard-coded 5 epochs, docs/reference.md §8.9), with a non-zero first step (§8.10) and a cosine that
+starts at 1 where warm-up ends (§8.10).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int,
 
 
 def clamp_logit_scale(model: nn.Module, max_value: float = math.log(100.0)) -> None:
-    """Clamp CLIP's learned log-temperature to ``<= max_value`` after each step (SPEC.md 1.5)."""
+    """Clamp CLIP's learned log-temperature to ``<= max_value`` after each step (docs/reference.md §1.5)."""
     for name, param in model.named_parameters():
         if name.endswith("logit_scale"):
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Stage 1 ("discrimination", SPEC.md 1.5): fine-tune CLIP + temporal module + WTI head contrastively.
+"""Stage 1 ("discrimination", docs/reference.md §1.5): fine-tune CLIP + temporal module + WTI head contrastively.
 
 :class:`ContrastiveObjective` wraps the model so that one ``forward`` computes the whole loss; that
 is what DDP needs (its gradient hooks are armed in ``forward``), and it keeps the all-gather inside
@@ -52,7 +52,7 @@ class ContrastiveObjective(nn.Module):
 
 
 def prepare_stage1_model(model: nn.Module) -> nn.Module:
-    """Trainable set of the discrimination stage (SPEC.md 1.8): everything but ``clip.visual.conv1``.
+    """Trainable set of the discrimination stage (docs/reference.md §1.8): everything but ``clip.visual.conv1``.
 
     The model must not have denoisers (a stage-1 run on a stage-2 checkpoint is a config error).
     """

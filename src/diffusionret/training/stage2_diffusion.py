@@ -1,4 +1,4 @@
-"""Stage 2 ("generation", SPEC.md 1.7): train the two denoisers on a frozen stage-1 model.
+"""Stage 2 ("generation", docs/reference.md §1.7): train the two denoisers on a frozen stage-1 model.
 
 For every query of the global batch the candidate list is its positive (index 0) followed by the
 ``num`` hardest negatives of the global batch by WTI similarity, never a sample of its own video.
@@ -165,7 +165,7 @@ class GenerationObjective(nn.Module):
 
 
 def prepare_stage2_model(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Add fresh denoisers if needed and freeze everything else (SPEC.md 1.8).
+    """Add fresh denoisers if needed and freeze everything else (docs/reference.md §1.8).
 
     Raises:
         RuntimeError: if anything outside the denoisers is left trainable.

@@ -1,4 +1,4 @@
-"""ActivityNet Captions annotations, paragraph-to-video (SPEC 5.8).
+"""ActivityNet Captions annotations, paragraph-to-video (docs/reference.md §5.8).
 
 Files in ``anno_path``: ``train_ids.json`` / ``val_ids.json`` (lists of ids ``v_XXXXXXXXXXX``) and
 ``train.json`` / ``val_1.json`` / ``val_2.json`` (``{id: {"duration", "timestamps", "sentences"}}``).
@@ -7,7 +7,7 @@ in ``*_ids.json`` order; videos without sentences are skipped. Splits: ``"train"
 = ``val_1``, what the paper reports) and ``"val_2"``.
 
 The record covers the whole video (``start = end = None``); the reference's ``end = ceil(duration)``
-(SPEC 8 item 36) only ever clamped to the file's own length. Video files are found by stem, with or
+(docs/reference.md §8.36) only ever clamped to the file's own length. Video files are found by stem, with or
 without the ``v_`` prefix, anywhere under ``video_path``.
 """
 

@@ -1,4 +1,4 @@
-"""DiDeMo annotations, paragraph-to-video (SPEC 5.9).
+"""DiDeMo annotations, paragraph-to-video (docs/reference.md §5.9).
 
 Files in ``anno_path``: ``{train,val,test}_list.txt`` (one video id per line) and
 ``{train,val,test}_data.json`` (a list of ``{"description", "times", "video", ...}``, several per
@@ -7,7 +7,7 @@ in JSON order; records follow the order of first appearance in the JSON. Video f
 (the id may itself contain a dot, e.g. ``X.mov`` stored as ``X.mov.mp4``) under ``video_path``.
 
 Records cover the whole video (``start = end = None``) instead of the reference's hard-coded
-0-31 s (SPEC 8 item 36), which cut the rare clips longer than 31 s.
+0-31 s (docs/reference.md §8.36), which cut the rare clips longer than 31 s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LSMDC annotations (SPEC 5.7).
+"""LSMDC annotations (docs/reference.md §5.7).
 
 Files in ``anno_path``, tab-separated with 6 fields per line
 ``clip_id, start_aligned, end_aligned, start_extracted, end_extracted, sentence``:
@@ -7,7 +7,7 @@ Files in ``anno_path``, tab-separated with 6 fields per line
 (the clip id) anywhere under ``video_path``. The time columns describe where the clip was cut from the
 movie; the clip files are already cut, so records cover whole files.
 
-Known-broken clips: the reference hard-codes six clip ids to skip (SPEC 5.7). The three whose full ids
+Known-broken clips: the reference hard-codes six clip ids to skip (docs/reference.md §5.7). The three whose full ids
 are known are skipped by default (:data:`BROKEN_CLIPS`); pass more through ``exclude_ids``, or let the
 dataset's ``on_error="skip"`` policy drop and report any clip that fails to decode.
 """

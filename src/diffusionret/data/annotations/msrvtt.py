@@ -1,4 +1,4 @@
-"""MSR-VTT annotations (SPEC 5.5).
+"""MSR-VTT annotations (docs/reference.md §5.5).
 
 Files in ``anno_path``:
 
@@ -10,7 +10,7 @@ Files in ``anno_path``:
 
 Splits: ``"train"`` / ``"train9k"`` (every caption of the 9,000 videos of the 9k list, in JSON order),
 ``"train7k"``, ``"train_full"`` (the official 6,513 ``train`` videos of ``MSRVTT_data.json``),
-``"val"`` / ``"test"`` (1k-A, csv order; the reference validates on the test set, SPEC 8 item 8),
+``"val"`` / ``"test"`` (1k-A, csv order; the reference validates on the test set, docs/reference.md §8.8),
 ``"test_full"`` (the official 2,990 ``test`` videos with all their captions). Videos are
 ``<video_path>/<video_id>.mp4`` (or any file named after the id under ``video_path``).
 """
@@ -85,7 +85,7 @@ def _sentences(path: Path) -> tuple[dict, list]:
 
 def _read_sentences(path: Path, wanted: set[str]) -> list[tuple[str, str]]:
     """Every sentence of a wanted video, in JSON order (a set lookup: the reference's ``in list`` was
-    quadratic, SPEC 8 item 35)."""
+    quadratic, docs/reference.md §8.35)."""
     _, sentences = _sentences(path)
     pairs = []
     for i, item in enumerate(sentences):

@@ -1,4 +1,4 @@
-"""MSVD annotations (SPEC 5.6).
+"""MSVD annotations (docs/reference.md §5.6).
 
 Files in ``anno_path``: ``train_list.txt`` / ``val_list.txt`` / ``test_list.txt`` (one video id per
 line) and ``raw-captions.pkl`` (``{video_id: [[token, ...], ...]}``; a caption is its tokens joined
