@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import create_app
 from diffusionret.serve.reload import ReloadingBackend, catalog_signature
+from helpers import wait_for
 
 
 class Clock:
@@ -104,10 +104,7 @@ def test_the_server_follows_the_index_and_stops_its_watcher(tmp_path: Path) -> N
         assert client.get("/healthz").json()["videos"] == 3
         write_videos(videos, ["yellow_cross"])
         update_index(root, SyntheticExtractor(), progress=False)
-        deadline = time.monotonic() + 20
-        while client.get("/healthz").json()["videos"] != 4:
-            assert time.monotonic() < deadline, "the server never picked up the update"
-            time.sleep(0.02)
+        wait_for(lambda: client.get("/healthz").json()["videos"] == 4, "the server to pick up the update", interval=0.02)
         body = client.get("/api/search", params={"q": "a yellow cross", "k": 4}).json()
         assert "yellow_cross.mp4" in {r["name"] for r in body["results"]}
         assert client.get("/api/info").json()["reloads"] >= 1
