@@ -115,7 +115,7 @@ def test_page_asks_for_the_token(clips: tuple[Path, list[str]]) -> None:
     from playwright.sync_api import sync_playwright
 
     index_dir, names = clips
-    app = create_app(SyntheticSearcher(VideoIndex.load(index_dir)), ServeConfig(token="let-me-in"))
+    app = create_app(SyntheticSearcher(VideoIndex.load(index_dir)), ServeConfig(token="let-me-in-with-a-long-token"))
     with running_server(app) as port, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
@@ -123,7 +123,7 @@ def test_page_asks_for_the_token(clips: tuple[Path, list[str]]) -> None:
             page.goto(f"http://127.0.0.1:{port}/?q=red&k=24")  # the query in the URL runs at once
             page.wait_for_selector("#token-form:not([hidden])")
             assert "token" in page.locator("#status").inner_text()
-            page.fill("#token", "let-me-in")
+            page.fill("#token", "let-me-in-with-a-long-token")
             page.click("#token-form button")
             page.wait_for_selector(".card")
             assert page.locator(".card").count() == len(names)

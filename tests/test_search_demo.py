@@ -100,7 +100,7 @@ def test_cli_and_http_agree_with_the_python_api(demo_index: dict, capsys: pytest
     cli_ids = [r["id"] for r in json.loads(capsys.readouterr().out)["results"]]
     assert cli_ids == [h.id for h in expected]
 
-    with TestClient(create_app(searcher)) as client:
+    with TestClient(create_app(searcher), base_url="http://127.0.0.1") as client:
         body = client.get("/api/search", params={"q": caption, "k": 5}).json()
         assert [r["id"] for r in body["results"]] == [h.id for h in expected]
         top = body["results"][0]

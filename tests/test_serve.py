@@ -25,6 +25,8 @@ from diffusionret.serve.app import ServeConfig, UrlSigner, check_range, create_a
 from helpers import running_server, wait_for
 
 TOKEN = "correct-horse-battery-staple"
+# TestClient's default Host (testserver) is not a loopback name: the Host allowlist would refuse it.
+BASE_URL = "http://127.0.0.1"
 NAMES = ["red_circle_left", "blue_square_up", "green_ring_down", "yellow_cross_right", "purple_triangle_still"]
 
 
@@ -43,13 +45,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture()
 def client(corpus: dict) -> Iterator[TestClient]:
-    with TestClient(create_app(SyntheticSearcher(corpus["index"]))) as c:
+    with TestClient(create_app(SyntheticSearcher(corpus["index"])), base_url=BASE_URL) as c:
         yield c
 
 
 @pytest.fixture()
 def auth_client(corpus: dict) -> Iterator[TestClient]:
-    with TestClient(create_app(SyntheticSearcher(corpus["index"]), ServeConfig(token=TOKEN))) as c:
+    with TestClient(create_app(SyntheticSearcher(corpus["index"]), ServeConfig(token=TOKEN)), base_url=BASE_URL) as c:
         yield c
 
 
@@ -85,21 +87,24 @@ def test_search_returns_ranked_json(client: TestClient, corpus: dict) -> None:
 def test_video_metadata(client: TestClient, corpus: dict) -> None:
     record = corpus["by_name"]["green_ring_down"]
     body = client.get(f"/api/videos/{record.id}").json()
-    assert body["path"] == record.path and body["size"] == record.size and body["name"] == "green_ring_down.mp4"
+    assert body["path"] == "videos/green_ring_down.mp4" and body["size"] == record.size and body["name"] == "green_ring_down.mp4"
     assert body["media_url"] == f"/media/{record.id}"
     assert_json_error(client.get("/api/videos/0123456789abcdef"), 404)
     assert_json_error(client.get("/api/videos/not-an-id"), 404)
 
 
-def test_info_and_openapi_docs(client: TestClient) -> None:
+def test_info_and_openapi_docs(client: TestClient, corpus: dict) -> None:
     info = client.get("/api/info").json()
     assert info["videos"] == len(NAMES) and info["max_k"] == 100
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/api/search", "/api/videos/{video_id}", "/api/info", "/media/{video_id}", "/thumbs/{video_id}",
                  "/healthz"):
         assert path in paths
-    docs = client.get("/docs")
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert_json_error(client.get("/docs"), 404)  # off by default: it loads scripts from a CDN
+    with TestClient(create_app(SyntheticSearcher(corpus["index"]), ServeConfig(docs=True)), base_url=BASE_URL) as c:
+        docs = c.get("/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert "cdn.jsdelivr.net" in docs.headers["content-security-policy"]
 
 
 def test_web_page_and_assets(client: TestClient) -> None:
@@ -184,7 +189,7 @@ def test_media_of_deleted_file(tmp_path: Path) -> None:
     build_index(tmp_path / "idx", tmp_path / "v", SyntheticExtractor(), progress=False)
     index = VideoIndex.load(tmp_path / "idx")
     (tmp_path / "v" / "gone.mp4").unlink()
-    with TestClient(create_app(SyntheticSearcher(index))) as c:
+    with TestClient(create_app(SyntheticSearcher(index)), base_url=BASE_URL) as c:
         assert_json_error(c.get(f"/media/{index.records[0].id}"), 404)
 
 

@@ -100,7 +100,7 @@ def test_a_failed_reload_keeps_serving_the_previous_index(tmp_path: Path, caplog
 def test_the_server_follows_the_index_and_stops_its_watcher(tmp_path: Path) -> None:
     videos, root = build(tmp_path)
     backend = ReloadingBackend(root, opener(root), poll_s=0.02, settle_s=0.05)
-    with TestClient(create_app(backend)) as client:
+    with TestClient(create_app(backend), base_url="http://127.0.0.1") as client:
         assert client.get("/healthz").json()["videos"] == 3
         write_videos(videos, ["yellow_cross"])
         update_index(root, SyntheticExtractor(), progress=False)

@@ -7,19 +7,30 @@ Routes:
     ``GET /api/info``            what is being served (size of the index, cascade settings)
     ``GET /media/{id}``          the video file, with HTTP Range support (seeking in the player)
     ``GET /thumbs/{id}``         the JPEG thumbnail
-    ``GET /healthz``             liveness (never needs the token)
-    ``GET /docs``, ``/openapi.json``  interactive API documentation
+    ``GET /healthz``             liveness (never needs the token); 503 "degraded" while a search is stuck
+    ``GET /openapi.json``        the API schema (``/docs``, the interactive page, only with ``docs=True``:
+                                 it loads Swagger UI from a CDN)
 
 Safety:
+    * Only requests whose ``Host`` header names this server are answered (loopback names by default,
+      see :class:`~diffusionret.serve.security.HostAllowlist`): a DNS-rebinding page gets ``400``.
     * Files are looked up by id in the loaded index; no part of a request path or query is ever
       joined to a filesystem path (static assets are served from the package by Starlette, which
       refuses paths escaping its folder).
     * With a token, ``/api/*``, ``/media`` and ``/thumbs`` need ``Authorization: Bearer <token>``.
       Browsers cannot add that header to ``<img>``/``<video>`` requests, so the URLs in API answers
-      carry an expiring HMAC signature (``?exp=&sig=``) instead of the token itself.
+      carry an expiring HMAC signature (``?exp=&sig=``, keyed by a random key, not the token).
+      Tokens shorter than 16 characters are refused; failed authentications are rate limited per
+      client address (``429``).
+    * ``/media`` opens the recorded path without following symlinks and serves it only while its
+      size and mtime match the catalogue (see :mod:`diffusionret.serve.media`).
+    * Paths in answers are relative to the index's sources unless ``show_paths``.
+    * Every HTML response carries a strict Content-Security-Policy.
     * Searches run in a worker thread (off the event loop) behind a bounded gate: at most
       ``max_pending`` searches wait or run; more are refused at once with ``503`` and
-      ``Retry-After``, so a burst neither crashes the server nor grows memory without bound.
+      ``Retry-After``, so a burst neither crashes the server nor grows memory without bound. A
+      search that takes longer than ``search_timeout_s`` is answered ``504``; its thread keeps its
+      slot until it ends, and ``/healthz`` reports ``degraded`` meanwhile.
     * Every error is a JSON object ``{"error": <code>, "detail": <message>}``.
 """
 
@@ -27,11 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import importlib.resources
 import logging
 import mimetypes
+import os
 import re
 import secrets
 import time
@@ -39,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol, Sequence, TypeVar
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,10 +59,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.searcher import SearchHit
+from diffusionret.serve.errors import ApiError
+from diffusionret.serve.media import DescriptorResponse, check_range, if_range_matches, open_indexed, validators
+from diffusionret.serve.paths import public_path, source_roots
+from diffusionret.serve.security import (
+    LOOPBACK_HOSTS,
+    FailureLimiter,
+    HostAllowlist,
+    UrlSigner,
+    check_token,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ApiError", "InferenceGate", "SearchBackend", "ServeConfig", "UrlSigner", "check_range", "create_app"]
+
 T = TypeVar("T")
+
+# The web page loads only its own script and style, and media from this origin.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data:; media-src 'self'; style-src 'self'; "
+            "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+# /docs (opt-in) is FastAPI's Swagger UI page: an inline script that loads the UI from jsDelivr.
+DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "connect-src 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 # Ids are 16 lower-case hex digits (see diffusionret.index.catalog.video_id); anything else is
 # rejected before a lookup.
@@ -78,13 +109,20 @@ class ServeConfig:
 
     Attributes:
         token: bearer token required for everything but ``/``, ``/healthz`` and the docs; ``None``
-            leaves the service open (it listens on loopback by default).
+            leaves the service open (it listens on loopback by default). At least 16 characters.
+        allowed_hosts: ``Host`` header values answered (names or addresses, any port); ``"*"``
+            answers every host (only behind a proxy that checks it).
         max_query_chars: longest accepted query (CLIP reads at most ~75 tokens anyway).
         max_k: largest ``k`` a client may ask for.
         max_pending: searches allowed to wait or run at once; more get ``503``.
         workers: searches run at once, each on its own thread (``diffusionret serve`` pins torch to
             ``--threads`` intra-op threads per search, 1 by default, so 1 worker uses one core).
         url_ttl_s: lifetime of signed media/thumbnail URLs.
+        auth_failures_per_minute, auth_failure_burst: failed authentications a client address may
+            make at once (burst), then per minute; more get ``429``.
+        search_timeout_s: a search running longer is answered ``504`` (``None``: no limit).
+        show_paths: answer absolute file and model paths (default: relative to the index's sources).
+        docs: serve the interactive ``/docs`` page (it loads scripts from a CDN).
     """
 
     token: str | None = None
@@ -93,75 +131,70 @@ class ServeConfig:
     max_pending: int = 16
     workers: int = 1
     url_ttl_s: int = 6 * 3600
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    auth_failures_per_minute: int = 10
+    auth_failure_burst: int = 20
+    search_timeout_s: float | None = 30.0
+    show_paths: bool = False
+    docs: bool = False
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
             raise ValueError("token must be non-empty when given")
-        for name in ("max_query_chars", "max_k", "max_pending", "workers", "url_ttl_s"):
+        check_token(self.token)
+        for name in ("max_query_chars", "max_k", "max_pending", "workers", "url_ttl_s",
+                     "auth_failures_per_minute", "auth_failure_burst"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": code, "detail": detail}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.headers = headers or {}
+        if self.search_timeout_s is not None and self.search_timeout_s <= 0:
+            raise ValueError(f"search_timeout_s must be positive or None, got {self.search_timeout_s}")
+        if not self.allowed_hosts:
+            raise ValueError("allowed_hosts is empty: no request could be answered (use '*' to allow any)")
 
 
 class InferenceGate:
     """Runs blocking calls on worker threads, refusing work beyond ``max_pending`` in flight.
 
-    The counter is only touched from the event loop thread, so it needs no lock.
+    A call counts as in flight until its thread returns, not until its request is answered: a
+    search that timed out (``timeout_s``) still holds a thread, so it keeps its slot and is counted
+    in :attr:`stuck` until it ends. The counters are only touched from the event loop thread (the
+    futures' done callbacks run there too), so they need no lock.
     """
 
-    def __init__(self, workers: int, max_pending: int) -> None:
+    def __init__(self, workers: int, max_pending: int, timeout_s: float | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffusionret-search")
         self._max_pending = max_pending
+        self._timeout_s = timeout_s
         self.pending = 0
+        self.stuck = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if self.pending >= self._max_pending:
             raise ApiError(503, "busy", "too many searches in progress; retry shortly", {"Retry-After": "1"})
         self.pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        abandoned = False
+
+        def finished(_: asyncio.Future) -> None:
             self.pending -= 1
+            if abandoned:
+                self.stuck -= 1
+
+        future.add_done_callback(finished)
+        try:
+            # shield: a timeout or a client that goes away must not cancel the future, whose done
+            # callback releases the slot when the thread really ends.
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+        except asyncio.TimeoutError:
+            abandoned = True
+            self.stuck += 1
+            logger.warning("a search ran longer than %.1f s; answered 504, its thread is still busy", self._timeout_s)
+            raise ApiError(504, "search_timeout", f"the search took longer than {self._timeout_s:g} s",
+                           {"Retry-After": "5"}) from None
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-class UrlSigner:
-    """Expiring HMAC signatures for media and thumbnail URLs (keyed by the bearer token)."""
-
-    def __init__(self, token: str | None, ttl_s: int) -> None:
-        self._key = token.encode() if token else None
-        self._ttl_s = ttl_s
-
-    def _mac(self, kind: str, video_id: str, expires: int) -> str:
-        assert self._key is not None
-        return hmac.new(self._key, f"{kind}:{video_id}:{expires}".encode(), hashlib.sha256).hexdigest()
-
-    def url(self, kind: str, video_id: str) -> str:
-        base = f"/{kind}/{video_id}"
-        if self._key is None:
-            return base
-        # Round the expiry so that repeated searches give identical URLs (browser caching works).
-        expires = (int(time.time()) // 600 + 1) * 600 + self._ttl_s
-        return f"{base}?exp={expires}&sig={self._mac(kind, video_id, expires)}"
-
-    def valid(self, kind: str, video_id: str, expires: str | None, signature: str | None) -> bool:
-        if self._key is None or not expires or not signature or not expires.isdigit():
-            return False
-        if int(expires) < time.time():
-            return False
-        return hmac.compare_digest(self._mac(kind, video_id, int(expires)), signature)
+        # A stuck search would block a waiting shutdown forever.
+        self._executor.shutdown(wait=self.stuck == 0, cancel_futures=True)
 
 
 def static_dir() -> Path:
@@ -169,21 +202,24 @@ def static_dir() -> Path:
     return Path(str(importlib.resources.files("diffusionret.serve").joinpath("static")))
 
 
-def create_app(backend: SearchBackend, config: ServeConfig | None = None) -> FastAPI:
+def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
+               clock: Callable[[], float] = time.monotonic) -> FastAPI:
     """Build the FastAPI application serving ``backend``.
 
     Args:
         backend: the searcher (owns the model and the index).
         config: limits and access control.
+        clock: monotonic time for the failed-authentication limit (tests inject a fake one).
 
     Returns:
         The app; run it with ``uvicorn.run(app, host=..., port=...)``.
     """
     config = config or ServeConfig()
     signer = UrlSigner(config.token, config.url_ttl_s)
+    limiter = FailureLimiter(config.auth_failures_per_minute, config.auth_failure_burst, clock=clock)
 
     # Threads start on first use, so creating the gate here costs nothing; the lifespan stops them.
-    gate = InferenceGate(config.workers, config.max_pending)
+    gate = InferenceGate(config.workers, config.max_pending, config.search_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -200,14 +236,18 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None) -> Fas
         version=_version(),
         description="Text-to-video search over a diffusionret index (first stage, WTI, diffusion re-ranking).",
         lifespan=lifespan,
+        docs_url="/docs" if config.docs else None,
+        redoc_url=None,
     )
     app.state.backend = backend
     app.state.gate = gate
     app.state.config = config
     app.state.signer = signer
+    app.state.auth_limiter = limiter
     _install_error_handlers(app)
     _install_security_headers(app)
-    auth = _make_auth(config, signer)
+    _install_host_check(app, HostAllowlist(config.allowed_hosts))  # last added: runs first
+    auth = _make_auth(config, signer, limiter)
     _add_page_routes(app)
     _add_api_routes(app, backend, config, signer, auth)
     _add_file_routes(app, backend, auth)
@@ -220,18 +260,19 @@ def _version() -> str:
     return diffusionret.__version__
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.code, exc.detail, exc.headers)
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -239,7 +280,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         for item in exc.errors():
             where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("query", "path"))
             parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
-        return error(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
 
 def _install_security_headers(app: FastAPI) -> None:
@@ -248,22 +289,46 @@ def _install_security_headers(app: FastAPI) -> None:
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if response.headers.get("content-type", "").startswith("text/html"):
+            # Every HTML answer (/, /static/index.html, /docs), not only the page route.
+            csp = DOCS_CSP if request.url.path == "/docs" else PAGE_CSP
+            response.headers.setdefault("Content-Security-Policy", csp)
         return response
 
 
-def _make_auth(config: ServeConfig, signer: UrlSigner) -> Callable[[Request], None]:
+def _install_host_check(app: FastAPI, allowlist: HostAllowlist) -> None:
+    @app.middleware("http")
+    async def host_check(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if not allowlist.allows(request.headers.get("host")):
+            return _error(400, "invalid_host", "this server does not answer for that Host header "
+                                               "(see `diffusionret serve --allowed-host`)")
+        return await call_next(request)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+def _make_auth(config: ServeConfig, signer: UrlSigner, limiter: FailureLimiter) -> Callable[[Request], None]:
     def auth(request: Request) -> None:
         if config.token is None:
             return
+        client = _client(request)
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
+        kind = request.url.path.split("/")[1]
+        exp, sig = request.query_params.get("exp"), request.query_params.get("sig")
+        signed = kind in ("media", "thumbs") and (exp is not None or sig is not None)
+        presented = bool(header) or signed
+        if presented and (wait := limiter.retry_after(client)):
+            raise ApiError(429, "too_many_failures", "too many failed authentications; retry later",
+                           {"Retry-After": str(wait)})
         if scheme.lower() == "bearer" and secrets.compare_digest(value.strip().encode(), config.token.encode()):
             return
-        kind = request.url.path.split("/")[1]
-        video_id = request.path_params.get("video_id", "")
-        if kind in ("media", "thumbs") and signer.valid(kind, video_id, request.query_params.get("exp"),
-                                                        request.query_params.get("sig")):
+        if signed and signer.valid(kind, request.path_params.get("video_id", ""), exp, sig):
             return
+        if presented:  # a missing credential is not a guess (the page asks for the token after a 401)
+            limiter.failed(client)
         raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
 
     return auth
@@ -275,15 +340,16 @@ def _add_page_routes(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
-        # The page loads only its own script and style, and media from this origin.
-        csp = ("default-src 'self'; img-src 'self' data:; media-src 'self'; style-src 'self'; "
-               "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
         return FileResponse(static / "index.html", media_type="text/html",
-                            headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache"})
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     @app.get("/healthz", tags=["service"], summary="Liveness check (no token needed)")
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "videos": len(app.state.backend.index)}
+    def healthz() -> JSONResponse:
+        videos = len(app.state.backend.index)
+        stuck = app.state.gate.stuck
+        if stuck:
+            return JSONResponse({"status": "degraded", "videos": videos, "stuck_searches": stuck}, status_code=503)
+        return JSONResponse({"status": "ok", "videos": videos})
 
 
 def _lookup(backend: SearchBackend, video_id: str) -> VideoRecord:
@@ -293,12 +359,17 @@ def _lookup(backend: SearchBackend, video_id: str) -> VideoRecord:
     return record
 
 
-def _hit_json(hit: SearchHit, signer: UrlSigner) -> dict[str, Any]:
-    return {**hit.to_dict(), "thumb_url": signer.url("thumbs", hit.id), "media_url": signer.url("media", hit.id)}
-
-
 def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, signer: UrlSigner,
                     auth: Callable[[Request], None]) -> None:
+    def record_json(record: VideoRecord, index: Any) -> dict[str, Any]:
+        body = {**record.to_dict(), "thumb_url": signer.url("thumbs", record.id),
+                "media_url": signer.url("media", record.id)}
+        if not config.show_paths:
+            info = getattr(index, "info", None)
+            roots = source_roots(getattr(info, "sources", []), getattr(info, "video_root", None))
+            body["path"] = public_path(record.path, roots)
+        return body
+
     @app.get("/api/search", tags=["search"], dependencies=[Depends(auth)], summary="Search videos by text")
     async def search(request: Request, q: str | None = None, k: int = 10) -> dict[str, Any]:
         """Rank the indexed videos for the text query ``q``; returns the top ``k``."""
@@ -309,72 +380,48 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
             raise ApiError(422, "invalid_request", f"q: the query is longer than {config.max_query_chars} characters")
         if not 1 <= k <= config.max_k:
             raise ApiError(422, "invalid_request", f"k: must be between 1 and {config.max_k}")
+        index = backend.index  # before the search: a reload meanwhile does not mix two indexes' sources
         start = time.perf_counter()
         hits = await request.app.state.gate.run(backend.search, query, k)
         took_ms = (time.perf_counter() - start) * 1000.0
-        return {"query": query, "k": k, "took_ms": round(took_ms, 2),
-                "results": [_hit_json(hit, signer) for hit in hits]}
+        results = [{**hit.to_dict(), **record_json(hit.record, index)} for hit in hits]
+        return {"query": query, "k": k, "took_ms": round(took_ms, 2), "results": results}
 
     @app.get("/api/videos/{video_id}", tags=["videos"], dependencies=[Depends(auth)], summary="Video metadata")
     def video(video_id: str) -> dict[str, Any]:
-        record = _lookup(backend, video_id)
-        return {**record.to_dict(), "thumb_url": signer.url("thumbs", record.id),
-                "media_url": signer.url("media", record.id)}
+        index = backend.index
+        return record_json(_lookup(backend, video_id), index)
 
     @app.get("/api/info", tags=["service"], dependencies=[Depends(auth)], summary="What is being served")
     def info() -> dict[str, Any]:
-        return {**backend.describe(), "max_k": config.max_k, "max_query_chars": config.max_query_chars}
-
-
-def check_range(header: str | None, size: int) -> None:
-    """Reject a Range header that Starlette's ``FileResponse`` would refuse, but as a JSON error.
-
-    Same rules as ``FileResponse`` (which then serves the ranges): byte units only, every part
-    ``a-b``, ``a-`` or ``-n`` with ``a <= b``; any part starting past the end makes the request
-    unsatisfiable (416 with ``Content-Range: bytes */size``).
-
-    Raises:
-        ApiError: 400 for a malformed header, 416 for an unsatisfiable one.
-    """
-    if header is None:
-        return
-    units, sep, spec = header.partition("=")
-    if not sep or units.strip().lower() != "bytes":
-        raise ApiError(400, "invalid_range", "only 'bytes=' ranges are supported")
-    parts = [part.strip() for part in spec.split(",") if part.strip()]
-    if not parts:
-        raise ApiError(400, "invalid_range", "empty Range header")
-    unsatisfiable = False
-    for part in parts:
-        first, dash, last = (x.strip() for x in part.partition("-"))
-        if not dash or not (first or last) or not all(x.isdigit() for x in (first, last) if x):
-            raise ApiError(400, "invalid_range", f"malformed range {part!r}")
-        if first:
-            start = int(first)
-            if last and int(last) < start:
-                raise ApiError(400, "invalid_range", f"range {part!r} ends before it starts")
-            unsatisfiable |= start >= size
-        else:
-            unsatisfiable |= int(last) == 0 or size == 0
-    if unsatisfiable:
-        raise ApiError(416, "range_not_satisfiable", f"the file has {size} bytes",
-                       {"Content-Range": f"bytes */{size}"})
+        described = backend.describe()
+        if not config.show_paths and described.get("model_path"):
+            described["model_path"] = Path(described["model_path"]).name
+        return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars}
 
 
 def _add_file_routes(app: FastAPI, backend: SearchBackend, auth: Callable[[Request], None]) -> None:
     @app.get("/media/{video_id}", tags=["videos"], dependencies=[Depends(auth)],
-             summary="Stream a video (supports Range requests)", response_class=FileResponse)
+             summary="Stream a video (supports Range requests)", response_class=Response)
     @app.head("/media/{video_id}", dependencies=[Depends(auth)], include_in_schema=False)
-    def media(video_id: str, request: Request) -> FileResponse:
+    def media(video_id: str, request: Request) -> Response:
         record = _lookup(backend, video_id)
-        path = Path(record.path)  # from the index, never from the request
-        if not path.is_file():
-            raise ApiError(404, "not_found", "the video file is no longer available")
-        if "if-range" not in request.headers:
-            check_range(request.headers.get("range"), path.stat().st_size)
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type, content_disposition_type="inline", filename=path.name,
-                            headers={"Cache-Control": "private, max-age=3600"})
+        fd, st = open_indexed(record)  # the path is from the index, never from the request
+        try:
+            # Validated even when If-Range says to ignore it: a malformed header is an error either way.
+            ranges = check_range(request.headers.get("range"), st.st_size)
+            etag, last_modified = validators(st)
+            if_range = request.headers.get("if-range")
+            if ranges is not None and if_range is not None and not if_range_matches(if_range, etag, last_modified):
+                ranges = None  # RFC 7233 3.2: the client's copy is stale, send the whole file
+        except BaseException:
+            os.close(fd)
+            raise
+        name = Path(record.path).name
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return DescriptorResponse(fd, st.st_size, media_type, ranges, {
+            "cache-control": "private, max-age=3600", "etag": etag, "last-modified": last_modified,
+            "content-disposition": _inline_disposition(name)})
 
     @app.get("/thumbs/{video_id}", tags=["videos"], dependencies=[Depends(auth)], summary="JPEG thumbnail",
              response_class=Response)
@@ -384,3 +431,10 @@ def _add_file_routes(app: FastAPI, backend: SearchBackend, auth: Callable[[Reque
         if not data:
             raise ApiError(404, "not_found", "this video has no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _inline_disposition(name: str) -> str:
+    quoted = quote(name)
+    if quoted != name:
+        return f"inline; filename*=utf-8''{quoted}"
+    return f'inline; filename="{name}"'
