@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,6 +55,49 @@ VOCAB_SIZE = 49408
 # do not change the ids.
 _SPECIAL_LITERAL_PIECES = {SOT_ID: "< start _ of _ text >", EOT_ID: "< end _ of _ text >"}
 
+# Words whose BPE merges are remembered. open_clip's own cache keeps every word ever seen, so a
+# service answering arbitrary queries would grow by every distinct word; a few thousand entries
+# already cover the common vocabulary of captions and queries.
+BPE_CACHE_ENTRIES = 8192
+
+
+class _NoStore(dict):
+    """A dict that ignores writes: open_clip's ``cache``, emptied of all but its special tokens."""
+
+    def __setitem__(self, key: str, value: str) -> None:
+        pass
+
+
+class BoundedBpe:
+    """``SimpleTokenizer.bpe`` with a least-recently-used cache of at most ``max_entries`` words.
+
+    Thread-safe: ``serve`` tokenises on several worker threads.
+    """
+
+    def __init__(self, bpe: Callable[[str], str], max_entries: int = BPE_CACHE_ENTRIES) -> None:
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be positive, got {max_entries}")
+        self._bpe = bpe
+        self._max_entries = max_entries
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, token: str) -> str:
+        with self._lock:
+            word = self._cache.get(token)
+            if word is not None:
+                self._cache.move_to_end(token)
+                return word
+        word = self._bpe(token)  # outside the lock: merging is the slow part
+        with self._lock:
+            self._cache[token] = word
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return word
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
 
 @functools.lru_cache(maxsize=1)
 def _clip_bpe() -> SimpleTokenizer:
@@ -71,7 +116,18 @@ def _clip_bpe() -> SimpleTokenizer:
             "open_clip's SimpleTokenizer does not use the OpenAI CLIP vocabulary: "
             f"sot={tokenizer.sot_token_id}, eot={tokenizer.eot_token_id}, vocab={tokenizer.vocab_size}"
         )
+    # `encode` calls `self.bpe(word)`: an instance attribute takes the place of the method, and the
+    # original method, which reads and writes `self.cache`, then finds only the special tokens there.
+    original = tokenizer.bpe
+    tokenizer.cache = _NoStore(tokenizer.cache)
+    tokenizer.bpe = BoundedBpe(original)  # type: ignore[method-assign]
     return tokenizer
+
+
+def bpe_cache_entries() -> int:
+    """Words currently remembered by the shared tokenizer (bounded by :data:`BPE_CACHE_ENTRIES`)."""
+    tokenizer = _clip_bpe()
+    return len(tokenizer.cache) + len(tokenizer.bpe)
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,7 +2,12 @@
 
 Listens on 127.0.0.1 unless ``--host`` says otherwise. The access token comes from
 ``--token-file`` or ``$DIFFUSIONRET_TOKEN`` (``--token`` works too, but is visible to other users in
-the process list).
+the process list); it must be at least 16 characters long.
+
+Only requests whose ``Host`` header names this server are answered: ``localhost``, ``127.0.0.1``,
+``[::1]``, the ``--host`` address when it is a specific one, and every ``--allowed-host`` (the names
+clients use to reach it, e.g. ``--allowed-host search.lan``; ``--allowed-host '*'`` turns the check
+off, for a reverse proxy that does it). This stops DNS-rebinding pages from reading the API.
 
 Threads: each search runs torch (and FAISS) with ``--threads`` intra-op threads, 1 by default. Most
 of a query is small ops (the text tower on a dozen tokens, 50 DDIM steps on 32 candidates) whose
@@ -44,6 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "0 keeps torch's default of one per core)")
     parser.add_argument("--workers", type=int, default=1,
                         help="searches run at once, each on its own thread (default: 1)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests for this Host name or address (repeatable; '*': any host)")
+    parser.add_argument("--show-paths", action="store_true",
+                        help="answer absolute file and model paths (default: relative to the index's sources)")
+    parser.add_argument("--docs", action="store_true",
+                        help="serve the interactive /docs page (loads Swagger UI from a CDN; /openapi.json is always on)")
+    parser.add_argument("--search-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="answer 504 to a search running longer (default: 30; its thread keeps its slot "
+                             "and /healthz says 'degraded' until it ends)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close connections that send no complete request headers this long (default: 10)")
+    parser.add_argument("--keep-alive", type=int, default=5, metavar="SECONDS",
+                        help="close idle keep-alive connections after this long (default: 5)")
+    parser.add_argument("--max-connections", type=int, default=100,
+                        help="connections served at once; more get 503 (default: 100)")
     parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                         help="look for changes of the index on disk (`index update`) this often and serve the "
                              "new contents once they have been stable that long (default: 5; 0: never reload)")
@@ -57,6 +77,16 @@ def resolve_token(args: argparse.Namespace) -> str | None:
             raise ValueError(f"{args.token_file} is empty")
         return token
     return args.token or os.environ.get(TOKEN_ENV) or None
+
+
+def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...]:
+    """Host header values to answer: loopback names, ``host`` unless it is a wildcard address, and ``extra``."""
+    from diffusionret.serve.security import LOOPBACK_HOSTS
+
+    hosts = list(LOOPBACK_HOSTS)
+    if host not in ("", "0.0.0.0", "::"):
+        hosts.append(host)
+    return tuple(dict.fromkeys([*hosts, *extra]))
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,13 +104,33 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from diffusionret.serve.app import ServeConfig, create_app
+    from diffusionret.serve.security import MIN_TOKEN_CHARS, check_token
+    from diffusionret.serve.server import ServerLimits, uvicorn_config
 
     if args.threads < 0 or args.workers <= 0 or args.reload_interval < 0:
         logger.error("--threads and --reload-interval must be >= 0 and --workers positive")
         return 2
+    try:
+        limits = ServerLimits(header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
+                              max_connections=args.max_connections)
+        if args.search_timeout <= 0:
+            raise ValueError("--search-timeout must be positive")
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    token = resolve_token(args)
+    try:
+        check_token(token)
+    except ValueError as exc:
+        logger.error("refusing to start: %s; a short token can be guessed (choose one of %d+ random characters)",
+                     exc, MIN_TOKEN_CHARS)
+        return 2
+    hosts = allowed_hosts(args.host, args.allowed_host)
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        logger.warning("listening on all interfaces, but answering only requests for %s: add the names clients "
+                       "use with --allowed-host", ", ".join(hosts))
     if args.threads:
         torch.set_num_threads(args.threads)
-    token = resolve_token(args)
     if not _is_loopback(args.host) and token is None:
         logger.warning("listening on %s without a token: anyone who can reach this port can search and "
                        "download the indexed videos (set $%s or --token-file)", args.host, TOKEN_ENV)
@@ -92,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         searcher = open_searcher(args)
     app = create_app(searcher, ServeConfig(token=token, max_pending=args.max_pending, max_k=args.max_k,
-                                           workers=args.workers))
+                                           workers=args.workers, allowed_hosts=hosts, show_paths=args.show_paths,
+                                           docs=args.docs, search_timeout_s=args.search_timeout))
     logger.info("serving %d videos on http://%s:%d/ (%d torch threads per search, %d workers)", len(searcher.index),
                 args.host, args.port, torch.get_num_threads(), args.workers)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="warning", access_log=False)).run()
     return 0

@@ -189,7 +189,7 @@ class VideoIndex:
     @classmethod
     def _load_once(cls, root: Path, info: IndexInfo) -> "VideoIndex":
         with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
-            records = catalog.list_records(conn)
+            records = _registered_only(root, catalog.list_records(conn), set(catalog.shard_sizes(conn)))
         n, t, d = len(records), info.num_frames, info.embed_dim
         frames = torch.zeros(n, t, d, dtype=torch.float16)
         frame_mask = torch.zeros(n, t, dtype=torch.bool)
@@ -362,6 +362,20 @@ class VideoIndex:
             return torch.zeros(queries.shape[0], 0), torch.zeros(queries.shape[0], 0, dtype=torch.long)
         stage = self.first_stage or self.configure_first_stage()
         return stage.search(queries, k)
+
+
+def _registered_only(root: Path, records: list[VideoRecord], registered: set[str]) -> list[VideoRecord]:
+    """Drop rows whose features would come from a file that no live shard entry of the catalogue registered.
+
+    A shard file is trusted because the writer registered it; a row naming any other file (one
+    dropped into ``shards/``, or a path leading out of it) is not read.
+    """
+    kept = [r for r in records if r.shard in registered and Path(r.shard).name == r.shard]
+    if len(kept) != len(records):
+        bad = sorted({r.shard for r in records} - {r.shard for r in kept})
+        logger.warning("%s: ignoring %d videos whose shards are not registered in the catalogue: %s",
+                       root, len(records) - len(kept), ", ".join(bad[:5]))
+    return kept
 
 
 def index_fingerprint(conn: sqlite3.Connection) -> tuple[str, list[VideoRecord]]:
