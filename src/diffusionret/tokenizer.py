@@ -58,7 +58,7 @@ _SPECIAL_LITERAL_PIECES = {SOT_ID: "< start _ of _ text >", EOT_ID: "< end _ of 
 # Words whose BPE merges are remembered. open_clip's own cache keeps every word ever seen, so a
 # service answering arbitrary queries would grow by every distinct word; a few thousand entries
 # already cover the common vocabulary of captions and queries.
-BPE_CACHE_ENTRIES = 8192
+BPE_CACHE_ENTRIES = 4096
 
 
 class _NoStore(dict):
