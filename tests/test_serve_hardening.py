@@ -486,3 +486,26 @@ def _trickle_until_closed(sock: socket.socket, start: bytes, max_bytes: int = 40
     except (ConnectionResetError, BrokenPipeError):
         return True
     return False
+
+
+def test_serve_command_wires_the_limits_into_app_and_server(corpus: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    import diffusionret.commands.serve as serve_command
+    from diffusionret.cli import build_parser
+
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(serve_command, "open_searcher", lambda args: SyntheticSearcher(corpus["index"]))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server: started.setdefault("config", server.config))
+    monkeypatch.delenv(serve_command.TOKEN_ENV, raising=False)
+    args = build_parser().parse_args([
+        "serve", str(corpus["root"] / "idx"), "--reload-interval", "0", "--host", "192.168.1.4", "--allowed-host",
+        "search.lan", "--show-paths", "--search-timeout", "7", "--header-timeout", "3", "--max-connections", "9"])
+    assert args.func(args) == 0
+    config = started["config"]
+    assert (config.host, config.limit_concurrency, config.timeout_keep_alive) == ("192.168.1.4", 9, 5)
+    app = config.app
+    assert app.state.config.allowed_hosts == ("localhost", "127.0.0.1", "[::1]", "192.168.1.4", "search.lan")
+    assert app.state.config.show_paths and app.state.config.search_timeout_s == 7.0 and not app.state.config.docs
+    with TestClient(app, base_url="http://search.lan:8000") as client:
+        assert client.get("/healthz").status_code == 200
