@@ -98,14 +98,20 @@ def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.0
 
 
 @contextlib.contextmanager
-def running_server(app) -> Iterator[int]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the port."""
+def running_server(app, make_config=None) -> Iterator[int]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the port.
+
+    ``make_config(port) -> uvicorn.Config`` replaces the default config (e.g. to set limits, or
+    ``log_config=None`` so that uvicorn's log records reach ``caplog``).
+    """
     import uvicorn
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = make_config(port) if make_config else uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                                  log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started or not thread.is_alive(), "the server to start")

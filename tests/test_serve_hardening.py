@@ -7,7 +7,6 @@ paths in answers, If-Range, search timeouts and slow clients.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -15,20 +14,22 @@ import os
 import socket
 import sqlite3
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from diffusionret.index.builder import build_index
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ApiError, ServeConfig, UrlSigner, check_range, create_app
+from helpers import running_server, wait_for
 
 TOKEN = "correct-horse-battery-staple"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,7 +44,7 @@ def corpus(tmp_path: Path) -> dict:
     for i, name in enumerate(NAMES):
         (videos / f"{name}.mp4").write_bytes(bytes(range(256)) * (4 + i))
     (tmp_path / "secret.txt").write_bytes(b"S" * (256 * 4))  # the size of red_circle.mp4
-    VideoIndex.build(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
+    build_index(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
     index = VideoIndex.load(tmp_path / "idx")
     return {"root": tmp_path, "videos": videos, "index": index, "by_name": {Path(r.path).stem: r for r in index.records}}
 
@@ -130,35 +131,14 @@ CRAFTED_RANGES = {"superscript-start": b"bytes=\xb2-", "superscript-end": b"byte
 
 def test_crafted_range_headers_are_a_clean_400(corpus: dict, caplog: pytest.LogCaptureFixture) -> None:
     record = corpus["by_name"]["red_circle"]
-    with caplog.at_level(logging.INFO), serving(create_app(SyntheticSearcher(corpus["index"]))) as port:
+    app = create_app(SyntheticSearcher(corpus["index"]))
+    with caplog.at_level(logging.INFO), running_server(app, lambda port: uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None)) as port:
         for name, header in CRAFTED_RANGES.items():
             for if_range in (b"", b'If-Range: "nope"\r\n'):
                 status, body = raw_request(port, f"/media/{record.id}".encode(), b"Range: " + header + b"\r\n" + if_range)
                 assert status == 400 and body.startswith(b'{"error":"invalid_range"'), (name, if_range, status, body)
     assert "Traceback" not in caplog.text and "Exception" not in caplog.text
-
-
-@contextlib.contextmanager
-def serving(app: Any, config: Any = None) -> Iterator[int]:
-    """Run ``app`` with uvicorn on a free loopback port in a thread (its log records reach caplog)."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(config(port) if config else uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                                       log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def raw_request(port: int, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
@@ -444,10 +424,7 @@ def test_a_hung_search_times_out_and_healthz_says_degraded(corpus: dict) -> None
             assert app.state.gate.pending == 1  # the stuck thread keeps its slot
         finally:
             backend.release.set()
-        deadline = time.monotonic() + 30
-        while client.get("/healthz").status_code != 200:
-            assert time.monotonic() < deadline, "healthz never recovered"
-            time.sleep(0.02)
+        wait_for(lambda: client.get("/healthz").status_code == 200, "healthz to recover")
         assert app.state.gate.pending == 0 and app.state.gate.stuck == 0
         assert client.get("/api/search", params={"q": "red"}).status_code == 200
 
@@ -457,7 +434,7 @@ def test_a_slow_client_is_disconnected_before_it_sends_its_headers(corpus: dict)
 
     app = create_app(SyntheticSearcher(corpus["index"]))
     limits = ServerLimits(header_timeout_s=0.5)
-    with serving(app, lambda port: uvicorn_config(app, "127.0.0.1", port, limits, log_config=None)) as port:
+    with running_server(app, lambda port: uvicorn_config(app, "127.0.0.1", port, limits, log_config=None)) as port:
         # A well-behaved client is served, and its keep-alive connection may then not dawdle either.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -489,8 +466,6 @@ def _trickle_until_closed(sock: socket.socket, start: bytes, max_bytes: int = 40
 
 
 def test_serve_command_wires_the_limits_into_app_and_server(corpus: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-
     import diffusionret.commands.serve as serve_command
     from diffusionret.cli import build_parser
 

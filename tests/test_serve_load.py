@@ -15,7 +15,6 @@ import gc
 import logging
 import os
 import threading
-import time
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -23,11 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.store import VideoIndex
-from diffusionret.index.testing import SyntheticExtractor, SyntheticSearcher
+from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ServeConfig, create_app
 from diffusionret.serve.reload import ReloadingBackend
-from test_serve_hardening import serving
+from helpers import running_server, wait_for
 
 UPDATES = 5
 CORRUPT_AT = 2
@@ -47,13 +47,6 @@ def touch_catalog(root: Path) -> None:
     os.utime(path, ns=(bumped, bumped))
 
 
-def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_serve_stays_correct_under_updates_and_a_failing_reload(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     videos, root = tmp_path / "videos", tmp_path / "idx"
@@ -61,7 +54,7 @@ def test_serve_stays_correct_under_updates_and_a_failing_reload(tmp_path: Path,
     live = [f"clip{i:02d}" for i in range(4)]
     for name in live:
         write_video(videos, name)
-    VideoIndex.build(root, videos, SyntheticExtractor(), progress=False)
+    build_index(root, videos, SyntheticExtractor(), progress=False)
     states = [frozenset(live)]  # every state an update committed
     loaded: list[weakref.ref] = []
     failures = Counter()
@@ -92,7 +85,7 @@ def test_serve_stays_correct_under_updates_and_a_failing_reload(tmp_path: Path,
                 live.remove(old)
                 live.append(new)
                 states.append(frozenset(live))  # before the commit: a reload may serve it at once
-                VideoIndex.update(root, SyntheticExtractor(), progress=False)
+                update_index(root, SyntheticExtractor(), progress=False)
                 if step == CORRUPT_AT:
                     shards = sorted((root / "shards").glob("*.safetensors"))
                     originals = {path: path.read_bytes() for path in shards}
@@ -139,7 +132,7 @@ def test_serve_stays_correct_under_updates_and_a_failing_reload(tmp_path: Path,
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             await asyncio.wait_for(asyncio.gather(*(client(http, w) for w in range(4))), DEADLINE_S)
 
-    with caplog.at_level(logging.INFO), serving(app) as port:
+    with caplog.at_level(logging.INFO), running_server(app) as port:
         thread = threading.Thread(target=writer, name="index-writer", daemon=True)
         thread.start()
         asyncio.run(load(port))
