@@ -484,3 +484,23 @@ def test_serve_command_wires_the_limits_into_app_and_server(corpus: dict, monkey
     assert app.state.config.show_paths and app.state.config.search_timeout_s == 7.0 and not app.state.config.docs
     with TestClient(app, base_url="http://search.lan:8000") as client:
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_dropped_download_releases_its_file(tmp_path: Path) -> None:
+    """A player that seeks drops its connection mid-file: the server stops reading and closes the file."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    big = videos / "long.mp4"
+    big.write_bytes(os.urandom(1 << 16) * 256)  # 16 MB: far more than the socket buffers hold
+    build_index(tmp_path / "idx", videos, SyntheticExtractor(), progress=False)
+    index = VideoIndex.load(tmp_path / "idx")
+
+    def open_copies() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(big) for fd in os.listdir("/proc/self/fd"))
+
+    with running_server(create_app(SyntheticSearcher(index))) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"GET /media/{index.records[0].id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            wait_for(lambda: open_copies() == 1, "the server to open the file")
+        wait_for(lambda: open_copies() == 0, "the server to close the file of a dropped download")

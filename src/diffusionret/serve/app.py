@@ -81,7 +81,7 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data:; media-src 'self'; style-s
             "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 # /docs (opt-in) is FastAPI's Swagger UI page: an inline script that loads the UI from jsDelivr.
 DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "style-src 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
             "connect-src 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 # Ids are 16 lower-case hex digits (see diffusionret.index.catalog.video_id); anything else is

@@ -205,19 +205,31 @@ class DescriptorResponse(Response):
             start += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
+    async def _send_all(self, scope: Scope, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if scope.get("method", "GET").upper() != "HEAD":
+            if self.parts:
+                for head, start, stop in self.parts:
+                    await send({"type": "http.response.body", "body": head, "more_body": True})
+                    await self._send_bytes(send, start, stop)
+                    await send({"type": "http.response.body", "body": b"\r\n", "more_body": True})
+                await send({"type": "http.response.body", "body": self._closing(), "more_body": True})
+            else:
+                start, stop = self.ranges[0] if self.ranges else (0, self.size)
+                await self._send_bytes(send, start, stop)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            if scope.get("method", "GET").upper() != "HEAD":
-                if self.parts:
-                    for head, start, stop in self.parts:
-                        await send({"type": "http.response.body", "body": head, "more_body": True})
-                        await self._send_bytes(send, start, stop)
-                        await send({"type": "http.response.body", "body": b"\r\n", "more_body": True})
-                    await send({"type": "http.response.body", "body": self._closing(), "more_body": True})
-                else:
-                    start, stop = self.ranges[0] if self.ranges else (0, self.size)
-                    await self._send_bytes(send, start, stop)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # A player that seeks drops its connection mid-file: stop reading then, not at the end.
+            async with anyio.create_task_group() as group:
+                async def send_then_stop() -> None:
+                    await self._send_all(scope, send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(send_then_stop)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
         finally:
             os.close(self.fd)
