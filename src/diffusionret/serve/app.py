@@ -25,7 +25,8 @@ Safety:
     * ``/media`` opens the recorded path without following symlinks and serves it only while its
       size and mtime match the catalogue (see :mod:`diffusionret.serve.media`).
     * Paths in answers are relative to the index's sources unless ``show_paths``.
-    * Every HTML response carries a strict Content-Security-Policy.
+    * Every HTML response carries a strict Content-Security-Policy (the opt-in ``/docs`` page one
+      that allows its CDN).
     * Searches run in a worker thread (off the event loop) behind a bounded gate: at most
       ``max_pending`` searches wait or run; more are refused at once with ``503`` and
       ``Retry-After``, so a burst neither crashes the server nor grows memory without bound. A

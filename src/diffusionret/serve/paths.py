@@ -9,18 +9,22 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Sequence
 
-from diffusionret.index.discover import VIDEO_EXTENSIONS
-
 _LIST_SUFFIXES = (".txt", ".csv")
 
 
 def source_roots(sources: Sequence[str], video_root: str | None) -> list[PurePath]:
-    """Folders the indexed paths live under: each source folder, the folder of each list or file source."""
+    """Folders the indexed paths live under: each source folder, the folder of each list or file source.
+
+    Decided from the names alone (no file system access per answer): a source that is not a list
+    may be a folder or a single video, so both it and its folder are roots; a video source then
+    matches its folder, since a path is never shown relative to itself.
+    """
     roots = [PurePath(video_root)] if video_root else []
     for source in sources:
         path = PurePath(source)
-        suffix = path.suffix.lower()
-        roots.append(path.parent if suffix in _LIST_SUFFIXES or suffix in VIDEO_EXTENSIONS else path)
+        roots.append(path.parent)
+        if path.suffix.lower() not in _LIST_SUFFIXES:
+            roots.append(path)
     # The deepest root first: the most specific relative path wins.
     return sorted(set(roots), key=lambda root: len(root.parts), reverse=True)
 
