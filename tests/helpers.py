@@ -121,3 +121,106 @@ def running_server(app, make_config=None) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+# ------------------------------------------------------------------------------ hostile media corpus
+def write_tiny_video(path, *, frames: int = 20, fps: int = 10, size: int = 32, fmt: str | None = None,
+                     codec: str = "libx264", pts: list[int] | None = None):
+    """A small real video (PyAV): frame ``i`` is a flat grey ``10 * i``; ``pts`` overrides the timestamps
+    (in units of ``1 / fps``) to craft timelines with gaps. Returns ``path``."""
+    from fractions import Fraction
+    from pathlib import Path
+
+    import av
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, fps)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), (10 * i) % 256, np.uint8), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def lying_duration_mkv(path, seconds: float = 4.3e9):
+    """A 2-second Matroska file whose header claims ``seconds`` (default: 136 years)."""
+    import struct
+
+    write_tiny_video(path, fmt="matroska")
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x44\x89")  # the Segment Info Duration element (float, in milliseconds)
+    assert at >= 0 and data[at + 2] in (0x84, 0x88), "unexpected Matroska layout"
+    if data[at + 2] == 0x88:
+        data[at + 3:at + 11] = struct.pack(">d", seconds * 1000)
+    else:
+        data[at + 3:at + 7] = struct.pack(">f", seconds * 1000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def lying_duration_mp4(path):
+    """An MP4 whose movie and media headers claim a duration of 2^32 - 16 time units."""
+    import struct
+
+    write_tiny_video(path)
+    data = bytearray(path.read_bytes())
+    for box in (b"mvhd", b"mdhd"):
+        at = data.find(box)
+        assert at >= 0 and data[at + 4] == 0, "unexpected MP4 layout"
+        data[at + 20:at + 24] = struct.pack(">I", 0xFFFFFFF0)  # version 0: the 32-bit duration
+    path.write_bytes(bytes(data))
+    return path
+
+
+def absurd_resolution_mkv(path, side: int = 16000):
+    """A Motion-JPEG Matroska file whose JPEG headers claim ``side x side`` frames."""
+    import struct
+
+    write_tiny_video(path, fmt="matroska", codec="mjpeg", frames=5)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\xc0")
+    assert at >= 0
+    while at >= 0:  # SOF0: marker, length (2), precision (1), height (2), width (2)
+        data[at + 5:at + 9] = struct.pack(">HH", side, side)
+        at = data.find(b"\xff\xc0", at + 2)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def hostile_corpus(folder):
+    """Good, lying and broken videos side by side: ``(decodable paths, broken paths)``.
+
+    The header-lying files hold real frames (the index must trust those over the header), the
+    others cannot be indexed at all.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    decodable = [write_tiny_video(folder / f"good_{i}.mp4", frames=10 + 5 * i) for i in range(3)]
+    decodable += [lying_duration_mkv(folder / "lying_136_years.mkv"), lying_duration_mp4(folder / "lying_header.mp4")]
+    whole = write_tiny_video(folder / ".whole.mkv", fmt="matroska", frames=60).read_bytes()
+    (folder / ".whole.mkv").unlink()
+    (folder / "truncated.mkv").write_bytes(whole[: len(whole) // 2])
+    (folder / "zero_bytes.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("this is a text file, not a video\n")
+    broken = [absurd_resolution_mkv(folder / "huge_frames.mkv"), folder / "truncated.mkv",
+              folder / "zero_bytes.mp4", folder / "notes.mp4"]
+    return decodable, broken
+
+
+def worker_pid(_item):
+    """The pid of the process running a job (for worker-reuse tests of the isolated pool)."""
+    import os
+
+    return os.getpid()

@@ -186,8 +186,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path in ``path``'s folder to write to; renamed over ``path`` when the block succeeds.
 
-    The file is fsynced before ``os.replace``, so a crash at any moment leaves either the old file
-    or the complete new one, never a torn write; on an exception the temporary file is removed.
+    The file is fsynced before ``os.replace`` and the folder after it, so a crash (or power cut) at
+    any moment leaves either the old file or the complete new one, never a torn write or a rename
+    that did not reach the disk; on an exception the temporary file is removed. The file gets the
+    permissions the umask allows (``mkstemp`` alone would leave it 0600, unreadable by a server
+    running as another user).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,11 +199,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask.
+
+    Read from ``/proc`` where Linux offers it: ``os.umask`` can only read by setting, and setting it
+    for a moment would race with other threads creating files.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename inside ``directory`` durable (best effort where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:

@@ -60,10 +60,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prune", action="store_true",
+                        help="allow removing more than a few indexed videos, or every video of a source (without "
+                             "it, a run whose sources lost many videos, e.g. an unmounted disk, changes nothing)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="decode again the files that failed before (default: skipped until they change)")
+    parser.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="time budget to decode one video; a decoder that takes longer is killed and the file "
+                             "recorded as failed (default: 120)")
+    parser.add_argument("--decode-memory", type=float, default=4.0, metavar="GIB",
+                        help="address-space budget of each decoding worker process (default: 4 GiB)")
     parser.add_argument("--batch-size", type=int, default=16, help="videos encoded per forward pass")
     parser.add_argument("--shard-size", type=int, default=256,
                         help="videos per shard file (the unit of resumable progress)")
-    parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding videos ahead of the model")
+    parser.add_argument("--decode-workers", type=int, default=2,
+                        help="worker processes decoding videos ahead of the model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--ann", "--ivf", dest="ann", choices=("auto", "on", "off"), default="auto",
@@ -89,11 +100,14 @@ def _ann_config(args: argparse.Namespace) -> Any:
 
 
 def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
+    from diffusionret.data.isolate import DecodeBudget
     from diffusionret.index.encode import ModelVideoEncoder, checkpoint_data_settings
     from diffusionret.models.checkpoint import load_model
 
     model = load_model(model_path, device=device or "cpu")
-    options = dict(batch_size=args.batch_size, decode_workers=args.decode_workers, model_path=model_path)
+    budget = DecodeBudget(timeout_s=args.decode_timeout, memory_bytes=int(args.decode_memory * 2**30))
+    options = dict(batch_size=args.batch_size, decode_workers=args.decode_workers, model_path=model_path,
+                   budget=budget)
     if settings is not None:
         return ModelVideoEncoder.from_settings(model, settings, **options)
     trained = checkpoint_data_settings(model_path)
@@ -133,6 +147,8 @@ def _report(report: Any, rank: int) -> None:
             f"{report.total} videos indexed: {report.added} added, {report.replaced} re-encoded, {report.removed} "
             f"removed, {report.unchanged} unchanged, {report.failed} failed\n"
         )
+        for path, error in report.failures:
+            sys.stdout.write(f"  failed: {path}: {error}\n")
 
 
 def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
@@ -142,8 +158,12 @@ def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
     rank, world_size, barrier, device, ctx = _distributed(args.device)
     try:
         encoder = _encoder(args, model_path, device, settings=settings)
-        report = sync(encoder, video_root=args.video_root, shard_size=args.shard_size, rank=rank,
-                      world_size=world_size, barrier=barrier, progress=not args.no_progress, ann=ann)
+        try:
+            report = sync(encoder, video_root=args.video_root, shard_size=args.shard_size, rank=rank,
+                          world_size=world_size, barrier=barrier, progress=not args.no_progress, ann=ann,
+                          prune=args.prune, retry_failed=args.retry_failed)
+        finally:
+            encoder.close()  # stops the decoding worker processes
         _report(report, rank)
     finally:
         _finish(ctx)
@@ -195,6 +215,8 @@ def run_info(args: argparse.Namespace) -> int:
     root = Path(args.index)
     with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
         videos, failures = catalog.count_videos(conn), catalog.count_failures(conn)
+        failed_files = [{"path": path, "size": size, "mtime": mtime_ns / 1e9, "error": error}
+                        for path, size, mtime_ns, error in catalog.list_failures(conn)]
         shards = len(catalog.shard_sizes(conn))
         fingerprint = index_fingerprint(conn)[0]
     current = ivf_path(root, fingerprint)
@@ -209,11 +231,16 @@ def run_info(args: argparse.Namespace) -> int:
             "stale_ivf_files": [p.name for p in ivf_files(root) if p != current],
             # Every ANN file (PQ or IVF) for the current contents, in the order `--first-stage auto` tries them.
             "ann_files": [p.name for p in current_ann],
-            "stale_ann_files": [p.name for p in ann_files(root) if p not in current_ann]}
+            "stale_ann_files": [p.name for p in ann_files(root) if p not in current_ann],
+            # Files skipped by `index update` until they change (or --retry-failed), with the reason.
+            "failed_files": failed_files}
     if args.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
         width = max(len(key) for key in data)
         for key, value in data.items():
-            sys.stdout.write(f"{key:<{width}}  {value}\n")
+            if key != "failed_files":
+                sys.stdout.write(f"{key:<{width}}  {value}\n")
+        for failure in failed_files:
+            sys.stdout.write(f"failed  {failure['path']}: {failure['error']}\n")
     return 0

@@ -50,6 +50,12 @@ SEEK_GAP_S = 2.0
 # A frame whose timestamp is at most this much after a target still counts as displayed at the target:
 # Matroska/WebM store millisecond timestamps rounded to the nearest millisecond.
 _PTS_TOLERANCE = Fraction(1, 2000)
+# A container duration more than this beyond the end of its index is checked by decoding the last
+# GOP: headers can claim anything (136 years in a 5 KB file), the index lists packets that exist.
+_DURATION_CHECK_SLACK_S = 30.0
+# Frames above this many pixels are refused before decoding (8192 x 8192; 8K UHD is 33 Mpixels):
+# a header claiming 65535 x 65535 would have the decoder allocate gigabytes per frame.
+MAX_FRAME_PIXELS = 8192 * 8192
 
 
 @dataclass
@@ -143,6 +149,11 @@ class _VideoSource:
             raise VideoDecodeError(self.path, f"no video stream (only {', '.join(kinds)}: audio-only file?)")
         self.stream = self.container.streams.video[0]
         self.at_start = True  # the demuxer has not moved yet
+        width, height = self.stream.codec_context.width or 0, self.stream.codec_context.height or 0
+        if width * height > MAX_FRAME_PIXELS:
+            self.container.close()
+            raise VideoDecodeError(self.path, f"frame size {width}x{height} is beyond the supported "
+                                              f"{MAX_FRAME_PIXELS} pixels (corrupt or hostile header?)")
 
     def rewind(self) -> None:
         """Back to the first frame. Reopening is exact for every container; a seek to 0 is not
@@ -178,6 +189,17 @@ class _VideoSource:
         self._init_keyframes()
         if self.duration is not None and self._end_may_be_early():
             self.duration = max(self.duration, self._tail_end())
+        elif self.duration is not None and self.keyframe_ts and \
+                self.duration > self.index_end + _DURATION_CHECK_SLACK_S:
+            self._cap_duration_by_tail()
+
+    def _cap_duration_by_tail(self) -> None:
+        """Trust what decodes over what the header claims: cap the duration at the end of the last frame."""
+        end = self._tail_end()
+        if end > 0 and self.duration is not None and end + 1 < self.duration:
+            logger.warning("%s: the container claims %.1f s but its frames end at %.2f s; using %.2f s",
+                           self.path, float(self.duration), float(end), float(end))
+            self.duration = end
 
     def _end_may_be_early(self) -> bool:
         """MP4 durations span *decode* timestamps; with B-frames in a variable-rate stream the last
@@ -271,6 +293,9 @@ class _VideoSource:
                 where = f" after {float(previous.time):.2f} s" if previous is not None else ""
                 raise VideoDecodeError(self.path, f"decoding failed{where} ({_describe(exc)})") from exc
             self.stats.frames_decoded += 1
+            if frame.width * frame.height > MAX_FRAME_PIXELS:  # before any conversion multiplies it
+                raise VideoDecodeError(self.path, f"frame size {frame.width}x{frame.height} is beyond the "
+                                                  f"supported {MAX_FRAME_PIXELS} pixels")
             t = self._time_of(frame, previous)
             if previous is not None and t < previous.time and not self._warned_order:
                 self._warned_order = True

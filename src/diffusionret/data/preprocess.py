@@ -94,6 +94,10 @@ def find_videos(root: str | os.PathLike, exclude: Path | None = None) -> list[Pa
     return found
 
 
+# Longest stretch of output that one input frame may fill (see _frames_at_rate).
+MAX_GAP_S = 10.0
+
+
 def _is_valid_output(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size == 0:
         return False
@@ -104,20 +108,41 @@ def _is_valid_output(path: Path) -> bool:
     return True
 
 
-def _frames_at_rate(src: _VideoSource, fps: Fraction) -> Iterable[tuple[int, object]]:
-    """``(k, frame)`` for output frames ``k = 0, 1, ...``: the input frame displayed at ``k / fps``."""
+def _frames_at_rate(src: _VideoSource, fps: Fraction,
+                    max_gap_s: float = MAX_GAP_S) -> Iterable[tuple[int, object]]:
+    """``(k, frame)`` for output frames ``k = 0, 1, ...``: the input frame displayed at ``k / fps``.
+
+    A jump of more than ``max_gap_s`` between two frames' timestamps (or a last frame lasting
+    longer) is a broken or hostile timeline, not a still image: the frame is held for ``max_gap_s``
+    and the rest of the video moves earlier, so the output never fills the gap with frames.
+    """
+    src.rewind()  # probing (cue loading, measuring the end) may have moved the demuxer
     k, prev = 0, None
+    gap = to_fraction(max_gap_s)
+    shift = Fraction(0)  # how much of the timeline's jumps has been cut out so far
     for decoded in src._decode():
-        while prev is not None and decoded.time > Fraction(k) / fps + src.tolerance:
+        if prev is not None and decoded.time - shift - prev.time > gap:
+            logger.warning("%s: timestamps jump by %.1f s after %.2f s; holding the frame for %g s only",
+                           src.path, float(decoded.time - shift - prev.time), float(prev.time), max_gap_s)
+            shift = decoded.time - prev.time - gap
+        current_time = decoded.time - shift
+        while prev is not None and current_time > Fraction(k) / fps + src.tolerance:
             yield k, prev.frame
             k += 1
-        prev = decoded
+        prev = _Timed(decoded.frame, current_time, decoded.end - shift)
     if prev is None:
         raise VideoDecodeError(src.path, "no decodable video frames")
-    end = prev.end
+    end = min(prev.end, prev.time + gap)
     while Fraction(k) / fps < end or k == 0:
         yield k, prev.frame
         k += 1
+
+
+@dataclass(frozen=True)
+class _Timed:
+    frame: object  # av.VideoFrame
+    time: Fraction  # on the output timeline (jumps cut out)
+    end: Fraction
 
 
 def transcode_video(

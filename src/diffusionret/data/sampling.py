@@ -96,12 +96,19 @@ def target_times(
     Returns:
         ``n = max(1, ceil((end - start) * fps))`` times, in seconds from the start of the video.
     """
+    lo, rate, n = _target_grid(duration, fps=fps, start=start, end=end)
+    return [lo + Fraction(k) / rate for k in range(n)]
+
+
+def _target_grid(
+    duration: Fraction, *, fps: float, start: float | None, end: float | None
+) -> tuple[Fraction, Fraction, int]:
+    """``(lo, rate, n)``: the targets of :func:`target_times` are ``lo + k / rate`` for ``k < n``."""
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     rate = to_fraction(fps)
     lo, hi = window(duration, start, end)
-    n = max(1, math.ceil((hi - lo) * rate))
-    return [lo + Fraction(k) / rate for k in range(n)]
+    return lo, rate, max(1, math.ceil((hi - lo) * rate))
 
 
 def sample_times(
@@ -113,9 +120,42 @@ def sample_times(
     end: float | None = None,
     mode: str = "uniform",
 ) -> list[Fraction]:
-    """:func:`target_times` reduced to at most ``max_frames`` by :func:`subsample` (``mode``)."""
-    times = target_times(duration, fps=fps, start=start, end=end)
-    return [times[i] for i in subsample(len(times), max_frames, mode)]
+    """:func:`target_times` reduced to at most ``max_frames`` by :func:`subsample` (``mode``).
+
+    Only the kept targets are computed: the work does not grow with the duration, which a
+    container header may claim to be anything (136 years in 5 KB).
+    """
+    lo, rate, n = _target_grid(duration, fps=fps, start=start, end=end)
+    return [lo + Fraction(k) / rate for k in subsample(n, max_frames, mode)]
+
+
+# Above this many candidate frames, reference sampling computes only the kept indices (see
+# :func:`_reference_indices_closed_form`); below it, it follows the reference's loop step by step.
+_MAX_LISTED_FRAMES = 1_000_000
+
+
+def _reference_indices_closed_form(
+    num_frames: int, fps: int, offsets: list[int], start_sec: float, seconds: int, max_frames: int, mode: str
+) -> list[int]:
+    """The reference loop's result without listing every candidate (for absurdly long videos).
+
+    Candidate ``i`` is frame ``int((start + i // m) * fps) + offsets[i % m]`` (``m`` offsets); the
+    candidates increase with ``i``, so the loop's stop (the first frame past the end) is found by
+    bisection.
+    """
+    m = len(offsets)
+
+    def frame(i: int) -> int:
+        return int((start_sec + i // m) * fps) + offsets[i % m]
+
+    lo, hi = 0, seconds * m  # the count n of candidates before the first one >= num_frames
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if frame(mid) >= num_frames:
+            hi = mid
+        else:
+            lo = mid + 1
+    return [frame(i) for i in subsample(lo, max_frames, mode)]
 
 
 def reference_frame_indices(
@@ -158,6 +198,9 @@ def reference_frame_indices(
     end_sec = total_duration if end is None else min(end, total_duration)
     interval = max(1, fps // framerate)
     offsets = list(range(0, fps, interval))[:framerate]
+    seconds = math.floor(end_sec - start_sec) + 1 if end_sec >= start_sec else 0
+    if seconds * len(offsets) > _MAX_LISTED_FRAMES:
+        return _reference_indices_closed_form(num_frames, fps, offsets, start_sec, seconds, max_frames, mode)
     indices: list[int] = []
     sec = start_sec
     while sec <= end_sec:

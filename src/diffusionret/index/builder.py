@@ -13,7 +13,9 @@ one routine, :func:`sync_index`, which makes the index match a list of video fil
 4. (rank 0) register the other ranks' shards (the merge), drop deleted files, compact shards
    left with dead rows, record the update time, and bring the ANN (PQ or IVF) first-stage file up
    to date (:func:`~diffusionret.index.ann_build.refresh_ann`: built for large indexes, stale ones
-   deleted).
+   deleted);
+5. (rank 0) replace the commit marker (:func:`write_commit_marker`): the one signal that a run
+   finished, which ``serve`` waits for before reloading.
 
 The read side (:mod:`~diffusionret.index.store`, :mod:`~diffusionret.index.first_stage`) never
 writes; every file of an index, ANN files included, is written here under the writer lock.
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 import diffusionret
 from diffusionret.config_utils import atomic_write_text
 from diffusionret.index import catalog
+from diffusionret.index.ann_build import AnnBuildConfig, refresh_ann
 from diffusionret.index.catalog import VideoRecord, video_id
 from diffusionret.index.discover import FileState, discover_videos
 from diffusionret.index.features import (
@@ -51,8 +54,7 @@ from diffusionret.index.features import (
     pool_frames,
     stack_features,
 )
-from diffusionret.index.ann_build import AnnBuildConfig, refresh_ann
-from diffusionret.index.first_stage import import_faiss
+from diffusionret.index.first_stage import ann_files, import_faiss
 from diffusionret.index.identity import ModelMismatchError
 from diffusionret.index.shards import (
     SHARD_DIR,
@@ -66,7 +68,7 @@ from diffusionret.index.shards import (
     read_shard_weights,
     write_shard,
 )
-from diffusionret.index.store import VideoIndex
+from diffusionret.index.store import VideoIndex, index_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,28 @@ LOCK_NAME = ".lock"
 PLAN_NAME = ".plan.json"  # rank 0's plan, read by the other ranks of a torchrun build
 
 
+# An update may drop at most this many videos, or this fraction of the index, without ``prune``:
+# losing a whole collection to a typo in --videos or an unmounted disk must take an explicit --prune.
+PRUNE_FREE_VIDEOS = 5
+PRUNE_FREE_FRACTION = 0.10
+# How many of the paths that would be removed a refusal names.
+_SHOWN_PATHS = 5
+
+
 class IndexLockedError(RuntimeError):
     """Another process is building or updating the same index."""
+
+
+class PruneRefusedError(RuntimeError):
+    """A build or update would remove much of the index; it needs ``prune=True`` (``--prune``).
+
+    Attributes:
+        paths: every indexed video that would have been removed.
+    """
+
+    def __init__(self, message: str, paths: Sequence[str]) -> None:
+        super().__init__(message)
+        self.paths = list(paths)
 
 
 @dataclass
@@ -92,6 +114,7 @@ class SyncReport:
         unchanged: files already indexed with the same size and mtime.
         shards_written: shard files this process wrote.
         total: videos in the index afterwards (rank 0 only).
+        failures: ``(path, error)`` of the files that failed in this run.
     """
 
     discovered: int = 0
@@ -102,7 +125,7 @@ class SyncReport:
     unchanged: int = 0
     shards_written: int = 0
     total: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,8 @@ def build_index(
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
     ann: AnnBuildConfig | None = None,
+    prune: bool = False,
+    retry_failed: bool = False,
 ) -> SyncReport:
     """Create (or resume building) an index of the videos found in ``videos``.
 
@@ -150,17 +175,20 @@ def build_index(
         progress: show a progress bar.
         ann: whether to write an ANN (PQ or IVF) first-stage file (default: for indexes of 100k+
             videos when FAISS is installed; see :class:`AnnBuildConfig`).
+        prune: allow dropping many indexed videos (an existing index built from other sources).
+        retry_failed: decode again files that failed before.
 
     Raises:
         ModelMismatchError: ``root`` already holds an index built by another model.
-        FileNotFoundError: the sources hold no video.
+        FileNotFoundError: a source holds no video (without ``prune``).
+        PruneRefusedError: ``root`` holds many videos the sources no longer have (without ``prune``).
         AnnUnavailableError: ``ann.mode == "on"`` without FAISS.
     """
     sources = _source_list(videos)
     root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
-    return sync_index(root, _discover_some(sources, root_dir), extractor, sources=sources, video_root=root_dir,
-                      create=True, shard_size=shard_size, rank=rank, world_size=world_size, barrier=barrier,
-                      progress=progress, ann=ann)
+    return sync_index(root, _discover_some(sources, root_dir, prune), extractor, sources=sources,
+                      video_root=root_dir, create=True, shard_size=shard_size, rank=rank, world_size=world_size,
+                      barrier=barrier, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed)
 
 
 def update_index(
@@ -177,11 +205,12 @@ def update_index(
         extractor: must carry the model that built the index.
         videos: sources to scan; default: the sources recorded at build time.
         video_root: folder for relative paths in list files; default: the recorded one.
-        **kwargs: as for :func:`build_index` (``shard_size``, ``rank``, ``ann``, ...).
+        **kwargs: as for :func:`build_index` (``shard_size``, ``rank``, ``ann``, ``prune``, ``retry_failed``, ...).
 
     Raises:
-        FileNotFoundError: no index at ``root``, or the sources hold no video (an unmounted
-            disk must not empty the index).
+        FileNotFoundError: no index at ``root``, or a source holds no video (an unmounted
+            disk must not empty the index; ``prune`` accepts it).
+        PruneRefusedError: the update would remove many videos (without ``prune``).
     """
     info = VideoIndex.read_info(root)
     sources = _source_list(videos) if videos is not None else info.sources
@@ -191,15 +220,25 @@ def update_index(
         video_root = str(Path(video_root).expanduser().resolve())
     elif videos is None:
         video_root = info.video_root
-    return sync_index(root, _discover_some(sources, video_root), extractor, sources=sources,
-                      video_root=video_root, create=False, **kwargs)
+    return sync_index(root, _discover_some(sources, video_root, bool(kwargs.get("prune"))), extractor,
+                      sources=sources, video_root=video_root, create=False, **kwargs)
 
 
-def _discover_some(sources: Sequence[str], video_root: str | None) -> list[Path]:
-    videos = discover_videos(sources, video_root)
-    if not videos:
-        raise FileNotFoundError(f"no videos found in {', '.join(sources)}")
-    return videos
+def _discover_some(sources: Sequence[str], video_root: str | None, prune: bool = False) -> list[Path]:
+    """The videos of every source; each source on its own must hold some (an unmounted disk is an
+    empty folder) unless ``prune`` accepts that its videos leave the index."""
+    found: set[Path] = set()
+    empty = []
+    for source in sources:
+        videos = discover_videos([source], video_root)
+        if not videos:
+            empty.append(source)
+        found.update(videos)
+    if empty and (not prune or not found):
+        raise FileNotFoundError(
+            f"no videos found in {', '.join(empty)} (an empty folder or an unmounted disk?)"
+            + ("; pass --prune to drop the videos indexed from it" if found else ""))
+    return sorted(found)
 
 
 def _source_list(videos: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -221,6 +260,8 @@ def sync_index(
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
     ann: AnnBuildConfig | None = None,
+    prune: bool = False,
+    retry_failed: bool = False,
 ) -> SyncReport:
     """Make the index at ``root`` hold exactly ``videos``, encoding only what is new or changed.
 
@@ -238,6 +279,9 @@ def sync_index(
         barrier: synchronises ranks (required when ``world_size > 1``).
         progress: show a tqdm bar (rank 0).
         ann: whether to keep an ANN first-stage file (default :class:`AnnBuildConfig`: for large indexes).
+        prune: allow removing more than a few videos (see :data:`PRUNE_FREE_FRACTION`) or every
+            video under a recorded source.
+        retry_failed: decode again the files that failed before even when they did not change.
 
     Returns:
         A :class:`SyncReport`.
@@ -247,6 +291,8 @@ def sync_index(
         IndexLockedError: another process holds the index.
         FileNotFoundError: ``create`` is false and there is no index.
         AnnUnavailableError: ``ann.mode == "on"`` and FAISS is not installed (checked before any work).
+        PruneRefusedError: without ``prune``, the run would remove more than a few videos or a
+            whole source (nothing is changed, the recorded sources included).
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -263,9 +309,13 @@ def sync_index(
         if rank == 0:
             stack.enter_context(exclusive_lock(root, create))
             conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
+            clean_stale_temp_files(root)
             _init_or_check(conn, extractor, sources, video_root, create)
             _recover(conn, root, extractor.identity.model_id)
-            plan = _plan(conn, videos)
+            plan = _plan(conn, videos, retry_failed=retry_failed)
+            if not prune:
+                check_removals(conn, plan.gone)
+            _record_sources(conn, sources, video_root)
             if world_size > 1:
                 # One plan for every rank: ranks planning on their own could see different catalogue
                 # states (rank 0 registers shards as it goes) or file states, and slice differently.
@@ -285,6 +335,7 @@ def sync_index(
             refresh_ann(conn, root, ann)
             _count_outcomes(conn, plan, report)
             (root / PLAN_NAME).unlink(missing_ok=True)
+            write_commit_marker(conn, root)  # last: the ANN file and every catalogue write come before
         sync()
     logger.info(
         "index %s: %d added, %d replaced, %d removed, %d failed, %d unchanged; %d videos",
@@ -293,10 +344,25 @@ def sync_index(
     return report
 
 
+def write_commit_marker(conn: sqlite3.Connection, root: Path) -> dict[str, Any]:
+    """Replace the index's commit marker (see :func:`~diffusionret.index.catalog.read_commit_marker`)
+    when the committed contents or ANN files changed; returns the marker now on disk."""
+    fingerprint, records = index_fingerprint(conn)
+    ann = sorted(p.name for p in ann_files(root))
+    current = catalog.read_commit_marker(root) or {}
+    if current.get("fingerprint") == fingerprint and current.get("ann") == ann:
+        return current
+    marker = {"generation": int(current.get("generation", 0)) + 1, "fingerprint": fingerprint, "ann": ann,
+              "videos": len(records), "committed_at": time.time()}
+    atomic_write_text(root / catalog.COMMIT_NAME, json.dumps(marker, sort_keys=True))
+    return marker
+
+
 def _count_outcomes(conn: sqlite3.Connection, plan: _Plan, report: SyncReport) -> None:
     """Rank 0's report covers every rank: the outcome of each planned file is in the catalogue."""
     indexed = catalog.file_states(conn)
     failed = catalog.failure_states(conn)
+    errors = catalog.failure_errors(conn)
     report.added = report.replaced = report.failed = 0
     report.failures = []
     for path, state in plan.pending:
@@ -308,7 +374,7 @@ def _count_outcomes(conn: sqlite3.Connection, plan: _Plan, report: SyncReport) -
                 report.added += 1
         elif failed.get(path) == key:
             report.failed += 1
-            report.failures.append(path)
+            report.failures.append((path, errors.get(path, "")))
     report.total = catalog.count_videos(conn)
 
 
@@ -368,19 +434,73 @@ def _init_or_check(
         )
     if info["settings"] != extractor.settings:
         raise ModelMismatchError(f"the index was built with settings {info['settings']}, not {extractor.settings}")
-    updates: dict[str, Any] = {}
-    if sources:
-        updates["sources"] = list(sources)
-        updates["video_root"] = video_root
     if identity.path:  # the same weights may have moved; remember where to load them from
-        updates["model_path"] = identity.path
-    if updates:
-        catalog.write_info(conn, updates)
+        catalog.write_info(conn, {"model_path": identity.path})
 
 
-def _plan(conn: sqlite3.Connection, videos: Sequence[Path]) -> _Plan:
+def _record_sources(conn: sqlite3.Connection, sources: Sequence[str] | None, video_root: str | None) -> None:
+    """Remember the sources for the next ``index update`` (only once the run is allowed to go ahead)."""
+    if sources:
+        catalog.write_info(conn, {"sources": list(sources), "video_root": video_root})
+
+
+def check_removals(conn: sqlite3.Connection, gone: Sequence[str]) -> None:
+    """Refuse to drop more than a few videos, or every video under one recorded source, without ``prune``.
+
+    Raises:
+        PruneRefusedError: naming how many videos would go and a few of their paths.
+    """
     indexed = catalog.file_states(conn)
-    failed = catalog.failure_states(conn)
+    removed = sorted(p for p in gone if p in indexed)
+    if not removed:
+        return
+    reason = None
+    if len(removed) > max(PRUNE_FREE_VIDEOS, PRUNE_FREE_FRACTION * len(indexed)):
+        reason = f"{len(removed)} of its {len(indexed)} videos are no longer in the sources"
+    else:
+        gone_set = set(removed)
+        for source in catalog.read_info(conn).get("sources") or []:
+            under = [p for p in indexed if _is_under(p, source)]
+            if under and all(p in gone_set for p in under):
+                reason = f"every video under the source {source} ({len(under)}) would be removed"
+                break
+    if reason is None:
+        return
+    shown = ", ".join(removed[:_SHOWN_PATHS]) + (", ..." if len(removed) > _SHOWN_PATHS else "")
+    raise PruneRefusedError(
+        f"refusing to remove {len(removed)} videos from the index: {reason} (e.g. {shown}). "
+        "If the sources are right (not a typo, an unmounted disk or an empty folder), run again with --prune.",
+        removed,
+    )
+
+
+def _is_under(path: str, source: str) -> bool:
+    """Whether an indexed path was found by scanning the folder ``source`` (list sources: never)."""
+    if Path(source).suffix.lower() in (".txt", ".csv"):
+        return False
+    return path == source or path.startswith(source.rstrip(os.sep) + os.sep)
+
+
+def clean_stale_temp_files(root: Path) -> list[Path]:
+    """Delete temporary files a killed writer left in the index folder (caller holds the writer lock).
+
+    Every writer of the folder (builds, updates, ANN saves) holds the lock while its temporary files
+    exist, so under the lock any ``.*.tmp`` is left over from a dead process.
+    """
+    removed = []
+    for folder in (root, root / SHARD_DIR):
+        if folder.is_dir():
+            for partial in folder.glob(".*.tmp"):
+                partial.unlink(missing_ok=True)
+                removed.append(partial)
+    if removed:
+        logger.info("deleted %d temporary files left by an interrupted run", len(removed))
+    return removed
+
+
+def _plan(conn: sqlite3.Connection, videos: Sequence[Path], *, retry_failed: bool = False) -> _Plan:
+    indexed = catalog.file_states(conn)
+    failed = {} if retry_failed else catalog.failure_states(conn)
     wanted = {str(p) for p in videos}
     pending: list[tuple[str, FileState]] = []
     replaced: set[str] = set()
@@ -398,7 +518,8 @@ def _plan(conn: sqlite3.Connection, videos: Sequence[Path]) -> _Plan:
         if path in indexed:
             replaced.add(path)
         pending.append((path, state))
-    gone = sorted(set(indexed) - wanted) + sorted(set(failed) - wanted - set(indexed))
+    failed_before = catalog.failure_states(conn)
+    gone = sorted(set(indexed) - wanted) + sorted(set(failed_before) - wanted - set(indexed))
     return _Plan(pending=pending, replaced=replaced, gone=gone, unchanged=unchanged)
 
 
@@ -430,7 +551,7 @@ def _encode_all(
             for (path, _), result in zip(chunk, results, strict=True):
                 if isinstance(result, ExtractionFailure):
                     report.failed += 1
-                    report.failures.append(path)
+                    report.failures.append((path, result.error))
                 elif path in replaced:
                     report.replaced += 1
                 else:

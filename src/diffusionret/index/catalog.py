@@ -18,6 +18,9 @@ from typing import Any, Iterable, Sequence
 
 CATALOG_NAME = "catalog.sqlite"
 FORMAT_VERSION = 1
+# Replaced atomically by a build or update as its very last step (after the ANN file): readers that
+# follow the index (``serve``) reload when it changes, never in the middle of an update.
+COMMIT_NAME = "COMMITTED"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -112,7 +115,9 @@ def connect(root: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         if not path.is_file():
             raise FileNotFoundError(f"no index at {root} (missing {CATALOG_NAME})")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+        # as_uri() percent-encodes "?", "#" and "%", which would otherwise end or garble the file name.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
+                               check_same_thread=False)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30.0)
@@ -150,6 +155,16 @@ def file_states(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
 def failure_states(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
     """``path -> (size, mtime_ns)`` for every file that failed to decode."""
     return {path: (size, mtime) for path, size, mtime in conn.execute("SELECT path, size, mtime_ns FROM failures")}
+
+
+def failure_errors(conn: sqlite3.Connection) -> dict[str, str]:
+    """``path -> error`` for every file that failed to decode."""
+    return dict(conn.execute("SELECT path, error FROM failures"))
+
+
+def list_failures(conn: sqlite3.Connection) -> list[tuple[str, int, int, str]]:
+    """``(path, size, mtime_ns, error)`` of every file that failed to decode, sorted by path."""
+    return list(conn.execute("SELECT path, size, mtime_ns, error FROM failures ORDER BY path"))
 
 
 def shard_names(conn: sqlite3.Connection) -> set[str]:
@@ -261,3 +276,20 @@ def count_videos(conn: sqlite3.Connection) -> int:
 
 def count_failures(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
+
+
+def read_commit_marker(root: str | Path) -> dict[str, Any] | None:
+    """The commit marker of the index at ``root`` (``None``: no finished build or update recorded one).
+
+    It holds ``generation`` (incremented by every run that changed the index), ``fingerprint`` (the
+    content fingerprint of the committed rows), ``ann`` (the ANN files of that content) and ``videos``.
+    """
+    try:
+        text = (Path(root) / COMMIT_NAME).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return marker if isinstance(marker, dict) else None

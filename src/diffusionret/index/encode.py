@@ -2,32 +2,34 @@
 
 Frames are prepared exactly as the evaluation dataset prepares them (``read_frames`` at the
 model's image size, then :class:`~diffusionret.data.transforms.ClipTransform`), so a video's index
-features equal the features evaluation computes for it. Decoding runs ahead of the model on a small
-thread pool (PyAV releases the GIL while decoding), so the model rarely waits for the decoder.
+features equal the features evaluation computes for it. Decoding runs in worker processes
+(:class:`~diffusionret.data.isolate.IsolatedPool`), each file under a time and memory budget: a
+hostile file fails on its own (recorded in the index with its error) instead of hanging the build.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffusionret.data.isolate import DecodeBudget, IsolatedPool, JobFailed
+from diffusionret.index.decode_job import (  # noqa: F401 - jpeg_thumbnail is re-exported
+    THUMBNAIL_SHORT_SIDE,
+    DecodedVideo,
+    DecodeRequest,
+    decode_for_index,
+    jpeg_thumbnail,
+)
 from diffusionret.index.features import ExtractionFailure, ModelIdentity, VideoFeatures
 from diffusionret.index.identity import model_identity
 
 logger = logging.getLogger(__name__)
-
-# Thumbnails are made from the middle sampled frame; below this short side (tiny test models decode
-# 32 px frames) the middle of the clip is decoded again at this size.
-THUMBNAIL_SHORT_SIDE = 180
 
 
 @dataclass
@@ -49,14 +51,15 @@ class ModelVideoEncoder:
         fps: sampling rate before reducing to T (``read_frames``).
         sampling: ``uniform``/``head``/``tail``/``reference`` (``read_frames``).
         batch_size: videos per forward pass.
-        decode_workers: decoding threads.
+        decode_workers: decoding worker processes (started on first use, reused until :meth:`close`).
         model_path: the checkpoint ``model`` came from (recorded in the index).
         identity: precomputed identity (skips hashing the weights).
+        budget: time and memory each file may take to decode.
     """
 
     def __init__(self, model: nn.Module, *, max_frames: int = 12, fps: float = 1.0, sampling: str = "uniform",
                  batch_size: int = 16, decode_workers: int = 2, model_path: str | None = None,
-                 identity: ModelIdentity | None = None) -> None:
+                 identity: ModelIdentity | None = None, budget: DecodeBudget | None = None) -> None:
         if max_frames <= 0 or fps <= 0 or batch_size <= 0 or decode_workers <= 0:
             raise ValueError("max_frames, fps, batch_size and decode_workers must be positive")
         self.model = model.eval()
@@ -68,6 +71,9 @@ class ModelVideoEncoder:
         self.image_size = int(model.image_size)
         self.device = next(model.parameters()).device
         self._identity = identity or model_identity(model, str(Path(model_path).resolve()) if model_path else None)
+        self._pool = IsolatedPool(decode_for_index, workers=decode_workers, budget=budget)
+        # Workers also stop when this encoder is collected or the interpreter exits without close().
+        self._finalizer = weakref.finalize(self, self._pool.close)
 
     @classmethod
     def from_settings(cls, model: nn.Module, settings: dict[str, Any], **kwargs: Any) -> "ModelVideoEncoder":
@@ -107,57 +113,50 @@ class ModelVideoEncoder:
             return None
         return compute(frames.to(self.device), frame_mask.long().to(self.device)).float().cpu()
 
+    def close(self) -> None:
+        """Stop the decoding worker processes."""
+        self._finalizer()
+
     def extract(self, paths: Sequence[Path]) -> Iterator[VideoFeatures | ExtractionFailure]:
-        """Decode ahead on threads, encode in batches; yields one result per path, in order."""
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="diffusionret-decode") as pool:
-            # At most two batches decoded ahead: bounded memory, and the model never starves.
-            queue: deque[Future] = deque()
-            pending = iter(paths)
-            for path in pending:
-                queue.append(pool.submit(self.decode, path))
-                if len(queue) >= 2 * self.batch_size:
-                    break
-            while queue:
-                batch = [queue.popleft().result() for _ in range(min(self.batch_size, len(queue)))]
-                for path in pending:
-                    queue.append(pool.submit(self.decode, path))
-                    if len(queue) >= 2 * self.batch_size:
-                        break
+        """Decode in worker processes, encode in batches; yields one result per path, in order.
+
+        A file fails on its own (an :class:`ExtractionFailure` with the reason) whatever goes wrong
+        with it: a decode error, any other exception, the time or memory budget, a decoder crash.
+        """
+        requests = [DecodeRequest(str(p), self.fps, self.max_frames, self.image_size, self.sampling) for p in paths]
+        batch: list[_Decoded | ExtractionFailure] = []
+        for path, result in zip(paths, self._pool.map(requests), strict=True):
+            batch.append(self._prepare(Path(path), result))
+            if len(batch) == self.batch_size:
                 yield from self._encode(batch)
+                batch = []
+        if batch:
+            yield from self._encode(batch)
 
     def decode(self, path: Path) -> _Decoded | ExtractionFailure:
-        """Frames (model input), facts and thumbnail of one video; a failure instead of raising."""
-        from diffusionret.data.decode import probe_video, read_frames
-        from diffusionret.data.errors import VideoDecodeError
+        """Frames (model input), facts and thumbnail of one video, decoded in this process (no budget)."""
+        try:
+            result: DecodedVideo | JobFailed = decode_for_index(
+                DecodeRequest(str(path), self.fps, self.max_frames, self.image_size, self.sampling))
+        except Exception as exc:  # noqa: BLE001 - a failure instead of raising, as extract() gives
+            result = JobFailed(_describe_failure(exc))
+        return self._prepare(Path(path), result)
+
+    def _prepare(self, path: Path, result: DecodedVideo | JobFailed) -> _Decoded | ExtractionFailure:
+        """Worker output -> model input: (T, 3, S, S) normalised, zero-padded frames and their mask."""
         from diffusionret.data.transforms import ClipTransform
 
+        if isinstance(result, JobFailed):
+            return ExtractionFailure(_cause(path, result.error))
         try:
-            info = probe_video(path)
-            raw, _ = read_frames(path, fps=self.fps, max_frames=self.max_frames, size=self.image_size,
-                                 sampling=self.sampling)
-        except VideoDecodeError as exc:
-            return ExtractionFailure(exc.cause)
-        clip = ClipTransform(self.image_size)(raw)  # (n, 3, S, S)
+            clip = ClipTransform(self.image_size)(result.frames)  # (n, 3, S, S)
+        except Exception as exc:  # noqa: BLE001 - odd frames are this file's problem, not the build's
+            return ExtractionFailure(_describe_failure(exc))
         n = clip.shape[0]
         frames = torch.zeros(self.max_frames, 3, self.image_size, self.image_size)
         frames[:n] = clip
         mask = torch.arange(self.max_frames) < n
-        thumbnail = self._thumbnail(path, raw, info.duration)
-        return _Decoded(frames, mask, float(info.duration), int(info.width), int(info.height), thumbnail)
-
-    def _thumbnail(self, path: Path, raw: np.ndarray, duration: float) -> bytes | None:
-        from diffusionret.data.decode import read_frames
-        from diffusionret.data.errors import VideoDecodeError
-
-        frame = raw[len(raw) // 2]
-        if min(frame.shape[:2]) < THUMBNAIL_SHORT_SIDE:
-            try:
-                again, _ = read_frames(path, fps=1.0, max_frames=1, start=duration / 2 if duration else None,
-                                       size=None, sampling="head")
-                frame = again[0]
-            except VideoDecodeError:
-                pass  # keep the small frame: a thumbnail is a convenience, not a reason to fail
-        return jpeg_thumbnail(frame)
+        return _Decoded(frames, mask, result.duration, result.width, result.height, result.thumbnail)
 
     @torch.no_grad()
     def _encode(self, batch: Sequence[_Decoded | ExtractionFailure]) -> list[VideoFeatures | ExtractionFailure]:
@@ -200,15 +199,13 @@ def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def jpeg_thumbnail(frame: np.ndarray, short_side: int = THUMBNAIL_SHORT_SIDE, quality: int = 82) -> bytes:
-    """uint8 (H, W, 3) RGB -> JPEG bytes, short side at most ``short_side`` (aspect ratio kept)."""
-    from PIL import Image
+def _describe_failure(exc: BaseException) -> str:
+    from diffusionret.data.errors import VideoDecodeError
 
-    image = Image.fromarray(frame)
-    scale = short_side / min(image.size)
-    if scale < 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return exc.cause if isinstance(exc, VideoDecodeError) else f"{type(exc).__name__}: {exc}"
+
+
+def _cause(path: Path, error: str) -> str:
+    """The reason without the file name a ``VideoDecodeError`` message starts with (the catalogue has the path)."""
+    prefix = f"VideoDecodeError: {path}: "
+    return error[len(prefix):] if error.startswith(prefix) else error

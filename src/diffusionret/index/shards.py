@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +129,7 @@ def write_shard(
     if frame_weights is not None:
         tensors["frame_weights"] = frame_weights.to(torch.float32).contiguous()
     path = directory / name
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
-    _fsync_directory(directory)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))  # fsyncs the file and the folder
     return path
 
 
@@ -188,15 +186,3 @@ def read_shard_weights(path: Path, rows: Sequence[int]) -> Tensor | None:
         if "frame_weights" not in handle.keys():
             return None
         return handle.get_tensor("frame_weights")[index]
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,6 +26,7 @@ from diffusionret.config_utils import atomic_path, from_dict, to_dict
 from diffusionret.models import clip_backbone
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
+from diffusionret.models.safe_load import UnsafeTorchError, torch_load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ def load_model(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor
             config = dataclasses.replace(config, **changes) if changes else config
         else:
             try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
+                raw = torch_load_weights(path)  # refuses a torch whose weights_only can be bypassed
+            except UnsafeTorchError as exc:
+                raise CheckpointError(f"{path}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
                 raise CheckpointError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from exc
             state = normalize_official_state_dict(raw, source)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import zipfile
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -67,29 +66,50 @@ def infer_clip_config(state_dict: Mapping[str, torch.Tensor], source: str = "sta
 
 
 def read_openai_clip_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an OpenAI CLIP file: a TorchScript archive (``ViT-B-32.pt``) or a plain state dict.
+    """Read CLIP weights: a safetensors file, a plain state dict, or a TorchScript archive (``ViT-B-32.pt``).
 
-    Like the reference, a TorchScript archive is tried first and a plain ``torch.load`` second. The
-    archive's non-parameter entries (``input_resolution`` ...) are dropped.
+    The loaders that cannot run code come first (safetensors, then ``torch.load(weights_only=True)``);
+    ``torch.jit.load`` is used only for files that are TorchScript archives (see
+    :mod:`diffusionret.models.safe_load`). The archive's non-parameter entries (``input_resolution``
+    ...) are dropped.
+
+    Raises:
+        UnsafeTorchError: a pickle-based file and a torch older than 2.6.
     """
+    from diffusionret.models.safe_load import (
+        UnsafeTorchError,
+        is_safetensors_file,
+        is_torchscript_archive,
+        require_safe_torch,
+        torch_load_weights,
+    )
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights not found: {path}")
     if os.path.getsize(path) == 0:
         raise ClipFormatError(f"{path}: file is empty")
-    state = None
-    errors = []
-    if zipfile.is_zipfile(path):
+    state: Any = None
+    if is_safetensors_file(path):
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path
+            raise ClipFormatError(f"{path}: unreadable safetensors file ({exc})") from exc
+    elif is_torchscript_archive(path):  # (torch.load would hand these to torch.jit.load itself)
+        require_safe_torch()
         try:
             state = torch.jit.load(path, map_location="cpu").state_dict()
-        except (RuntimeError, ValueError) as exc:  # not TorchScript: a zip-format torch.save file
-            errors.append(f"torch.jit.load: {exc}".splitlines()[0])
-    if state is None:
+        except (RuntimeError, ValueError) as exc:
+            raise ClipFormatError(f"{path}: unreadable TorchScript archive ({str(exc).splitlines()[0]})") from exc
+    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path and both causes
-            errors.append(f"torch.load: {exc}".splitlines()[0])
-            raise ClipFormatError(f"{path}: cannot read as a TorchScript archive or a state dict ({'; '.join(errors)})") from exc
+            state = torch_load_weights(path)
+        except UnsafeTorchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path and the cause
+            raise ClipFormatError(f"{path}: cannot read as a state dict ({str(exc).splitlines()[0]})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -87,7 +87,7 @@ DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr
 
 # Ids are 16 lower-case hex digits (see diffusionret.index.catalog.video_id); anything else is
 # rejected before a lookup.
-_VIDEO_ID = re.compile(r"^[0-9a-f]{16}$")
+_VIDEO_ID = re.compile(r"[0-9a-f]{16}")  # used with fullmatch: "$" would accept a trailing newline
 
 
 class SearchBackend(Protocol):
@@ -354,7 +354,7 @@ def _add_page_routes(app: FastAPI) -> None:
 
 
 def _lookup(backend: SearchBackend, video_id: str) -> VideoRecord:
-    record = backend.index.record(video_id) if _VIDEO_ID.match(video_id) else None
+    record = backend.index.record(video_id) if _VIDEO_ID.fullmatch(video_id) else None
     if record is None:
         raise ApiError(404, "not_found", "no video with this id in the index")
     return record

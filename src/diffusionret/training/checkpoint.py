@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from diffusionret.config_utils import atomic_path
+from diffusionret.models.safe_load import torch_load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ TRAINER_FORMAT_VERSION = 1
 
 @dataclass
 class TrainProgress:
-    """Where a run stands. ``epoch`` is the epoch in progress; ``step_in_epoch`` its finished steps."""
+    """Where a run stands. ``epoch`` is the epoch in progress; ``step_in_epoch`` its finished steps;
+    ``validation_pending``: the checkpoint was written at the end of an epoch, before its validation
+    (a resumed run validates first)."""
 
     step: int = 0
     epoch: int = 0
@@ -45,6 +48,7 @@ class TrainProgress:
     best_score: float | None = None
     best_epoch: int | None = None
     best_source: str | None = None
+    validation_pending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,7 +154,7 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch_load_weights(path)
     if not is_trainer_checkpoint(payload):
         raise ValueError(f"{path}: not a diffusionret trainer checkpoint")
     if payload["format_version"] != TRAINER_FORMAT_VERSION:
@@ -195,7 +199,7 @@ def load_any_model(path: str | os.PathLike, *, device: str | torch.device = "cpu
 
     path = Path(path)
     if path.is_file() and _is_zip(path):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load_weights(path)
         if is_trainer_checkpoint(payload):
             model = model_from_trainer_checkpoint(payload, use_ema=use_ema)
             if diffusion_steps is not None or noise_schedule is not None:

@@ -465,6 +465,10 @@ def _run_epochs(run: _Run, val_set: Any, on_step: StepCallback | None, save_requ
                 stop_request: threading.Event | None) -> None:
     cfg, progress = run.cfg, run.progress
     epochs = cfg.train.epochs
+    if progress.validation_pending:  # resumed from the checkpoint written just before a validation
+        if val_set is not None:
+            _validate_and_select(run, val_set)
+        progress.validation_pending = False
     while progress.epoch < epochs and progress.step < run.total_steps:
         run.sampler.set_epoch(progress.epoch, start_step=progress.step_in_epoch)
         run.train_set.set_epoch(progress.epoch)
@@ -473,11 +477,26 @@ def _run_epochs(run: _Run, val_set: Any, on_step: StepCallback | None, save_requ
         progress.epoch += 1
         progress.step_in_epoch = 0
         last_epoch = progress.epoch >= epochs or progress.step >= run.total_steps
-        if val_set is not None and (progress.epoch % cfg.eval.every_epochs == 0 or last_epoch):
+        validate = val_set is not None and (progress.epoch % cfg.eval.every_epochs == 0 or last_epoch)
+        # Checkpoint before validating: a stop or a kill during a long evaluation then costs the
+        # evaluation, not the epoch.
+        progress.validation_pending = validate
+        path = save_checkpoint(run, tag=f"epoch_{progress.epoch}" if cfg.train.keep_epoch_checkpoints else None)
+        if _stop_requested(run, stop_request):
+            raise TrainingStopped(path)
+        if validate:
             _validate_and_select(run, val_set)
+            progress.validation_pending = False
+            if _stop_requested(run, stop_request):  # asked during the evaluation: keep its result too
+                raise TrainingStopped(save_checkpoint(run))
+            if last_epoch:  # a finished run's checkpoint holds its final selection
+                save_checkpoint(run)
         elif val_set is None:
             logger.info("epoch %d done (no validation: the final epoch is the result)", progress.epoch)
-        save_checkpoint(run, tag=f"epoch_{progress.epoch}" if cfg.train.keep_epoch_checkpoints else None)
+
+
+def _stop_requested(run: _Run, stop_request: threading.Event | None) -> bool:
+    return any_rank(stop_request.is_set(), run.ctx) if stop_request is not None else False
 
 
 def _run_one_epoch(run: _Run, on_step: StepCallback | None, save_request: threading.Event | None,
