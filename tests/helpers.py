@@ -123,6 +123,49 @@ def running_server(app, make_config=None) -> Iterator[int]:
         thread.join(timeout=60)
 
 
+# ------------------------------------------------------------------------------ index comparisons
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Everything an index holds, keyed by path and independent of shard layout."""
+    from diffusionret.index.store import VideoIndex
+
+    index = VideoIndex.load(root)
+    result = {}
+    for row, r in enumerate(index.records):
+        result[r.path] = (
+            r.id, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames,
+            index.frames[row].clone(), index.frame_mask[row].clone(), index.pooled[row].clone(), index.thumbnail(r.id),
+        )
+    return result
+
+
+def assert_same_index(a: Path, b: Path) -> None:
+    """Two indexes hold the same videos with the same features, metadata and thumbnails."""
+    import torch
+
+    left, right = snapshot(a), snapshot(b)
+    assert sorted(left) == sorted(right)
+    for path in left:
+        for x, y in zip(left[path], right[path], strict=True):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), path
+            else:
+                assert x == y, path
+
+
+def shard_consistency(root: Path) -> None:
+    """Every shard file is registered, every registered live shard exists, no temp files remain."""
+    from diffusionret.index import catalog
+    from diffusionret.index.shards import SHARD_DIR
+
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        known = catalog.shard_names(conn)
+        live = catalog.live_rows(conn)
+        sizes = catalog.shard_sizes(conn)
+    on_disk = {p.name for p in (root / SHARD_DIR).iterdir()}
+    assert on_disk == known, (on_disk, known)
+    assert all(count == sizes[name] for name, count in live.items()), "dead rows left after compaction"
+
+
 # ------------------------------------------------------------------------------ hostile media corpus
 def write_tiny_video(path, *, frames: int = 20, fps: int = 10, size: int = 32, fmt: str | None = None,
                      codec: str = "libx264", pts: list[int] | None = None):

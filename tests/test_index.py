@@ -28,7 +28,7 @@ from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.store import VideoIndex, exact_topk
 from diffusionret.testing.index import BROKEN_MARKER, SyntheticExtractor
-from helpers import make_videos, wait_for
+from helpers import assert_same_index, make_videos, shard_consistency, wait_for
 
 
 
@@ -42,40 +42,6 @@ class CountingExtractor(SyntheticExtractor):
     def features(self, path: Path):
         self.seen.append(str(path))
         return super().features(path)
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Everything an index holds, keyed by path and independent of shard layout."""
-    index = VideoIndex.load(root)
-    result = {}
-    for row, r in enumerate(index.records):
-        result[r.path] = (
-            r.id, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames,
-            index.frames[row].clone(), index.frame_mask[row].clone(), index.pooled[row].clone(), index.thumbnail(r.id),
-        )
-    return result
-
-
-def assert_same_index(a: Path, b: Path) -> None:
-    left, right = snapshot(a), snapshot(b)
-    assert sorted(left) == sorted(right)
-    for path in left:
-        for x, y in zip(left[path], right[path], strict=True):
-            if isinstance(x, torch.Tensor):
-                assert torch.equal(x, y), path
-            else:
-                assert x == y, path
-
-
-def shard_consistency(root: Path) -> None:
-    """Every shard file is registered, every registered live shard exists, no temp files remain."""
-    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
-        known = catalog.shard_names(conn)
-        live = catalog.live_rows(conn)
-        sizes = catalog.shard_sizes(conn)
-    on_disk = {p.name for p in (root / SHARD_DIR).iterdir()}
-    assert on_disk == known, (on_disk, known)
-    assert all(count == sizes[name] for name, count in live.items()), "dead rows left after compaction"
 
 
 # --------------------------------------------------------------------------------------- search

@@ -22,14 +22,20 @@ from typing import Callable
 import pytest
 import torch
 
-from helpers import cli_logging, hostile_corpus, make_videos, write_tiny_video
+from helpers import (
+    assert_same_index,
+    cli_logging,
+    hostile_corpus,
+    make_videos,
+    shard_consistency,
+    write_tiny_video,
+)
 from diffusionret.cli import main
 from diffusionret.index import builder, catalog
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor
-from test_index import assert_same_index, shard_consistency
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -50,6 +56,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------ hostile corpus
+@pytest.mark.slow  # starts processes
 def test_hostile_corpus_is_indexed_reported_and_not_retried(tmp_path: Path, tiny_model: Path) -> None:
     decodable, broken = hostile_corpus(tmp_path / "videos")
     index_dir = tmp_path / "idx"
@@ -111,6 +118,7 @@ def test_update_with_other_sources_needs_prune(tmp_path: Path) -> None:
     assert _info(root)["sources"] == [str((tmp_path / "other").resolve())]
 
 
+@pytest.mark.slow  # starts processes
 def test_cli_refusal_exits_non_zero_and_says_what_would_go(tmp_path: Path, tiny_model: Path) -> None:
     for i in range(6):
         write_tiny_video(tmp_path / "videos" / f"clip_{i}.mp4", frames=3)
@@ -234,6 +242,7 @@ def _rerun(root: Path, videos: Path, action: str):
     return update_index(root, SyntheticExtractor(), shard_size=3, progress=False)
 
 
+@pytest.mark.slow  # starts processes
 def test_sigkill_at_random_points_never_loses_a_video(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL at a random catalogue write, shard write or video: readable, nothing lost, the next run completes."""
     events = {}

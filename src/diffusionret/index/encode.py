@@ -19,13 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusionret.data.isolate import DecodeBudget, IsolatedPool, JobFailed
-from diffusionret.index.decode_job import (  # noqa: F401 - jpeg_thumbnail is re-exported
-    THUMBNAIL_SHORT_SIDE,
-    DecodedVideo,
-    DecodeRequest,
-    decode_for_index,
-    jpeg_thumbnail,
-)
+from diffusionret.index.decode_job import DecodedVideo, DecodeRequest, decode_for_index
 from diffusionret.index.features import ExtractionFailure, ModelIdentity, VideoFeatures
 from diffusionret.index.identity import model_identity
 

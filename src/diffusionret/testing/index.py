@@ -141,7 +141,7 @@ class SyntheticExtractor:
     @staticmethod
     def _with_media(path: Path, frames: Tensor, mask: Tensor) -> VideoFeatures:
         from diffusionret.data.decode import probe_video, read_frames
-        from diffusionret.index.encode import jpeg_thumbnail
+        from diffusionret.index.decode_job import jpeg_thumbnail
 
         info = probe_video(path)
         images, _ = read_frames(path, fps=4.0, max_frames=3, size=None)
