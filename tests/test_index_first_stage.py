@@ -309,7 +309,7 @@ def test_frame_weights_are_stored_and_survive_compaction(tmp_path: Path) -> None
     # Removing files leaves holes; compaction rewrites shards and keeps the weights.
     for path in sorted((tmp_path / "videos").rglob("*.mp4"))[::4]:
         path.unlink()
-    update_index(root, extractor, shard_size=6, progress=False)
+    update_index(root, extractor, shard_size=6, progress=False, prune=True)  # 10 of 37: on purpose
     after = VideoIndex.load(root)
     assert len(after) < len(index) and after.frame_weights is not None and bool(after.weights_known.all())
     torch.testing.assert_close(after.frame_weights, extractor.frame_weights(after.frames, after.frame_mask),
