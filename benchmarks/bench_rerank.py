@@ -25,16 +25,18 @@ import argparse
 import time
 
 import torch
+from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.rerank import DEFAULT_CHUNK_SIZE
+from diffusionret.retrieval import RerankConfig, Reranker
 
 from _common import add_thread_arg, apply_threads, machine, report
 
 
 @torch.no_grad()
 def baseline_rerank(model: DiffusionRet, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, mask: torch.Tensor,
-                    k: int, noise_t2v: torch.Tensor, noise_v2t: torch.Tensor, queries: int,
+                    k: int, noise_t2v: torch.Tensor, noise_v2t: torch.Tensor, queries: int, steps: int,
                     batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference algorithm on the first ``queries`` rows of each direction (other rows: ``sim`` unchanged).
 
@@ -42,7 +44,7 @@ def baseline_rerank(model: DiffusionRet, sim: torch.Tensor, cls: torch.Tensor, v
     (``mb = t2v_num``). Either way the denoiser's plain ``forward`` runs at every DDIM step.
     """
     t2v, v2t = sim.clone(), sim.T.clone()
-    diffusion = model.diffusion
+    diffusion = GaussianDiffusion(steps)
     for start in range(0, queries, batch):
         rows = torch.arange(start, min(start + batch, queries))
         idx = torch.topk(sim[rows], k, dim=1).indices  # (b, K), descending
@@ -82,7 +84,8 @@ def main() -> None:
     # Only the head matters here; a tiny CLIP keeps construction cheap.
     clip = ClipConfig(embed_dim=d, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16, text_width=d,
                       text_layers=1, vocab_size=1000)
-    model = DiffusionRet(ModelConfig(clip=clip, stage="generation", temporal_layers=1, diffusion_steps=args.steps))
+    model = DiffusionRet(ModelConfig(clip=clip, denoisers=True, temporal_layers=1))
+    reranker = Reranker(model, RerankConfig(steps=args.steps, top_k=args.top_k, chunk_size=args.chunk_size))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger than the 0.02 init, so x0 (and the softmax bonus) varies across candidates
         for p in list(model.diffusion_model.parameters()) + list(model.diffusion_model_v.parameters()):
@@ -97,16 +100,15 @@ def main() -> None:
     print(f"inputs: {n} texts x {n} videos, D={d}, T={args.frames}, K={k}, {args.steps} DDIM steps")
 
     # Warm-up on a few rows (first-call allocations, thread pool start), then the timed full run.
-    model.rerank_t2v(sim[:32], cls[:32], video, mask, top_k=k, noise=noise_t2v[:32])
+    reranker.t2v(sim[:32], cls[:32], video, mask, noise=noise_t2v[:32])
     start = time.perf_counter()
-    fast_t2v, fast_v2t = model.rerank(sim, None, None, cls, video, mask, top_k=k, noise_t2v=noise_t2v,
-                                      noise_v2t=noise_v2t, chunk_size=args.chunk_size)
+    fast_t2v, fast_v2t = reranker.both(sim, cls, video, mask, noise_t2v=noise_t2v, noise_v2t=noise_v2t)
     fast_s = time.perf_counter() - start
     report("rerank_fast", queries=n, seconds=fast_s, per_query_ms=fast_s / (2 * n) * 1e3, chunk_size=args.chunk_size)
 
     m = min(args.baseline_queries, n)
     start = time.perf_counter()
-    base_t2v, base_v2t = baseline_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t, m)
+    base_t2v, base_v2t = baseline_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t, m, args.steps)
     measured = time.perf_counter() - start
     base_s = measured * n / m
     diff = max((fast_t2v[:m] - base_t2v[:m]).abs().max().item(), (fast_v2t[:m] - base_v2t[:m]).abs().max().item())
@@ -117,7 +119,7 @@ def main() -> None:
         mb = 32
         m2 = min(n, -(-m // mb) * mb)
         start = time.perf_counter()
-        ref_t2v, ref_v2t = baseline_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t, m2, batch=mb)
+        ref_t2v, ref_v2t = baseline_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t, m2, args.steps, batch=mb)
         ref_s = (time.perf_counter() - start) * n / m2
         diff2 = max((fast_t2v[:m2] - ref_t2v[:m2]).abs().max().item(), (fast_v2t[:m2] - ref_v2t[:m2]).abs().max().item())
         report("rerank_reference_batched", queries=n, fast_s=fast_s, reference_batched_s=ref_s, speedup=ref_s / fast_s,

@@ -80,7 +80,7 @@ from diffusionret.index.first_stage import (
 from diffusionret.index.identity import model_fingerprint
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.index.store import IndexInfo, VideoIndex
-from diffusionret.models.config import ClipConfig, ModelConfig
+from diffusionret.models.config import ClipConfig, DiffusionSchedule, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
 
 _SUBJECTS = ["a man", "a woman", "a child", "two people", "a dog", "a cat", "a chef", "a group of friends", "a player",
@@ -101,11 +101,11 @@ def queries(count: int, seed: int = 0) -> list[str]:
     return sorted(out, key=lambda q: rng.random())
 
 
-def search_model(dim: int, text_layers: int, steps: int) -> DiffusionRet:
+def search_model(dim: int, text_layers: int) -> DiffusionRet:
     """A generation-stage model with a ViT-B/32-sized text tower and a token vision tower (unused by search)."""
     clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
                       text_width=dim, text_layers=text_layers)
-    model = DiffusionRet(ModelConfig(clip=clip, stage="generation", temporal_layers=1, diffusion_steps=steps),
+    model = DiffusionRet(ModelConfig(clip=clip, denoisers=True, temporal_layers=1),
                          generator=torch.Generator().manual_seed(0))
     return model.eval()
 
@@ -225,7 +225,7 @@ def recall_report(searcher: Searcher, texts: list[str], kinds: set[str], nprobes
     configs += [(f"pq_rescore{r}", FirstStageConfig(method="pq", rescore=r)) for r in rescores if "pq" in kinds]
     configs.append(("exact_fp16", FirstStageConfig(method="exact", precision="float16")))
     for name, config in configs:
-        stage = index.configure_first_stage(config)
+        stage = index.open_first_stage(config)
         out[f"recall@{n_cand}_{name}"], out[f"first_stage_ms_{name}"] = _recall(stage, queries, truth_sets, n_cand)
     for m in extra_pq_m:  # other PQ sizes, built in memory only (not saved, not used by the cascade)
         start = time.perf_counter()
@@ -236,7 +236,6 @@ def recall_report(searcher: Searcher, texts: list[str], kinds: set[str], nprobes
             name = f"pq_m{m}_rescore{r}"
             out[f"recall@{n_cand}_{name}"], out[f"first_stage_ms_{name}"] = _recall(stage, queries, truth_sets, n_cand)
         del stage
-    index.configure_first_stage(searcher.config.first_stage)
     return out
 
 
@@ -244,9 +243,9 @@ def final_agreement(searcher: Searcher, exact: SearchConfig, texts: list[str], k
     """Share of the final top ``k`` hits of ``searcher`` that a cascade with an exact first stage also returns."""
     index = searcher.index
     approx = [[h.id for h in searcher.search(t, k=k)] for t in texts]
-    reference = Searcher(searcher.model, index, exact, model_id=index.model_id)
+    reference = Searcher(searcher.model, index, exact, model_id=index.model_id,
+                         diffusion=DiffusionSchedule(searcher.reranker.config.steps) if searcher.reranker else None)
     same = [len(set(a) & {h.id for h in reference.search(t, k=k)}) / k for a, t in zip(approx, texts, strict=True)]
-    index.configure_first_stage(searcher.config.first_stage)
     return sum(same) / len(same)
 
 
@@ -259,7 +258,8 @@ def stage_times(searcher: Searcher, texts: list[str], k: int) -> dict[str, float
             t0 = time.perf_counter()
             tokens, mask, cls = searcher.encode_queries([text])
             t1 = time.perf_counter()
-            _, rows = index.search(F.normalize(cls.float(), dim=-1).cpu(), max(cfg.candidates, k))
+            _, rows = index.search(F.normalize(cls.float(), dim=-1).cpu(), max(cfg.candidates, k),
+                                   stage=searcher.first_stage)
             t2 = time.perf_counter()
             video, frame_mask = index.gather(rows[0])
             weights = index.gather_weights(rows[0])
@@ -267,8 +267,8 @@ def stage_times(searcher: Searcher, texts: list[str], k: int) -> dict[str, float
             wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights)
             t4 = time.perf_counter()
             generator = torch.Generator().manual_seed(cfg.seed)
-            model.rerank_t2v(wti, cls, video, frame_mask, top_k=min(cfg.rerank_top_k, wti.shape[1]),
-                             generator=generator)
+            if searcher.reranker is not None:
+                searcher.reranker.t2v(wti, cls, video, frame_mask, generator=generator)
             t5 = time.perf_counter()
             for name, a, b in (("encode_text", t0, t1), ("first_stage", t1, t2), ("gather", t2, t3), ("wti", t3, t4),
                                ("rerank", t4, t5)):
@@ -328,7 +328,8 @@ def main() -> None:
     args = parser.parse_args()
     apply_threads(args)
     torch.manual_seed(0)
-    model = search_model(args.dim, args.text_layers, args.steps)
+    model = search_model(args.dim, args.text_layers)
+    diffusion = DiffusionSchedule(args.steps)  # the re-ranking's DDIM steps
     model_id = model_fingerprint(model)
     config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank_top_k,
                           first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe,
@@ -356,12 +357,12 @@ def main() -> None:
             stage, built = ann_stage(index, kind, args.rebuild_ann, pq_m=args.pq_m)
             first.update(built)
             index.configure_first_stage(config.first_stage, ann=stage)
-        searcher = Searcher(model, index, config, model_id=model_id)
-        first["first_stage"] = index.first_stage.describe()
+        searcher = Searcher(model, index, config, model_id=model_id, diffusion=diffusion)
+        first["first_stage"] = searcher.first_stage.describe()
         if recall_texts and large and faiss_installed():
             first.update(recall_report(searcher, recall_texts, kinds, args.recall_nprobe, args.recall_rescore,
                                        args.recall_pq_m))
-        if args.agreement_queries and large and searcher.index.first_stage.name != "exact":
+        if args.agreement_queries and large and searcher.first_stage.name != "exact":
             first["final_top10_agreement"] = final_agreement(searcher, exact_fp32,
                                                              recall_texts[:args.agreement_queries], args.k)
         report("first_stage", videos=n, **first)
@@ -369,9 +370,9 @@ def main() -> None:
         stages = stage_times(searcher, staged, args.k)
         report("search", videos=n, **measured, **stages, frames_memory_mapped=n > args.mmap_above, setup_s=setup_s,
                rss_gib=rss_bytes() / 2**30)
-        if args.exact_queries and large and searcher.index.first_stage.name != "exact":
-            exact_searcher = Searcher(model, index, exact, model_id=model_id)
-            report("search_exact", videos=n, first_stage=index.first_stage.describe(),
+        if args.exact_queries and large and searcher.first_stage.name != "exact":
+            exact_searcher = Searcher(model, index, exact, model_id=model_id, diffusion=diffusion)
+            report("search_exact", videos=n, first_stage=exact_searcher.first_stage.describe(),
                    **latency(exact_searcher, timed[:5 + args.exact_queries], args.k),
                    first_stage_ms=stage_times(exact_searcher, staged[:10], args.k)["first_stage_ms"])
         del searcher, index

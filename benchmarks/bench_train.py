@@ -31,6 +31,7 @@ from diffusionret.training.ema import ModelEMA
 from diffusionret.training.loop import _Run, _train_step
 from diffusionret.training.optim import build_optimizer, build_scheduler
 from diffusionret.training.stage1_contrastive import ContrastiveObjective, prepare_stage1_model
+from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.training.stage2_diffusion import GenerationObjective, prepare_stage2_model
 
 from _common import add_thread_arg, apply_threads, machine, report
@@ -76,7 +77,8 @@ def make_run(stage: str, total_steps: int, *, config: ModelConfig | None = None,
         d = DiffusionConfig()
         stage2 = torch.Generator(device=ctx.device).manual_seed(seed + 1)
         objective = GenerationObjective(model, ctx, num_negatives=num_negatives or d.num_negatives,
-                                        negative_label=d.negative_label, loss_temp=d.loss_temp, generator=stage2)
+                                        negative_label=d.negative_label, loss_temp=d.loss_temp, generator=stage2,
+                                        diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device))
         generators = {"stage2": stage2}
     objective.train()
     optimizer = build_optimizer(model, lr=optim.lr, clip_lr_scale=optim.clip_lr_scale, weight_decay=optim.weight_decay,

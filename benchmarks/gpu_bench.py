@@ -85,6 +85,7 @@ def train_bench(args: argparse.Namespace, config, stage: str, amp: torch.dtype |
 @torch.no_grad()
 def eval_bench(args: argparse.Namespace, model, precision: str, device: torch.device) -> None:
     from diffusionret.evaluation.evaluate import evaluate_features
+    from diffusionret.retrieval import RerankConfig
     from diffusionret.evaluation.features import CorpusFeatures, autocast_context
     from diffusionret.distributed import DistContext
 
@@ -120,8 +121,8 @@ def eval_bench(args: argparse.Namespace, model, precision: str, device: torch.de
                            caption_to_video=torch.arange(n), video_ids=[str(i) for i in range(n)])
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    results = evaluate_features(model, feats, ctx=ctx, chunk_size=args.eval_chunk, rerank=True, top_k=32, seed=42,
-                                progress=False)
+    results = evaluate_features(model, feats, ctx=ctx, chunk_size=args.eval_chunk, rerank=RerankConfig(top_k=32),
+                                seed=42, progress=False)
     torch.cuda.synchronize(device)
     driver_s = time.perf_counter() - start
     report("gpu_eval", precision=precision, captions=n, videos=n, frames=t, text_encode_s=text_s,
@@ -162,7 +163,7 @@ def main() -> int:
             print(f"skipped gpu_train {stage} {amp}: over the {args.budget_s:.0f} s budget", flush=True)
             continue
         train_bench(args, config, stage, amp, device)
-    model = build_model(dataclasses.replace(config, stage="generation"),
+    model = build_model(dataclasses.replace(config, denoisers=True),
                         generator=torch.Generator().manual_seed(0)).to(device).eval()
     for precision in ("bf16", "fp32"):
         if time.perf_counter() - begin > args.budget_s:

@@ -34,7 +34,7 @@ def test_config_loads_and_starts_with_its_command(path: Path) -> None:
     assert first.startswith("# ") and command in first
     cfg = load_run_config(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.model_config().stage == cfg.stage
+    assert cfg.model_config().denoisers == (cfg.stage == "generation")
 
 
 @pytest.mark.parametrize("dataset", BENCHMARKS)
@@ -79,6 +79,8 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     ("eval.model_selection=val", "data.val_split is not set"),
     ("diffusion.negative_label=1", "is not one of"),
     ("model.arch.stage=generation", "set by the run"),
+    ("model.arch.denoisers=true", "set by the run"),
+    ("model.arch.diffusion_steps=10", "set by the run"),
 ])
 def test_bad_keys_and_values_are_errors(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

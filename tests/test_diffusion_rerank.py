@@ -14,13 +14,18 @@ from diffusionret.models.config import ModelConfig
 from diffusionret.models.denoiser import T2VDenoiser, V2TDenoiser, sinusoidal_table
 from diffusionret.models.diffusionret import init_head_weights
 from diffusionret.models.factory import build_model
+from diffusionret.retrieval import RerankConfig, Reranker
+
+
+def _reranker(model, steps, **changes):
+    return Reranker(model, RerankConfig(steps=steps, **changes))
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     """A tiny generation-stage model with a 5-step sampler."""
     torch.manual_seed(0)  # open_clip initialises CLIP from the global RNG
-    return build_model(ModelConfig.tiny(stage="generation", diffusion_steps=5), generator=torch.Generator().manual_seed(0))
+    return build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
 
 
 def test_cosine_schedule_values_from_spec():
@@ -136,17 +141,17 @@ def test_ddim_eta():
     assert torch.equal(s1, s2) and not torch.equal(s1, s3) and not torch.equal(s1, a)
 
 
-def _naive_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t):
+def _naive_rerank(model, diffusion, sim, cls, video, mask, k, noise_t2v, noise_v2t):
     """Straightforward per-query implementation of docs/reference.md §3.3 (reference algorithm)."""
     t2v, v2t = sim.clone(), sim.T.clone()
     for i in range(sim.shape[0]):
         idx = torch.topk(sim[i], k).indices
-        x0 = model.diffusion.ddim_sample(model.denoise_t2v, noise_t2v[i:i + 1], cls=cls[i:i + 1], cand_video=video[idx][None],
+        x0 = diffusion.ddim_sample(model.denoise_t2v, noise_t2v[i:i + 1], cls=cls[i:i + 1], cand_video=video[idx][None],
                                          cand_mask=mask[idx][None])
         t2v[i, idx] += torch.softmax(x0[0], -1)
     for j in range(sim.shape[1]):
         idx = torch.topk(sim.T[j], k).indices
-        x0 = model.diffusion.ddim_sample(model.denoise_v2t, noise_v2t[j:j + 1], cand_cls=cls[idx][None], video=video[j:j + 1],
+        x0 = diffusion.ddim_sample(model.denoise_v2t, noise_v2t[j:j + 1], cand_cls=cls[idx][None], video=video[j:j + 1],
                                          frame_mask=mask[j:j + 1])
         v2t[j, idx] += torch.softmax(x0[0], -1)
     return t2v, v2t
@@ -154,7 +159,7 @@ def _naive_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t):
 
 def test_batched_rerank_equals_per_query_reference():
     g = torch.Generator().manual_seed(4)
-    model = build_model(ModelConfig.tiny(stage="generation", diffusion_steps=10), generator=g)
+    model = build_model(ModelConfig.tiny(denoisers=True), generator=g)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
@@ -166,8 +171,8 @@ def test_batched_rerank_equals_per_query_reference():
     mask[::3, 2:] = 0
     sim = torch.rand(nt, nv, generator=g) * 2 - 1
     noise_t2v, noise_v2t = torch.randn(nt, k, generator=g), torch.randn(nv, k, generator=g)
-    fast = model.rerank(sim, None, None, cls, video, mask, top_k=k, noise_t2v=noise_t2v, noise_v2t=noise_v2t)
-    slow = _naive_rerank(model, sim, cls, video, mask, k, noise_t2v, noise_v2t)
+    fast = _reranker(model, 10, top_k=k).both(sim, cls, video, mask, noise_t2v=noise_t2v, noise_v2t=noise_v2t)
+    slow = _naive_rerank(model, GaussianDiffusion(10), sim, cls, video, mask, k, noise_t2v, noise_v2t)
     torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(fast[1], slow[1], atol=1e-5, rtol=0)
 
@@ -181,7 +186,7 @@ def test_rerank_invariants(model, nq, nc, k, seed):
     cls, video = torch.randn(nq, d, generator=g), torch.randn(nc, 2, d, generator=g)
     mask = torch.ones(nc, 2, dtype=torch.long)
     sim = torch.rand(nq, nc, generator=g)
-    out = model.rerank_t2v(sim, cls, video, mask, top_k=k, generator=g, alpha=0.5)
+    out = _reranker(model, 5, top_k=k, alpha=0.5).t2v(sim, cls, video, mask, generator=g)
     delta = out - sim
     kk = min(k, nc)
     assert torch.all(delta >= 0)
@@ -202,13 +207,50 @@ def test_rerank_independent_of_chunk_size(model):
     runs = {}
     for chunk in (3, 64):
         runs[chunk] = (
-            model.rerank_t2v(sim, cls, video, mask, top_k=k, generator=torch.Generator().manual_seed(11), chunk_size=chunk),
-            model.rerank_v2t(sim.T, cls, video, mask, top_k=k, generator=torch.Generator().manual_seed(12), chunk_size=chunk),
+            _reranker(model, 5, top_k=k, chunk_size=chunk).t2v(sim, cls, video, mask,
+                                                               generator=torch.Generator().manual_seed(11)),
+            _reranker(model, 5, top_k=k, chunk_size=chunk).v2t(sim.T, cls, video, mask,
+                                                               generator=torch.Generator().manual_seed(12)),
         )
     for a, b in zip(runs[3], runs[64]):
         # Not bit-equal in general: a GEMM over 3 rows may round its last bit differently from one over 11.
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     # And the noise is the generator's first (Nq, K) draw, whatever the chunking.
     noise = torch.randn(nt, k, generator=torch.Generator().manual_seed(11))
-    torch.testing.assert_close(model.rerank_t2v(sim, cls, video, mask, top_k=k, noise=noise, chunk_size=5), runs[3][0],
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(_reranker(model, 5, top_k=k, chunk_size=5).t2v(sim, cls, video, mask, noise=noise),
+                               runs[3][0], atol=1e-6, rtol=0)
+
+
+def test_rerank_eta_draws_step_noise_from_the_generator(model):
+    """eta = 0 (default) is the deterministic sampler; eta > 0 is stochastic but reproducible per seed."""
+    g = torch.Generator().manual_seed(8)
+    cls, video = torch.randn(3, model.embed_dim, generator=g), torch.randn(6, 2, model.embed_dim, generator=g)
+    mask = torch.ones(6, 2, dtype=torch.long)
+    sim = torch.rand(3, 6, generator=g)
+    noise = torch.randn(3, 4, generator=g)
+
+    def run(eta, seed):
+        return _reranker(model, 5, top_k=4, eta=eta).t2v(sim, cls, video, mask, noise=noise,
+                                                        generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(0.0, 1), run(0.0, 2))  # eta 0 never touches the generator
+    assert torch.equal(run(0.7, 1), run(0.7, 1)) and not torch.equal(run(0.7, 1), run(0.7, 2))
+    assert not torch.equal(run(0.7, 1), run(0.0, 1))
+
+
+def test_reranker_needs_denoisers_and_rerank_config_validates():
+    stage1 = build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="no denoisers"):
+        Reranker(stage1)
+    for bad in (dict(steps=0), dict(schedule="quadratic"), dict(top_k=-1), dict(eta=-0.1), dict(chunk_size=0)):
+        with pytest.raises(ValueError):
+            RerankConfig(**bad)
+
+
+@pytest.mark.parametrize("name", ["rerank", "rerank_t2v", "rerank_v2t", "set_sampler", "diffusion"])
+def test_sampling_api_left_the_model_with_a_pointer(model, name):
+    """The old model methods fail at attribute access, naming the replacement (no silent fallback)."""
+    with pytest.raises(AttributeError, match=r"removed.*diffusionret\.retrieval\.") as info:
+        getattr(model, name)
+    assert ("Reranker" in str(info.value)) or ("RerankConfig" in str(info.value)) or ("GaussianDiffusion" in str(info.value))
+    assert not hasattr(model, name)

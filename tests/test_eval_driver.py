@@ -13,7 +13,7 @@ from diffusionret.config import load_run_config
 from diffusionret.data.errors import MissingVideosError
 from diffusionret.evaluation.evaluate import evaluate, extract_features, similarity_matrix
 from diffusionret.models.checkpoint import save_model
-from diffusionret.models.config import ModelConfig
+from diffusionret.models.config import DiffusionSchedule, ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.distributed import DistContext
 from helpers import SMOKE2, write_smoke_corpus
@@ -23,9 +23,9 @@ from helpers import SMOKE2, write_smoke_corpus
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = write_smoke_corpus(tmp_path_factory.mktemp("eval"))
     torch.manual_seed(0)
-    config = ModelConfig.tiny(stage="generation", diffusion_steps=10)
+    config = ModelConfig.tiny(denoisers=True)
     model = build_model(config, generator=torch.Generator().manual_seed(0))
-    ckpt = save_model(model, root / "model.safetensors")
+    ckpt = save_model(model, root / "model.safetensors", diffusion=DiffusionSchedule(10, "cosine"))
     return root, ckpt
 
 

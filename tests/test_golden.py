@@ -10,8 +10,13 @@ import pytest
 import torch
 
 import diffusionret
+from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.distributed import DistContext
+from diffusionret.retrieval import RerankConfig, Reranker
 from diffusionret.training.losses import symmetric_info_nce
+
+# The reference evaluates with 50 cosine steps (official checkpoints record no sampler).
+DIFFUSION = GaussianDiffusion(50, "cosine")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def setup(golden):
 def test_architecture_inferred_from_tensors(golden):
     model = diffusionret.load_model(golden["checkpoint"])
     cfg, gcfg = model.config, golden["config"]
-    assert cfg.stage == "generation" and model.has_denoisers
+    assert cfg.denoisers and model.has_denoisers
     assert cfg.agg_module == "seqTransf" and cfg.temporal_layers == gcfg["agg_layers"]
     assert (cfg.clip.vision_width, cfg.clip.vision_layers, cfg.clip.vision_patch_size, cfg.clip.image_size) == (
         gcfg["vw"], gcfg["vl"], gcfg["patch"], gcfg["res"])
@@ -69,10 +74,10 @@ def test_denoisers(setup):
 def test_q_sample_and_losses(setup):
     model, inputs, out, tokens, cls, video = setup
     k, mask = inputs["topk_t2v"], inputs["video_mask"]
-    q = model.diffusion.q_sample(inputs["micro"], inputs["q_t"], inputs["q_noise"])
+    q = DIFFUSION.q_sample(inputs["micro"], inputs["q_t"], inputs["q_noise"])
     torch.testing.assert_close(q, out["q_sample"], atol=1e-5, rtol=0)
     with torch.no_grad():
-        loss = model.diffusion.generation_loss(model.denoise_t2v, inputs["micro"], inputs["q_t"], inputs["q_noise"], temp=100.0,
+        loss = DIFFUSION.generation_loss(model.denoise_t2v, inputs["micro"], inputs["q_t"], inputs["q_noise"], temp=100.0,
                                                cls=cls, cand_video=video[k], cand_mask=mask[k])
     torch.testing.assert_close(loss, out["gen_loss_t2v"], atol=1e-5, rtol=0)
     # The project's stage-1 loss (unique videos: each text's positive is its own video).
@@ -85,9 +90,9 @@ def test_q_sample_and_losses(setup):
 def test_ddim(setup):
     model, inputs, out, _, cls, video = setup
     k, kv, mask = inputs["topk_t2v"], inputs["topk_v2t"], inputs["video_mask"]
-    x = model.diffusion.ddim_sample(model.denoise_t2v, inputs["ddim_noise"], cls=cls, cand_video=video[k], cand_mask=mask[k])
+    x = DIFFUSION.ddim_sample(model.denoise_t2v, inputs["ddim_noise"], cls=cls, cand_video=video[k], cand_mask=mask[k])
     torch.testing.assert_close(x, out["ddim_t2v"], atol=1e-4, rtol=0)
-    x = model.diffusion.ddim_sample(model.denoise_v2t, inputs["ddim_noise"], cand_cls=cls[kv], video=video, frame_mask=mask)
+    x = DIFFUSION.ddim_sample(model.denoise_v2t, inputs["ddim_noise"], cand_cls=cls[kv], video=video, frame_mask=mask)
     torch.testing.assert_close(x, out["ddim_v2t"], atol=1e-4, rtol=0)
 
 
@@ -96,15 +101,16 @@ def test_rerank(setup):
     noise = inputs["rerank_noise"]
     k = inputs["ddim_noise"].shape[1]
     n_t2v = -(-inputs["text_ids"].shape[0] // k)  # the reference consumes ceil(B/K) chunks per direction
-    t2v, v2t = model.rerank(out["sim"], tokens, inputs["text_mask"], cls, video, inputs["video_mask"], top_k=k,
-                            noise_t2v=torch.cat(noise[:n_t2v]), noise_v2t=torch.cat(noise[n_t2v:]))
+    t2v, v2t = Reranker(model, RerankConfig(top_k=k)).both(out["sim"], cls, video, inputs["video_mask"],
+                                                           noise_t2v=torch.cat(noise[:n_t2v]),
+                                                           noise_v2t=torch.cat(noise[n_t2v:]))
     torch.testing.assert_close(t2v, out["rerank_t2v"], atol=1e-4, rtol=0)
     torch.testing.assert_close(v2t, out["rerank_v2t"], atol=1e-4, rtol=0)
 
 
 def test_rerank_generator_reproducible(setup):
     model, inputs, out, tokens, cls, video = setup
-    runs = [model.rerank(out["sim"], tokens, inputs["text_mask"], cls, video, inputs["video_mask"], top_k=4,
-                         generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [Reranker(model, RerankConfig(top_k=4)).both(out["sim"], cls, video, inputs["video_mask"],
+                                                        generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=0, rtol=0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import diffusionret
+from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.distributed import DistContext
 from diffusionret.training.stage1_contrastive import ContrastiveObjective, prepare_stage1_model
 from diffusionret.training.stage2_diffusion import GenerationObjective, prepare_stage2_model
@@ -78,6 +79,7 @@ def test_stage2_objective_matches_the_reference(golden: dict, train_golden: dict
     inputs, out, cfg = train_golden["inputs"], train_golden["outputs"], train_golden["config"]
     objective = _RecordedDraws(model, DistContext(), num_negatives=cfg["num"], negative_label=0,
                                loss_temp=cfg["d_temp"], generator=torch.Generator(),
+                               diffusion=GaussianDiffusion(50, "cosine"),  # the reference's setting
                                draws=(inputs["t"], inputs["noise_t2v"], inputs["noise_v2t"]))
     objective.train()
 

@@ -10,10 +10,12 @@ from torch import nn
 
 import diffusionret
 from diffusionret.cli import main as cli_main
-from diffusionret.models.checkpoint import CheckpointError, read_metadata
+from diffusionret.diffusion.gaussian import GaussianDiffusion
+from diffusionret.models.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from diffusionret.models.clip_backbone import ClipFormatError, read_openai_clip_file
-from diffusionret.models.config import ModelConfig
+from diffusionret.models.config import REFERENCE_INPUT, DiffusionSchedule, InputConfig, ModelConfig
 from diffusionret.models.factory import build_model
+from diffusionret.retrieval import RerankConfig, Reranker
 
 
 def _features(model, golden):
@@ -41,7 +43,7 @@ def _assert_golden_features(model, golden):
 
 
 def test_build_from_openai_state_dict_plus_head(golden):
-    cfg = ModelConfig(agg_module="seqTransf", temporal_layers=golden["config"]["agg_layers"], stage="generation")
+    cfg = ModelConfig(agg_module="seqTransf", temporal_layers=golden["config"]["agg_layers"], denoisers=True)
     model = build_model(cfg, clip_state_dict=_clip_state(golden))
     assert model.config.clip.vision_width == golden["config"]["vw"]
     # the reference's initialisation trick: frame positions and temporal layers come from CLIP text
@@ -92,7 +94,7 @@ def test_torchscript_clip_archive(golden, tmp_path):
 def test_plain_state_dict_clip_file(golden, tmp_path):
     path = tmp_path / "clip_state.pt"
     torch.save(_clip_state(golden), path)
-    model = build_model(ModelConfig(temporal_layers=2, stage="generation"), clip_path=path)
+    model = build_model(ModelConfig(temporal_layers=2, denoisers=True), clip_path=path)
     assert not model.load_state_dict(_head_state(golden), strict=False).unexpected_keys
     _assert_golden_features(model, golden)
 
@@ -114,12 +116,9 @@ def test_official_checkpoint_variants(golden, tmp_path):
 def test_stage1_checkpoint_has_no_denoisers(golden):
     stage1 = {k: v for k, v in golden["checkpoint"].items() if not k.startswith("diffusion_model")}
     model = diffusionret.load_model(stage1)
-    assert model.config.stage == "discrimination" and not model.has_denoisers
-    inputs = golden["inputs"]
-    tokens, cls, video = _features(model, golden)
-    sim = model.similarity(tokens, inputs["text_mask"], video, inputs["video_mask"])
+    assert not model.config.denoisers and not model.has_denoisers
     with pytest.raises(RuntimeError, match="no denoisers"):
-        model.rerank(sim, tokens, inputs["text_mask"], cls, video, inputs["video_mask"], top_k=4)
+        Reranker(model, RerankConfig(top_k=4))
 
 
 def test_missing_unexpected_and_shape_errors(golden):
@@ -164,30 +163,101 @@ def test_unknown_clip_layout(tmp_path):
         build_model(clip_path=junk)
 
 
-def test_own_format_roundtrip_and_sampler_override(golden, tmp_path):
-    model = diffusionret.load_model(golden["checkpoint"], diffusion_steps=30, noise_schedule="linear")
-    path = diffusionret.save_model(model, tmp_path / "m.safetensors", metadata={"note": "x"})
+def test_own_format_roundtrip(golden, tmp_path):
+    loaded = load_checkpoint(golden["checkpoint"])
+    model = loaded.model
+    # official weights record no settings: the reference's, in one place
+    assert loaded.input == REFERENCE_INPUT.replace(size=model.image_size) and not loaded.input_recorded
+    assert loaded.diffusion == DiffusionSchedule(50, "cosine")
+    inp = InputConfig(max_frames=8, fps=2.0, sampling="head", size=model.image_size, max_words=24)
+    path = diffusionret.save_model(model, tmp_path / "m.safetensors", metadata={"note": "x"}, input_config=inp,
+                                   diffusion=DiffusionSchedule(30, "linear"))
     meta = read_metadata(path)
-    assert meta["format"] == "diffusionret" and meta["note"] == "x"
-    again = diffusionret.load_model(path)
-    assert again.config == model.config and again.diffusion.num_steps == 30
-    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    assert meta["format"] == "diffusionret" and meta["note"] == "x" and meta["format_version"] == "2"
+    again = load_checkpoint(path)
+    assert again.model.config == model.config and again.diffusion == DiffusionSchedule(30, "linear")
+    assert again.input == inp and again.input_recorded
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.model.state_dict().items()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
-    override = diffusionret.load_model(path, diffusion_steps=50, noise_schedule="cosine")
-    assert override.config.diffusion_steps == 50 and override.config.noise_schedule == "cosine"
     # a folder with model.safetensors loads too
     (tmp_path / "run").mkdir()
     diffusionret.save_model(model, tmp_path / "run" / "model.safetensors")
     assert diffusionret.load_model(tmp_path / "run").config == model.config
 
 
+def test_removed_sampler_arguments_name_the_replacement(golden):
+    with pytest.raises(TypeError, match=r"no longer takes diffusion_steps.*RerankConfig"):
+        diffusionret.load_model(golden["checkpoint"], diffusion_steps=30)
+    with pytest.raises(TypeError, match="noise_schedule"):
+        diffusionret.load_model(golden["checkpoint"], noise_schedule="linear")
+
+
+def _legacy_safetensors(model, path, config_changes, extra):
+    """A file as the first format version wrote it: ``stage`` and the sampler in the config, ``data`` unversioned."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = diffusionret.save_model(model, path) and json.loads(read_metadata(path)["diffusionret_config"])
+    config.pop("denoisers")
+    config.update(config_changes)
+    meta = {"format": "diffusionret", "format_version": "1", "diffusionret_config": json.dumps(config), **extra}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+def test_first_format_version_files_load_with_their_settings(golden, tmp_path):
+    import json
+
+    model = diffusionret.load_model(golden["checkpoint"])
+    data = {"max_frames": 6, "fps": 3.0, "sampling": "tail", "max_words": 20, "size": model.image_size}
+    path = _legacy_safetensors(model, tmp_path / "old.safetensors",
+                               {"stage": "generation", "diffusion_steps": 10, "noise_schedule": "linear"},
+                               {"data": json.dumps(data)})
+    loaded = load_checkpoint(path)
+    assert loaded.model.config == model.config and loaded.model.config.denoisers
+    assert loaded.diffusion == DiffusionSchedule(10, "linear")
+    assert loaded.input == InputConfig(**data) and loaded.input_recorded
+    # without "size" (older training runs): the model's image size; without "data": the reference's
+    del data["size"]
+    path = _legacy_safetensors(model, tmp_path / "older.safetensors", {"stage": "generation"},
+                               {"data": json.dumps(data)})
+    assert load_checkpoint(path).input.size == model.image_size
+    path = _legacy_safetensors(model, tmp_path / "plain.safetensors", {"stage": "generation"}, {})
+    assert load_checkpoint(path).input == InputConfig.for_image_size(model.image_size)
+    # a stage that contradicts the weights is an error, not a guess
+    path = _legacy_safetensors(model, tmp_path / "wrong.safetensors", {"stage": "discrimination"}, {})
+    with pytest.raises(CheckpointError, match="wrong.safetensors"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("diffusionret_input", "{not json"),
+    ("diffusionret_input", '{"version": 1, "max_frames": 0}'),
+    ("diffusionret_input", '{"version": 7, "max_frames": 12}'),
+    ("diffusionret_input", '{"version": 1, "frames": 12}'),
+    ("diffusionret_diffusion", '{"steps": -1, "schedule": "cosine"}'),
+    ("data", '["not", "a", "mapping"]'),
+])
+def test_malformed_recorded_settings_are_errors_naming_the_file(golden, tmp_path, key, value):
+    from safetensors.torch import save_file
+
+    model = diffusionret.load_model(golden["checkpoint"])
+    path = diffusionret.save_model(model, tmp_path / "bad.safetensors")
+    meta = {**read_metadata(path), key: value}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_checkpoint(path)
+
+
 def test_convert_cli(golden, tmp_path):
     src = tmp_path / "best.pth"
     torch.save(golden["checkpoint"], src)
     dst = tmp_path / "converted.safetensors"
-    assert cli_main(["convert", str(src), str(dst)]) == 0
-    model = diffusionret.load_model(dst)
-    _assert_golden_features(model, golden)
+    assert cli_main(["convert", str(src), str(dst), "--max-words", "24"]) == 0
+    loaded = load_checkpoint(dst)
+    _assert_golden_features(loaded.model, golden)
+    assert loaded.input == REFERENCE_INPUT.replace(max_words=24, size=32) and loaded.input_recorded
 
 
 def test_api_shape_errors(golden):
@@ -207,9 +277,10 @@ def test_api_shape_errors(golden):
     with pytest.raises(ValueError, match="denoise_t2v"):
         model.denoise_t2v(inputs["x_t"], inputs["t"], cls, video, inputs["video_mask"])
     with pytest.raises(ValueError, match="timesteps"):
-        model.diffusion.q_sample(inputs["micro"], torch.full((6,), 50), inputs["q_noise"])
+        GaussianDiffusion(50).q_sample(inputs["micro"], torch.full((6,), 50), inputs["q_noise"])
     with pytest.raises(ValueError, match="noise must have shape"):
-        model.rerank_t2v(golden["outputs"]["sim"], cls, video, inputs["video_mask"], top_k=4, noise=torch.zeros(3, 4))
+        Reranker(model, RerankConfig(top_k=4)).t2v(golden["outputs"]["sim"], cls, video, inputs["video_mask"],
+                                                   noise=torch.zeros(3, 4))
 
 
 def test_half_precision_on_request(golden):

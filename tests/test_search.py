@@ -32,6 +32,7 @@ from diffusionret.index.store import VideoIndex
 from diffusionret.models.checkpoint import load_model, save_model
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
+from diffusionret.retrieval import RerankConfig, Reranker
 from diffusionret.tokenizer import tokenize
 
 FRAMES, FPS = 4, 3.0
@@ -52,7 +53,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("search")
     paths = {}
     for name, seed in (("a", 0), ("b", 1)):
-        model = build_model(ModelConfig.tiny(stage="generation"), generator=torch.Generator().manual_seed(seed))
+        model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(seed))
         paths[name] = save_model(model, root / f"model_{name}.safetensors")
     corpus = write_corpus(root / "corpus", CorpusConfig(num_train=1, num_test=16), np.random.default_rng(0))
     (corpus.video_dir / "train_0000.mp4").unlink()  # index the test clips only
@@ -140,8 +141,9 @@ def test_diffusion_reranks_the_top_k(setup: dict) -> None:
     coarse, wti, cls, video = _brute_force(model, index, query)
     rows = coarse.topk(n).indices
     with torch.no_grad():
-        expected = model.rerank_t2v(wti[rows][None], cls, video[rows], index.frame_mask[rows].long(), top_k=k_rerank,
-                                    generator=torch.Generator().manual_seed(7))[0]
+        reranker = Reranker(model, RerankConfig(steps=50, top_k=k_rerank))  # the reference's schedule (default)
+        expected = reranker.t2v(wti[rows][None], cls, video[rows], index.frame_mask[rows].long(),
+                                generator=torch.Generator().manual_seed(7))[0]
     order = torch.sort(expected, descending=True, stable=True).indices
     hits = searcher.search(query, k=n)
     assert [index.row(h.id) for h in hits] == rows[order].tolist()
@@ -345,3 +347,52 @@ def test_cli_forced_ivf_without_faiss_is_a_clear_error(setup: dict, monkeypatch:
     assert main(["search", str(setup["index_dir"]), "red", "--first-stage", "ivf"]) == 2
     assert "pip install 'diffusionret[ann]'" in capsys.readouterr().err
     assert main(["search", str(setup["index_dir"]), "red", "-k", "2"]) == 0  # exact needs no FAISS
+
+
+def test_searcher_does_not_change_the_index(setup: dict) -> None:
+    from diffusionret.index.first_stage import FirstStageConfig
+
+    index = VideoIndex.load(setup["index_dir"])
+    assert index.first_stage is None
+    searcher = Searcher(setup["model"], index, SearchConfig(first_stage=FirstStageConfig(precision="float16")))
+    searcher.search("a red circle", k=3)
+    assert index.first_stage is None  # the searcher owns its first stage
+    assert searcher.describe()["first_stage"] == {"method": "exact", "precision": "float16"}
+
+
+def _trainer_checkpoint(model, path: Path, *, legacy: bool) -> Path:
+    """A training run's ``last.pt`` around ``model``; ``legacy``: the model config as the previous release wrote it."""
+    from diffusionret.config_utils import to_dict
+    from diffusionret.training.checkpoint import TrainProgress, capture_rng_state, save_trainer_checkpoint
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run_config = {"stage": "generation", "data": {"max_frames": FRAMES, "fps": FPS, "sampling": "uniform",
+                                                  "size": 32, "max_words": 24},
+                  "diffusion": {"steps": 50, "schedule": "cosine"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_trainer_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, ema=None,
+                            rng=[capture_rng_state()], progress=TrainProgress(), run_config=run_config)
+    if legacy:
+        payload = torch.load(path, weights_only=True)
+        config = to_dict(model.config)
+        config.pop("denoisers")
+        payload["model_config"] = {**config, "stage": "generation", "diffusion_steps": 50, "noise_schedule": "cosine"}
+        torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_index_build_from_a_training_checkpoint(setup: dict, tmp_path: Path, legacy: bool) -> None:
+    """`index build --model runs/x/checkpoints/last.pt`: the run's input settings, the same model identity."""
+    last = _trainer_checkpoint(setup["model"], tmp_path / "runs" / "x" / "checkpoints" / "last.pt", legacy=legacy)
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--model", str(last), "--videos", str(setup["corpus"].video_dir), "--out", str(out),
+                 "--no-progress"]) == 0
+    built = VideoIndex.load(out)
+    assert built.info.settings == setup["index"].info.settings  # frames and fps from the run's data section
+    assert built.model_id == setup["index"].model_id
+    torch.testing.assert_close(built.frames.float(), setup["index"].frames.float(), atol=0, rtol=0)
+    # searching it loads the recorded last.pt, with the run's query length (24 words)
+    searcher = Searcher.open(out)
+    assert searcher.max_words == 24 and searcher.reranks

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.training.checkpoint import capture_rng_state, restore_rng_state
@@ -128,7 +129,7 @@ def test_generation_objective_trains_only_the_denoisers(tiny: nn.Module) -> None
     model = prepare_stage2_model(build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(1)))
     gen = torch.Generator().manual_seed(0)
     objective = GenerationObjective(model, DistContext(), num_negatives=127, negative_label=0, loss_temp=100.0,
-                                    generator=gen)
+                                    generator=gen, diffusion=GaussianDiffusion(50, "cosine"))
     objective.train()
     assert not model.clip.training and model.diffusion_model.training
     b = 5

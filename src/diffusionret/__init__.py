@@ -2,8 +2,11 @@
 
 Public API (imported lazily so that ``import diffusionret`` stays light):
 
-- :func:`load_model` — official DiffusionRet checkpoints, this project's safetensors checkpoints.
-- :func:`save_model` — write a model as safetensors + JSON architecture config.
+- :func:`load_model` / :func:`load_checkpoint` — any checkpoint (official ``.pth``, this project's
+  safetensors, a training run's ``last.pt``); ``load_checkpoint`` also returns the recorded
+  :class:`InputConfig` and diffusion schedule.
+- :func:`save_model` — write a model as safetensors + JSON configs.
+- :class:`Reranker`, :class:`RerankConfig` — diffusion re-ranking with a model's denoisers.
 - :func:`build_model` — a fresh model from a :class:`ModelConfig` (optionally from CLIP weights).
 - :func:`tokenize` — CLIP BPE tokenisation with the reference's truncation and padding.
 - :mod:`diffusionret.metrics` — retrieval metrics.
@@ -20,6 +23,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "diffusionret.models.checkpoint",
+    "load_checkpoint": "diffusionret.models.checkpoint",
+    "InputConfig": "diffusionret.models.config",
+    "Reranker": "diffusionret.retrieval",
+    "RerankConfig": "diffusionret.retrieval",
     "save_model": "diffusionret.models.checkpoint",
     "build_model": "diffusionret.models.factory",
     "ModelConfig": "diffusionret.models.config",

@@ -27,16 +27,17 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 from diffusionret.config_utils import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from diffusionret.data.config import DataConfig
-from diffusionret.models.config import ModelConfig
+from diffusionret.models.config import LEGACY_MODEL_KEYS, InputConfig, ModelConfig
+from diffusionret.retrieval.reranker import RerankConfig
 
 Stage = Literal["discrimination", "generation"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 Ties = Literal["optimistic", "pessimistic", "mean", "reference"]
 
-# Fields of ModelConfig that belong to the diffusion section of a run (they do not change the
-# stage-1 network, and stage 2 sets them on the network it loads).
-_DIFFUSION_FIELDS = ("denoiser_temp", "diffusion_steps", "noise_schedule")
+# Set by the run, not model.arch: whether there are denoisers follows from ``stage``, and their
+# temperature from the diffusion section (stage 2 sets it on the network it loads).
+_RUN_FIELDS = ("denoisers", "denoiser_temp", *LEGACY_MODEL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class ModelSection:
     init_use_ema: bool = False
 
     def __post_init__(self) -> None:
-        bad = sorted(set(self.arch) & {"stage", *_DIFFUSION_FIELDS})
+        bad = sorted(set(self.arch) & set(_RUN_FIELDS))
         if bad:
             raise ValueError(f"model.arch: {bad} are set by the run (stage / diffusion section), not the architecture")
         # Validate the architecture now, so a typo fails at load time and not after data loading.
@@ -160,11 +161,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The generation stage and the re-ranking sampler (docs/reference.md §1.6-1.7, §2).
+    """The generation stage's diffusion process (docs/reference.md §1.6-1.7, §2).
 
     Attributes:
         steps: diffusion steps T, for training *and* re-ranking (reference README: 50; its
-            training default of 1000 mismatched evaluation, docs/reference.md §8.13).
+            training default of 1000 mismatched evaluation, docs/reference.md §8.13); recorded with the model.
         schedule: ``cosine`` (reference) or ``linear``.
         denoiser_temp: temperature of the denoisers' frame pooling (``--temp`` 1).
         num_negatives: hard negatives per query in training (``--num`` 127), capped to what the
@@ -203,6 +204,7 @@ class EvalConfig:
             without denoisers is evaluated discriminatively, with a warning).
         top_k: candidates per query re-ranked (``t2v_num`` / ``v2t_num`` 32).
         alpha, temp: fusion ``sim + alpha * softmax(temp * x0)`` (reference 1, 1).
+        eta: DDIM eta of the re-ranking sampler (0: deterministic, the reference).
         ties: tie policy of the metrics (``reference`` reproduces the reference's counting).
         seed: seed of the re-ranking noise, so two evaluations give the same numbers.
         allow_missing: report metrics although videos of the split could not be read.
@@ -219,6 +221,7 @@ class EvalConfig:
     top_k: int = 32
     alpha: float = 1.0
     temp: float = 1.0
+    eta: float = 0.0
     ties: Ties = "optimistic"
     seed: int = 42
     allow_missing: bool = False
@@ -266,10 +269,20 @@ class RunConfig:
                              f"'test' (the reference's test-set selection)")
 
     def model_config(self) -> ModelConfig:
-        """The architecture a fresh model of this run gets (stage and diffusion fields applied)."""
-        d = self.diffusion
-        return self.model.architecture(stage=self.stage, denoiser_temp=d.denoiser_temp,
-                                       diffusion_steps=d.steps, noise_schedule=d.schedule)
+        """The architecture a fresh model of this run gets (denoisers for stage 2, their temperature)."""
+        return self.model.architecture(denoisers=self.stage == "generation", denoiser_temp=self.diffusion.denoiser_temp)
+
+    def rerank_config(self) -> RerankConfig:
+        """Re-ranking as this run evaluates: the diffusion section's process, the eval section's fusion."""
+        d, ev = self.diffusion, self.eval
+        return RerankConfig(steps=d.steps, schedule=d.schedule, top_k=ev.top_k, alpha=ev.alpha, temperature=ev.temp,
+                            eta=ev.eta)
+
+    def input_config(self) -> InputConfig:
+        """The input settings of this run's data section (recorded with the models it saves)."""
+        data = self.data
+        return InputConfig(max_frames=data.max_frames, fps=data.fps, sampling=data.sampling, size=data.size,
+                           max_words=data.max_words)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

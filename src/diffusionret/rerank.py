@@ -48,7 +48,7 @@ def draw_noise(rows: int, k: int, generator: torch.Generator | None, device: tor
 @torch.no_grad()
 def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor], Denoise], diffusion: GaussianDiffusion,
                 *, top_k: int, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
+                alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None, eta: float = 0.0) -> torch.Tensor:
     """Re-rank every row of ``sim`` (queries x candidates).
 
     Args:
@@ -59,6 +59,7 @@ def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor
             (:func:`draw_noise`), so the chunk size never changes the result.
         chunk_size: query rows per denoiser batch (memory and speed only); by default
             :func:`default_chunk_size` of ``sim``'s device.
+        eta: DDIM eta (0: deterministic, as the reference); > 0 draws each step's noise from ``generator``.
     Returns:
         (Nq, Nc) float32: ``sim`` with ``alpha * softmax(temp * x0)`` added on each row's top-K entries.
     """
@@ -84,6 +85,6 @@ def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor
         rows = torch.arange(start, stop, device=sim.device)
         idx = top[start:stop]
         denoise = prepare(rows, idx)
-        x0 = diffusion.ddim_sample(denoise, noise[start:stop])
+        x0 = diffusion.ddim_sample(denoise, noise[start:stop], eta=eta, generator=generator)
         out[start:stop].scatter_add_(1, idx, alpha * torch.softmax(x0 * temp, dim=-1))
     return out

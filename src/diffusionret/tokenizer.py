@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffusionret.inputs import REFERENCE_INPUT
+
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -178,7 +180,7 @@ def _check_max_words(max_words: int) -> int:
     return max_words
 
 
-def tokenize(texts: str | Sequence[str], max_words: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(texts: str | Sequence[str], max_words: int = REFERENCE_INPUT.max_words) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask in the reference's layout (docs/reference.md §5.2).
 
     Args:
@@ -252,7 +254,7 @@ class Tokenizer:
         >>> ids, mask = Tokenizer(max_words=32)(["a man is cooking"])  # (1, 32) each
     """
 
-    def __init__(self, max_words: int = 32) -> None:
+    def __init__(self, max_words: int = REFERENCE_INPUT.max_words) -> None:
         self.max_words = _check_max_words(max_words)
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,7 +94,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank", type=int, default=32, metavar="K",
                         help="WTI candidates re-ranked by the diffusion model (0: off)")
     parser.add_argument("--max-words", type=int, default=None,
-                        help="query length in tokens (default: the checkpoint's training setting, else 32)")
+                        help="query length in tokens (default: the checkpoint's input setting, else the "
+                             "reference's 32)")
     parser.add_argument("--first-stage", choices=("auto", "exact", "ivf", "pq"), default="auto",
                         help="first-stage search: auto = for indexes of 100k+ videos with FAISS installed, the "
                              "index's up-to-date PQ file, else its IVF file, else exact; exact = always exact (fp16 "
@@ -110,15 +111,13 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 
 def open_searcher(args: argparse.Namespace) -> Any:
     """The :class:`~diffusionret.index.searcher.Searcher` that :func:`add_search_options` describes."""
-    from diffusionret.index.encode import checkpoint_data_settings
     from diffusionret.index.first_stage import FirstStageConfig
     from diffusionret.index.searcher import SearchConfig, Searcher
     from diffusionret.index.store import VideoIndex
 
     model_path = args.model or VideoIndex.read_info(args.index).model_path
-    trained = checkpoint_data_settings(model_path) if model_path else {}
-    config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank,
-                          max_words=args.max_words or int(trained.get("max_words", 32)),
+    # max_words None: the checkpoint's input setting (Searcher.open reads it)
+    config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank, max_words=args.max_words,
                           first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe,
                                                        rescore=args.rescore))
     return Searcher.open(args.index, model_path, device=args.device, config=config)

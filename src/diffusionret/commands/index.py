@@ -26,14 +26,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser("build", help="index a video collection (resumes an interrupted build)",
                                description="Find videos (recursively, or from .txt/.csv lists), encode them in "
                                            "batches and write an index. Re-running a killed build resumes it.")
-    build.add_argument("--model", required=True, help="model checkpoint (.safetensors, or an official .pth)")
+    build.add_argument("--model", required=True,
+                       help="model checkpoint (.safetensors or run folder, a training run's last.pt, or an official .pth)")
     build.add_argument("--videos", required=True, nargs="+", metavar="DIR_OR_LIST",
                        help="folder(s) scanned recursively, .txt lists (one path per line) or .csv (path column)")
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder")
     build.add_argument("--video-root", metavar="DIR",
                        help="folder that relative paths in .txt/.csv lists refer to (default: the list's folder)")
     build.add_argument("--frames", type=int, default=None,
-                       help="frames sampled per video, T (default: the checkpoint's training setting, else 12)")
+                       help="frames sampled per video, T (default: the checkpoint's input setting, else the "
+                            "reference's 12)")
     build.add_argument("--fps", type=float, default=None,
                        help="frame sampling rate before reducing to T (default: the checkpoint's, else 1)")
     build.add_argument("--sampling", default=None, choices=("uniform", "head", "tail", "reference"),
@@ -101,23 +103,18 @@ def _ann_config(args: argparse.Namespace) -> Any:
 
 def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
     from diffusionret.data.isolate import DecodeBudget
-    from diffusionret.index.encode import ModelVideoEncoder, checkpoint_data_settings
-    from diffusionret.models.checkpoint import load_model
+    from diffusionret.index.encode import ModelVideoEncoder
+    from diffusionret.models.checkpoint import load_checkpoint
 
-    model = load_model(model_path, device=device or "cpu")
+    loaded = load_checkpoint(model_path, device=device or "cpu")
     budget = DecodeBudget(timeout_s=args.decode_timeout, memory_bytes=int(args.decode_memory * 2**30))
     options = dict(batch_size=args.batch_size, decode_workers=args.decode_workers, model_path=model_path,
                    budget=budget)
     if settings is not None:
-        return ModelVideoEncoder.from_settings(model, settings, **options)
-    trained = checkpoint_data_settings(model_path)
-    return ModelVideoEncoder(
-        model,
-        max_frames=args.frames or int(trained.get("max_frames", 12)),
-        fps=args.fps or float(trained.get("fps", 1.0)),
-        sampling=args.sampling or str(trained.get("sampling", "uniform")),
-        **options,
-    )
+        return ModelVideoEncoder.from_settings(loaded.model, settings, **options)
+    # The checkpoint's input settings, with the command-line flags on top.
+    input_config = loaded.input.replace(max_frames=args.frames, fps=args.fps, sampling=args.sampling)
+    return ModelVideoEncoder(loaded.model, input_config, **options)
 
 
 def _distributed(device: str | None):

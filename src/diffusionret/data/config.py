@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from diffusionret.config_utils import ConfigError, apply_overrides, from_dict, load_yaml
+from diffusionret.inputs import REFERENCE_INPUT
 
 if TYPE_CHECKING:
     from diffusionret.data.dataset import Tokenizer, VideoTextDataset
@@ -60,11 +61,12 @@ class DataConfig:
     train_split: str = "train"
     val_split: str | None = None
     test_split: str = "test"
-    max_words: int = 32
-    max_frames: int = 12
-    fps: float = 1.0
+    # The reference's documented setting (diffusionret.inputs.REFERENCE_INPUT).
+    max_words: int = REFERENCE_INPUT.max_words
+    max_frames: int = REFERENCE_INPUT.max_frames
+    fps: float = REFERENCE_INPUT.fps
     sampling: Literal["uniform", "head", "tail", "reference"] = "uniform"
-    size: int = 224
+    size: int = REFERENCE_INPUT.size
     augment: Literal["none", "crop_flip", "randaugment", "crop_flip_randaugment"] = "none"
     on_error: Literal["raise", "skip"] = "raise"
     skip_report: Path | None = None

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffusionret.data.decode import read_frames
+from diffusionret.inputs import REFERENCE_INPUT
 from diffusionret.data.errors import MissingVideosError, VideoDecodeError
 from diffusionret.data.records import VideoTextPair, video_key
 from diffusionret.data.transforms import ClipTransform, VideoTransform
@@ -113,11 +114,11 @@ class VideoTextDataset(Dataset):
         records: Sequence[VideoTextPair],
         *,
         tokenizer: Tokenizer | None = None,
-        max_words: int = 32,
-        max_frames: int = 12,
-        fps: float = 1.0,
-        sampling: str = "uniform",
-        size: int = 224,
+        max_words: int = REFERENCE_INPUT.max_words,
+        max_frames: int = REFERENCE_INPUT.max_frames,
+        fps: float = REFERENCE_INPUT.fps,
+        sampling: str = REFERENCE_INPUT.sampling,
+        size: int = REFERENCE_INPUT.size,
         transform: VideoTransform | None = None,
         on_error: OnError = "raise",
         skip_report: str | os.PathLike | None = None,

@@ -31,6 +31,7 @@ import numpy as np
 
 from diffusionret.data.errors import VideoDecodeError
 from diffusionret.data.sampling import SAMPLING_MODES, reference_frame_indices, sample_times
+from diffusionret.inputs import REFERENCE_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -497,12 +498,12 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
 def read_frames(
     path: str | os.PathLike,
     *,
-    fps: float = 1.0,
-    max_frames: int = 12,
+    fps: float = REFERENCE_INPUT.fps,
+    max_frames: int = REFERENCE_INPUT.max_frames,
     start: float | None = None,
     end: float | None = None,
-    size: int | None = 224,
-    sampling: str = "uniform",
+    size: int | None = REFERENCE_INPUT.size,
+    sampling: str = REFERENCE_INPUT.sampling,
     seek: bool = True,
     stats: DecodeStats | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -614,7 +615,8 @@ def decode_all_frames(path: str | os.PathLike) -> int:
 
 
 def benchmark_decode(
-    path: str | os.PathLike, *, fps: float = 1.0, max_frames: int = 12, size: int | None = 224, repeats: int = 3
+    path: str | os.PathLike, *, fps: float = REFERENCE_INPUT.fps, max_frames: int = REFERENCE_INPUT.max_frames,
+    size: int | None = REFERENCE_INPUT.size, repeats: int = 3
 ) -> dict[str, float]:
     """Time :func:`read_frames` with seeking against decoding every frame of the same video.
 

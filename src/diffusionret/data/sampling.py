@@ -23,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from diffusionret.inputs import REFERENCE_INPUT
+
 SamplingMode = Literal["uniform", "head", "tail", "reference"]
 SAMPLING_MODES: tuple[str, ...] = ("uniform", "head", "tail", "reference")
 
@@ -163,7 +165,7 @@ def reference_frame_indices(
     avg_fps: float,
     *,
     framerate: int = 1,
-    max_frames: int = 12,
+    max_frames: int = REFERENCE_INPUT.max_frames,
     start: float | None = None,
     end: float | None = None,
     mode: str = "uniform",

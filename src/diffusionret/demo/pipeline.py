@@ -177,13 +177,14 @@ def example_query(corpus: Corpus, rng: np.random.Generator) -> tuple[str, str]:
     return caption(spec, rng), spec.video_id
 
 
-def _answer(model: Any, feats: Any, corpus: Corpus, cfg: DemoConfig, rng: np.random.Generator) -> QueryAnswer:
+def _answer(model: Any, feats: Any, corpus: Corpus, cfg: DemoConfig, rng: np.random.Generator, *, max_words: int,
+            rerank: Any) -> QueryAnswer:
     if cfg.query is not None:
         query, target = cfg.query, None
     else:
         query, target = example_query(corpus, rng)
     generator = torch.Generator().manual_seed(cfg.seed)
-    everything = search_videos(model, query, feats, k=feats.num_videos, top_k=cfg.top_k, max_words=cfg.max_words,
+    everything = search_videos(model, query, feats, k=feats.num_videos, rerank=rerank, max_words=max_words,
                                generator=generator)
     target_hit = next((h for h in everything if _stem(h.video_id) == target), None)
     return QueryAnswer(
@@ -226,8 +227,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
         FileExistsError: ``out_dir`` already holds a demo run.
     """
     from diffusionret.evaluation.evaluate import evaluate_features, extract_features
-    from diffusionret.models.checkpoint import load_model
     from diffusionret.distributed import DistContext
+    from diffusionret.models.checkpoint import load_checkpoint
     from diffusionret.training.loop import train
 
     cfg = cfg or DemoConfig()
@@ -244,17 +245,21 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     stage2_model = _timed(timings, "stage2", lambda: train(stage2))
 
     ctx = DistContext.single("cpu")
-    model = load_model(stage2_model, diffusion_steps=cfg.diffusion_steps)
+    loaded = load_checkpoint(stage2_model)
+    model = loaded.model
+    # Re-ranking as stage 2 trained it (the run's diffusion section) with the run's eval settings.
+    rerank = stage2.rerank_config()
 
     def evaluate() -> tuple[Any, dict[str, Any]]:
         feats = extract_features(stage2, model, split="test", dist=ctx)
         ev = stage2.eval
-        results = evaluate_features(model, feats, ctx=ctx, chunk_size=ev.chunk_size, rerank=True, top_k=ev.top_k,
-                                    alpha=ev.alpha, temp=ev.temp, seed=ev.seed, ties=ev.ties, progress=False)
+        results = evaluate_features(model, feats, ctx=ctx, chunk_size=ev.chunk_size, rerank=rerank, seed=ev.seed,
+                                    ties=ev.ties, progress=False)
         return feats, results
 
     feats, results = _timed(timings, "evaluation", evaluate)
-    answer = _timed(timings, "query", lambda: _answer(model, feats, corpus, cfg, rng))
+    answer = _timed(timings, "query", lambda: _answer(model, feats, corpus, cfg, rng, max_words=loaded.input.max_words,
+                                                      rerank=rerank))
 
     from diffusionret.demo.plots import plot_demo
 
@@ -268,11 +273,16 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
         "test": _metrics_summary(results, corpus),
         "timings_s": timings,
         "query": {"text": answer.query, "target": answer.target, "target_rank": answer.target_rank,
-                  "target_wti_rank": answer.target_wti_rank, "top5": [dataclasses.asdict(h) for h in answer.hits]},
+                  "target_wti_rank": answer.target_wti_rank, "top5": [_hit_summary(h) for h in answer.hits]},
         "models": {"stage1": str(stage1_model), "stage2": str(stage2_model)},
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     return DemoResult(out_dir=out_dir, metrics=metrics, answer=answer, plots=tuple(plots), corpus=corpus)
+
+
+def _hit_summary(hit: Hit) -> dict[str, Any]:
+    return {"rank": hit.rank, "video_id": hit.video_id, "score": hit.score, "wti_score": hit.wti_score,
+            "wti_rank": hit.wti_rank}
 
 
 def _count_rows(path: Path) -> int:

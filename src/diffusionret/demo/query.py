@@ -1,39 +1,27 @@
-"""Answer a free-text query over encoded videos: WTI scores, then diffusion re-ranking of the top-K."""
+"""Answer a free-text query over encoded videos: WTI scores, then diffusion re-ranking of the top-K.
+
+A thin use of the one retrieval path (:func:`diffusionret.retrieval.retrieve`) over in-memory
+features (:class:`~diffusionret.retrieval.FeatureStore`): every video is a candidate.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from diffusionret.retrieval import FeatureStore, Hit, RerankConfig, Reranker, encode_queries, retrieve
+
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Hit:
-    """One retrieved video.
-
-    Attributes:
-        rank: 1-based position in the final ranking.
-        video_id: id of the video (the file name for the demo corpus).
-        score: final score (re-ranked when the model has denoisers, else the WTI score).
-        wti_score: the discriminative (WTI) score alone.
-        wti_rank: 1-based position in the WTI-only ranking.
-    """
-
-    rank: int
-    video_id: str
-    score: float
-    wti_score: float
-    wti_rank: int
+__all__ = ["Hit", "search_videos"]
 
 
 @torch.no_grad()
-def search_videos(model: nn.Module, query: str, feats: Any, *, k: int = 5, top_k: int = 32, max_words: int = 32,
-                  generator: torch.Generator | None = None) -> list[Hit]:
+def search_videos(model: nn.Module, query: str, feats: Any, *, k: int = 5, rerank: RerankConfig | None = None,
+                  max_words: int, generator: torch.Generator | None = None) -> list[Hit]:
     """Rank the videos of ``feats`` for one text query.
 
     Args:
@@ -42,31 +30,17 @@ def search_videos(model: nn.Module, query: str, feats: Any, *, k: int = 5, top_k
         feats: :class:`~diffusionret.evaluation.features.CorpusFeatures` of the candidate videos
             (``video`` (Nv, T, D), ``frame_mask`` (Nv, T), ``video_ids``).
         k: hits to return.
-        top_k: candidates handed to the denoiser (as ``eval.top_k``).
+        rerank: the re-ranking (``top_k`` candidates handed to the denoiser, the sampler); default
+            :class:`RerankConfig`'s.
         max_words: token length used for the corpus captions.
         generator: noise of the re-ranking sampler (seeded for reproducible answers).
 
     Returns:
-        The best ``k`` videos, best first.
+        The best ``k`` videos, best first (``Hit.id`` is the video id).
     """
-    from diffusionret.tokenizer import tokenize
-
     model.eval()
-    device = next(model.parameters()).device
-    ids, mask = tokenize([query], max_words)
-    ids, mask = ids.to(device), mask.to(device)
-    video, frame_mask = feats.video.to(device), feats.frame_mask.to(device)
-    tokens, cls = model.encode_text(ids, mask)
-    wti = model.similarity(tokens, mask, video, frame_mask).float()  # (1, Nv)
-    final = wti
-    if getattr(model, "has_denoisers", False):
-        final = model.rerank_t2v(wti, cls, video, frame_mask, top_k=min(top_k, wti.shape[1]), generator=generator)
-    wti_order = torch.argsort(wti[0], descending=True, stable=True)
-    wti_rank = torch.empty_like(wti_order)
-    wti_rank[wti_order] = torch.arange(1, wti_order.numel() + 1, device=wti_order.device)
-    order = torch.argsort(final[0], descending=True, stable=True)[:k]
-    return [
-        Hit(rank=i + 1, video_id=feats.video_ids[j], score=float(final[0, j]), wti_score=float(wti[0, j]),
-            wti_rank=int(wti_rank[j]))
-        for i, j in enumerate(order.tolist())
-    ]
+    tokens, mask, cls = encode_queries(model, [query], max_words)
+    reranker = Reranker(model, rerank) if getattr(model, "has_denoisers", False) else None
+    store = FeatureStore.from_features(feats)
+    return retrieve(model, tokens, mask, cls, store, k=k, candidates=len(store), reranker=reranker,
+                    generator=generator or torch.Generator(device=next(model.parameters()).device))[0]

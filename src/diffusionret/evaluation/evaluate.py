@@ -29,9 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusionret.config_utils import atomic_write_text
-from diffusionret.evaluation.features import CorpusFeatures, encode_corpus, model_fingerprint
+from diffusionret.evaluation.features import CorpusFeatures, encode_corpus
 from diffusionret.evaluation.metrics import format_table, multi_caption_metrics
 from diffusionret.distributed import DistContext, all_gather_variable, broadcast_object, shard_range
+from diffusionret.models.fingerprint import model_fingerprint
+from diffusionret.retrieval.reranker import RerankConfig, Reranker
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,9 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
 
 
 @torch.no_grad()
-def rerank_scores(model: nn.Module, sim: torch.Tensor, feats: CorpusFeatures, *, top_k: int, alpha: float,
-                  temp: float, seed: int, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diffusion re-ranking of both directions (docs/reference.md §3.3).
+def rerank_scores(model: nn.Module, sim: torch.Tensor, feats: CorpusFeatures, *, rerank: RerankConfig, seed: int,
+                  ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffusion re-ranking of both directions (docs/reference.md §3.3) with :class:`~diffusionret.retrieval.Reranker`.
 
     The initial noise of every query is drawn up front from ``torch.Generator().manual_seed(seed)``
     (text->video rows first, then video->text rows), so the result does not depend on how the rows
@@ -80,23 +82,23 @@ def rerank_scores(model: nn.Module, sim: torch.Tensor, feats: CorpusFeatures, *,
     """
     device = ctx.device
     nt, nv = sim.shape
-    k_t2v, k_v2t = min(top_k, nv), min(top_k, nt)
+    k_t2v, k_v2t = min(rerank.top_k, nv), min(rerank.top_k, nt)
     gen = torch.Generator().manual_seed(seed)
     noise_t2v = torch.randn(nt, k_t2v, generator=gen)
     noise_v2t = torch.randn(nv, k_v2t, generator=gen)
     cls = feats.cls.to(device)
     video = feats.video.to(device)
     frame_mask = feats.frame_mask.to(device)
+    reranker = Reranker(model, rerank)
 
     t_rows = shard_range(nt, ctx)
-    t2v_local = model.rerank_t2v(sim[t_rows.start:t_rows.stop], cls[t_rows.start:t_rows.stop], video, frame_mask,
-                                 top_k=top_k, noise=noise_t2v[t_rows.start:t_rows.stop].to(device),
-                                 alpha=alpha, temp=temp)
+    t2v_local = reranker.t2v(sim[t_rows.start:t_rows.stop], cls[t_rows.start:t_rows.stop], video, frame_mask,
+                             noise=noise_t2v[t_rows.start:t_rows.stop].to(device), generator=gen)
     v_rows = shard_range(nv, ctx)
     sim_v2t = sim.t()
-    v2t_local = model.rerank_v2t(sim_v2t[v_rows.start:v_rows.stop], cls, video[v_rows.start:v_rows.stop],
-                                 frame_mask[v_rows.start:v_rows.stop], top_k=top_k,
-                                 noise=noise_v2t[v_rows.start:v_rows.stop].to(device), alpha=alpha, temp=temp)
+    v2t_local = reranker.v2t(sim_v2t[v_rows.start:v_rows.stop], cls, video[v_rows.start:v_rows.stop],
+                             frame_mask[v_rows.start:v_rows.stop], noise=noise_v2t[v_rows.start:v_rows.stop].to(device),
+                             generator=gen)
     return all_gather_variable(t2v_local, ctx), all_gather_variable(v2t_local, ctx)
 
 
@@ -114,10 +116,13 @@ def check_complete(feats: CorpusFeatures, *, allow_missing: bool) -> int:
 
 @torch.no_grad()
 def evaluate_features(model: nn.Module, feats: CorpusFeatures, *, ctx: DistContext, chunk_size: int = 128,
-                      rerank: bool = True, top_k: int = 32, alpha: float = 1.0, temp: float = 1.0, seed: int = 42,
-                      ties: str = "optimistic", allow_missing: bool = False,
-                      progress: bool = True) -> dict[str, Any]:
+                      rerank: RerankConfig | None = None, seed: int = 42, ties: str = "optimistic",
+                      allow_missing: bool = False, progress: bool = True) -> dict[str, Any]:
     """Metrics of ``model`` on encoded features (both directions, re-ranked when asked and possible).
+
+    Args:
+        rerank: also report the diffusion re-ranked ranking with these settings (``None``: WTI only).
+        seed: seed of the re-ranking noise.
 
     Every rank takes part (similarity and re-ranking are sharded by rows); every rank returns the
     same dict.
@@ -130,11 +135,11 @@ def evaluate_features(model: nn.Module, feats: CorpusFeatures, *, ctx: DistConte
     sim = similarity_matrix(model, feats, chunk_size=chunk_size, ctx=ctx, progress=progress)
     c2v = feats.caption_to_video
     results: dict[str, Any] = dict(multi_caption_metrics(sim.cpu(), c2v, ties=ties))  # type: ignore[arg-type]
-    if rerank and not getattr(model, "has_denoisers", False):
+    if rerank is not None and not getattr(model, "has_denoisers", False):
         logger.warning("the model has no denoisers (a discrimination-stage model): reporting the WTI ranking only")
-        rerank = False
-    if rerank:
-        t2v, v2t = rerank_scores(model, sim, feats, top_k=top_k, alpha=alpha, temp=temp, seed=seed, ctx=ctx)
+        rerank = None
+    if rerank is not None:
+        t2v, v2t = rerank_scores(model, sim, feats, rerank=rerank, seed=seed, ctx=ctx)
         results["rerank"] = multi_caption_metrics(t2v.cpu(), c2v, sim_v2t=v2t.cpu(),
                                                   ties=ties)  # type: ignore[arg-type]
     results.update(num_captions=feats.num_captions, num_videos=feats.num_videos, num_missing_videos=missing)
@@ -142,19 +147,19 @@ def evaluate_features(model: nn.Module, feats: CorpusFeatures, *, ctx: DistConte
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, ctx: DistContext, batch_size: int, num_workers: int,
-                   eval_cfg: Any, precision: str | None = None, rerank: bool | None = None,
+                   eval_cfg: Any, rerank: RerankConfig | None, precision: str | None = None,
                    allow_missing: bool | None = None) -> dict[str, Any]:
     """Encode ``dataset`` with ``model`` and evaluate (see :func:`evaluate_features`).
 
     Args:
-        eval_cfg: a :class:`diffusionret.config.EvalConfig`; ``rerank`` / ``allow_missing`` override it.
+        eval_cfg: a :class:`diffusionret.config.EvalConfig` (chunk size, seed, ties, ...);
+            ``allow_missing`` overrides it.
+        rerank: the re-ranking (:meth:`diffusionret.config.RunConfig.rerank_config`), ``None``: WTI only.
     """
     feats = encode_corpus(model, dataset, ctx=ctx, batch_size=batch_size, num_workers=num_workers,
                           precision=precision or eval_cfg.precision)
     return evaluate_features(
-        model, feats, ctx=ctx, chunk_size=eval_cfg.chunk_size,
-        rerank=eval_cfg.rerank if rerank is None else rerank, top_k=eval_cfg.top_k, alpha=eval_cfg.alpha,
-        temp=eval_cfg.temp, seed=eval_cfg.seed, ties=eval_cfg.ties,
+        model, feats, ctx=ctx, chunk_size=eval_cfg.chunk_size, rerank=rerank, seed=eval_cfg.seed, ties=eval_cfg.ties,
         allow_missing=eval_cfg.allow_missing if allow_missing is None else allow_missing,
     )
 
@@ -184,13 +189,21 @@ def _data_meta(data_cfg: Any, split: str) -> dict[str, Any]:
 
 def _load_for_eval(checkpoint: str | os.PathLike | nn.Module, run_config: Any, ctx: DistContext,
                    use_ema: bool) -> nn.Module:
-    from diffusionret.training.checkpoint import load_any_model
+    from diffusionret.models.checkpoint import load_checkpoint
 
     if isinstance(checkpoint, nn.Module):
         return checkpoint.to(ctx.device).eval()
-    d = run_config.diffusion
-    return load_any_model(checkpoint, device=ctx.device, use_ema=use_ema, diffusion_steps=d.steps,
-                          noise_schedule=d.schedule)
+    loaded = load_checkpoint(checkpoint, device=ctx.device, use_ema=use_ema)
+    data = run_config.data
+    # The run config's data section decides (it names the dataset); a model trained on other
+    # input settings is worth a warning, since its numbers will be off.
+    differ = {name: (getattr(loaded.input, name), getattr(data, name)) for name in ("max_frames", "fps", "sampling",
+                                                                                    "size", "max_words")
+              if loaded.input_recorded and getattr(loaded.input, name) != getattr(data, name)}
+    if differ:
+        logger.warning("%s was trained with other input settings than data.* of this run: %s", loaded.source,
+                       ", ".join(f"{k} {a!r} (model) != {b!r} (run)" for k, (a, b) in differ.items()))
+    return loaded.model
 
 
 def extract_features(run_config: Any, checkpoint: str | os.PathLike | nn.Module, *, split: str | None = None,
@@ -267,9 +280,10 @@ def evaluate(run_config: Any, checkpoint: str | os.PathLike | nn.Module, *, spli
         logger.warning("%d of %d videos of %s/%s are missing; metrics are over the remaining ones",
                        len(feats.missing_video_ids), feats.num_videos + len(feats.missing_video_ids),
                        run_config.data.dataset, split)
+    do_rerank = ev.rerank if rerank is None else rerank
     results = evaluate_features(model, feats, ctx=ctx, chunk_size=ev.chunk_size,
-                                rerank=ev.rerank if rerank is None else rerank, top_k=ev.top_k, alpha=ev.alpha,
-                                temp=ev.temp, seed=ev.seed, ties=ev.ties, allow_missing=allow)
+                                rerank=run_config.rerank_config() if do_rerank else None, seed=ev.seed, ties=ev.ties,
+                                allow_missing=allow)
     results = broadcast_object(results, ctx)
     results["split"] = f"{run_config.data.dataset}/{run_config.data.reader_split(split)}"
     if output is not None and ctx.is_main:

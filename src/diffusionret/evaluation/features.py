@@ -14,7 +14,6 @@ a set unless explicitly allowed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -117,17 +116,6 @@ class CorpusFeatures:
 
 
 _TENSORS = ("tokens", "text_mask", "cls", "video", "frame_mask", "caption_to_video")
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's architecture and weights (decides whether cached features fit)."""
-    digest = hashlib.blake2b(digest_size=12)
-    config = getattr(model, "config", None)
-    digest.update(repr(config).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

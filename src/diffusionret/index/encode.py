@@ -22,6 +22,7 @@ from diffusionret.data.isolate import DecodeBudget, IsolatedPool, JobFailed
 from diffusionret.index.decode_job import DecodedVideo, DecodeRequest, decode_for_index
 from diffusionret.index.features import ExtractionFailure, ModelIdentity, VideoFeatures
 from diffusionret.index.identity import model_identity
+from diffusionret.models.config import InputConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ class ModelVideoEncoder:
 
     Args:
         model: the model (eval mode; its device is used).
-        max_frames: T, frames per video.
-        fps: sampling rate before reducing to T (``read_frames``).
-        sampling: ``uniform``/``head``/``tail``/``reference`` (``read_frames``).
+        input_config: frames per video, sampling rate and method (``read_frames``); normally the
+            model's recorded :class:`~diffusionret.models.config.InputConfig`, default the reference's.
+            Frames are always decoded at the model's image size.
         batch_size: videos per forward pass.
         decode_workers: decoding worker processes (started on first use, reused until :meth:`close`).
         model_path: the checkpoint ``model`` came from (recorded in the index).
@@ -51,18 +52,20 @@ class ModelVideoEncoder:
         budget: time and memory each file may take to decode.
     """
 
-    def __init__(self, model: nn.Module, *, max_frames: int = 12, fps: float = 1.0, sampling: str = "uniform",
-                 batch_size: int = 16, decode_workers: int = 2, model_path: str | None = None,
-                 identity: ModelIdentity | None = None, budget: DecodeBudget | None = None) -> None:
-        if max_frames <= 0 or fps <= 0 or batch_size <= 0 or decode_workers <= 0:
-            raise ValueError("max_frames, fps, batch_size and decode_workers must be positive")
+    def __init__(self, model: nn.Module, input_config: InputConfig | None = None, *, batch_size: int = 16,
+                 decode_workers: int = 2, model_path: str | None = None, identity: ModelIdentity | None = None,
+                 budget: DecodeBudget | None = None) -> None:
+        if batch_size <= 0 or decode_workers <= 0:
+            raise ValueError("batch_size and decode_workers must be positive")
+        self.image_size = int(model.image_size)
+        input_config = input_config or InputConfig.for_image_size(self.image_size)
         self.model = model.eval()
-        self.max_frames = max_frames
-        self.fps = float(fps)
-        self.sampling = sampling
+        self.input_config = input_config
+        self.max_frames = input_config.max_frames
+        self.fps = input_config.fps
+        self.sampling = input_config.sampling
         self.batch_size = batch_size
         self.decode_workers = decode_workers
-        self.image_size = int(model.image_size)
         self.device = next(model.parameters()).device
         self._identity = identity or model_identity(model, str(Path(model_path).resolve()) if model_path else None)
         self._pool = IsolatedPool(decode_for_index, workers=decode_workers, budget=budget)
@@ -74,8 +77,9 @@ class ModelVideoEncoder:
         """An encoder that decodes exactly like the one that recorded ``settings`` (for ``index update``)."""
         if settings.get("extractor") != "diffusionret":
             raise ValueError(f"the index was not built by a model encoder (settings {settings})")
-        return cls(model, max_frames=settings["max_frames"], fps=settings["fps"], sampling=settings["sampling"],
-                   **kwargs)
+        input_config = InputConfig.for_image_size(int(model.image_size)).replace(
+            max_frames=settings["max_frames"], fps=settings["fps"], sampling=settings["sampling"])
+        return cls(model, input_config, **kwargs)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -170,27 +174,6 @@ class ModelVideoEncoder:
                                          duration=item.duration, thumbnail=item.thumbnail, width=item.width,
                                          height=item.height))
         return results
-
-
-def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:
-    """Frame settings a checkpoint was trained with, if it records them (``data`` metadata key).
-
-    Training writes ``{"max_frames": ..., "fps": ..., "sampling": ..., "max_words": ...}`` as JSON
-    under ``data``; official checkpoints and older files record nothing (an empty dict).
-    """
-    import json
-
-    from diffusionret.models.checkpoint import read_metadata
-
-    try:
-        raw = read_metadata(path).get("data")
-    except Exception:  # noqa: BLE001 - not one of our safetensors files: nothing recorded
-        return {}
-    try:
-        data = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _describe_failure(exc: BaseException) -> str:

@@ -264,7 +264,17 @@ class VideoIndex:
     def configure_first_stage(self, config: FirstStageConfig | None = None, *,
                               ann: IvfFirstStage | PqFirstStage | None = None,
                               ) -> ExactFirstStage | IvfFirstStage | PqFirstStage:
-        """Choose what :meth:`search` uses (see :class:`~diffusionret.index.first_stage.FirstStageConfig`).
+        """Choose what :meth:`search` uses by default: :meth:`open_first_stage`, kept as :attr:`first_stage`."""
+        stage = self.open_first_stage(config, ann=ann)
+        self.first_stage = stage
+        return stage
+
+    def open_first_stage(self, config: FirstStageConfig | None = None, *,
+                         ann: IvfFirstStage | PqFirstStage | None = None,
+                         ) -> ExactFirstStage | IvfFirstStage | PqFirstStage:
+        """A first stage over this index for ``config`` (see :class:`~diffusionret.index.first_stage.FirstStageConfig`).
+
+        Pass it to :meth:`search` (``stage=``); the index's default (:attr:`first_stage`) is left as is.
 
         With ``method="ivf"`` or ``"pq"`` and no up-to-date file of that kind, the ANN index is
         built in memory (per million videos at 1 thread: IVF about 30 s, PQ about 15 s) for this
@@ -304,7 +314,6 @@ class VideoIndex:
             if half and self._pooled_half is None:
                 self._pooled_half = self.pooled.half()
             stage = ExactFirstStage(self._pooled_half if half else self.pooled)
-        self.first_stage = stage
         logger.info("first stage: %s", stage.describe())
         return stage
 
@@ -341,12 +350,14 @@ class VideoIndex:
             stage.nprobe = config.nprobe
         return stage
 
-    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor, k: int, *,
+               stage: ExactFirstStage | IvfFirstStage | PqFirstStage | None = None) -> tuple[Tensor, Tensor]:
         """Top-``k`` maximum-inner-product search over the pooled embeddings (exact, IVF or PQ: see :attr:`first_stage`).
 
         Args:
             queries: (Nq, D) query embeddings (normalise them for cosine scores).
             k: results per query (clipped to the index size).
+            stage: the first stage to search with (from :meth:`open_first_stage`; default :attr:`first_stage`).
 
         Returns:
             ``scores`` (Nq, k') float32 and ``rows`` (Nq, k') long, sorted by descending score,
@@ -360,7 +371,7 @@ class VideoIndex:
         k = min(k, len(self))
         if k == 0:
             return torch.zeros(queries.shape[0], 0), torch.zeros(queries.shape[0], 0, dtype=torch.long)
-        stage = self.first_stage or self.configure_first_stage()
+        stage = stage or self.first_stage or self.configure_first_stage()
         return stage.search(queries, k)
 
 

@@ -1,14 +1,34 @@
-"""Architecture configs: everything a checkpoint needs to rebuild its network, and nothing else."""
+"""What a checkpoint records besides its tensors.
+
+* :class:`ModelConfig`: the architecture, everything needed to rebuild the network and nothing else.
+* :class:`~diffusionret.inputs.InputConfig` (defined in :mod:`diffusionret.inputs`, so that data
+  code can use it without importing the networks): how a video and a caption become model input;
+  it travels with the weights, as a CLIP model's preprocessing does.
+* :class:`DiffusionSchedule`: the diffusion process the denoisers were trained with (steps,
+  noise schedule). It is not part of the network; re-ranking starts from it (see
+  :class:`diffusionret.retrieval.RerankConfig`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Mapping, Optional
+
+from diffusionret.inputs import REFERENCE_INPUT, InputConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REFERENCE_DIFFUSION", "REFERENCE_INPUT", "ClipConfig", "DiffusionSchedule", "InputConfig", "ModelConfig",
+           "legacy_diffusion_schedule", "model_config_from_dict"]
 
 AggModule = Literal["seqTransf", "meanP", "seqLSTM"]
-Stage = Literal["discrimination", "generation"]
 NoiseSchedule = Literal["cosine", "linear"]
+
+#: Keys of the ModelConfig written by earlier versions that are no longer architecture fields:
+#: ``stage`` became ``denoisers``; the sampler moved to :class:`DiffusionSchedule`.
+LEGACY_MODEL_KEYS = ("stage", "diffusion_steps", "noise_schedule")
 
 
 @dataclass(frozen=True)
@@ -57,31 +77,24 @@ class ModelConfig:
             ``meanP`` (identity: the WTI head pools frames itself) or ``seqLSTM``.
         temporal_layers: depth of the seqTransf temporal transformer (reference: 4).
         max_position: rows of the frame position table (reference: CLIP context length, 77).
-        stage: ``discrimination`` (no denoisers) or ``generation`` (with the two denoisers).
+        denoisers: the model has the two denoisers (a generation-stage, stage-2, model).
         denoiser_temp: temperature of the denoisers' text-conditioned frame pooling (``--temp``).
-        diffusion_steps, noise_schedule: the sampler; official checkpoints do not record it.
     """
 
     clip: ClipConfig = field(default_factory=ClipConfig)
     agg_module: AggModule = "seqTransf"
     temporal_layers: int = 4
     max_position: int = 77
-    stage: Stage = "discrimination"
+    denoisers: bool = False
     denoiser_temp: float = 1.0
-    diffusion_steps: int = 50
-    noise_schedule: NoiseSchedule = "cosine"
 
     def __post_init__(self) -> None:
         if self.agg_module not in ("seqTransf", "meanP", "seqLSTM"):
             raise ValueError(f"agg_module must be seqTransf, meanP or seqLSTM, got {self.agg_module!r}")
-        if self.stage not in ("discrimination", "generation"):
-            raise ValueError(f"stage must be discrimination or generation, got {self.stage!r}")
-        if self.noise_schedule not in ("cosine", "linear"):
-            raise ValueError(f"noise_schedule must be cosine or linear, got {self.noise_schedule!r}")
+        if not isinstance(self.denoisers, bool):
+            raise ValueError(f"denoisers must be true or false, got {self.denoisers!r}")
         if self.agg_module == "seqTransf" and self.temporal_layers <= 0:
             raise ValueError("seqTransf needs temporal_layers > 0")
-        if self.diffusion_steps <= 0:
-            raise ValueError("diffusion_steps must be positive")
         if self.denoiser_temp <= 0:
             raise ValueError("denoiser_temp must be positive")
 
@@ -111,3 +124,59 @@ class ModelConfig:
         base = dict(clip=clip, agg_module="seqTransf", temporal_layers=2)
         base.update(changes)
         return cls(**base)
+
+
+def model_config_from_dict(data: Mapping[str, Any], where: str = "ModelConfig") -> ModelConfig:
+    """A :class:`ModelConfig` from its dict, also in the shape earlier versions wrote.
+
+    Earlier files carry ``stage`` (``generation`` means denoisers) and the sampler keys
+    ``diffusion_steps``/``noise_schedule``; the first is mapped, the others are dropped (read them
+    with :func:`legacy_diffusion_schedule`).
+
+    Raises:
+        ConfigError: unknown keys or invalid values (``where`` names the source).
+    """
+    from diffusionret.config_utils import ConfigError, from_dict
+
+    data = dict(data)
+    stage = data.pop("stage", None)
+    if stage is not None:
+        if stage not in ("discrimination", "generation"):
+            raise ConfigError(f"{where}: stage must be discrimination or generation, got {stage!r}")
+        if "denoisers" in data and data["denoisers"] != (stage == "generation"):
+            raise ConfigError(f"{where}: stage {stage!r} contradicts denoisers={data['denoisers']!r}")
+        data["denoisers"] = stage == "generation"
+    dropped = [key for key in ("diffusion_steps", "noise_schedule") if data.pop(key, None) is not None]
+    if stage is not None or dropped:
+        logger.debug("%s: read a config written by an earlier version (stage, sampler keys %s)", where, dropped)
+    return from_dict(ModelConfig, data, where)
+
+
+@dataclass(frozen=True)
+class DiffusionSchedule:
+    """The diffusion process a model's denoisers were trained with (docs/reference.md §1.6).
+
+    The denoisers embed the timestep, so re-ranking samples with the same number of steps unless
+    told otherwise. Official checkpoints record none: :data:`REFERENCE_DIFFUSION` applies.
+    """
+
+    steps: int = 50
+    schedule: NoiseSchedule = "cosine"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+
+
+#: The reference's evaluation setting (its README: 50 steps, cosine schedule).
+REFERENCE_DIFFUSION = DiffusionSchedule()
+
+
+def legacy_diffusion_schedule(data: Mapping[str, Any]) -> DiffusionSchedule | None:
+    """The sampler an earlier version recorded in its ModelConfig dict, if it did."""
+    if "diffusion_steps" not in data and "noise_schedule" not in data:
+        return None
+    return DiffusionSchedule(steps=int(data.get("diffusion_steps", REFERENCE_DIFFUSION.steps)),
+                             schedule=data.get("noise_schedule", REFERENCE_DIFFUSION.schedule))

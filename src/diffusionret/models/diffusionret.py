@@ -13,15 +13,22 @@ import logging
 import torch
 from torch import nn
 
-from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.models import clip_backbone
 from diffusionret.models.config import ModelConfig
-from diffusionret.models.denoiser import PreparedDenoiser, T2VDenoiser, V2TDenoiser, gather_rows
+from diffusionret.models.denoiser import T2VDenoiser, V2TDenoiser
 from diffusionret.models.similarity import chunked_token_weights, wti_similarity
 from diffusionret.models.temporal import TemporalTransformer, aggregate_seq_lstm, aggregate_seq_transf
-from diffusionret.rerank import rerank_rows
 
 logger = logging.getLogger(__name__)
+
+#: Sampling methods that left the network for :class:`diffusionret.retrieval.Reranker`, with what to call instead.
+_MOVED = {
+    "rerank": "Reranker(model, RerankConfig(...)).both(sim, cls, video, frame_mask, ...)",
+    "rerank_t2v": "Reranker(model, RerankConfig(...)).t2v(sim, cls, video, frame_mask, ...)",
+    "rerank_v2t": "Reranker(model, RerankConfig(...)).v2t(sim_v2t, cls, video, frame_mask, ...)",
+    "set_sampler": "RerankConfig(steps=..., schedule=...) for re-ranking (the sampler is not part of the model)",
+    "diffusion": "GaussianDiffusion(steps, schedule) (diffusionret.diffusion; the sampler is not part of the model)",
+}
 
 
 def _weight_mlp(dim: int) -> nn.Sequential:
@@ -42,8 +49,9 @@ def init_head_weights(module: nn.Module, generator: torch.Generator | None = Non
 
 
 class DiffusionRet(nn.Module):
-    """Generative text-video retrieval model (docs/reference.md §1).
+    """Generative text-video retrieval model (docs/reference.md §1): the networks only.
 
+    Re-ranking with the denoisers (the DDIM sampler) is :class:`diffusionret.retrieval.Reranker`.
     Build it with :func:`diffusionret.build_model` or :func:`diffusionret.load_model`.
     """
 
@@ -63,8 +71,7 @@ class DiffusionRet(nn.Module):
         for name in ("text_weight_fc", "video_weight_fc", "frame_position_embeddings", "transformerClip"):
             if hasattr(self, name):
                 init_head_weights(getattr(self, name), generator)
-        self.diffusion = GaussianDiffusion(config.diffusion_steps, config.noise_schedule)
-        if config.stage == "generation":
+        if config.denoisers:
             self._create_denoisers(generator)
         # conv1 is frozen in every stage of the reference (docs/reference.md §1.8).
         self.clip.visual.conv1.weight.requires_grad_(False)
@@ -102,13 +109,15 @@ class DiffusionRet(nn.Module):
         if self.has_denoisers:
             raise RuntimeError("model already has denoisers")
         self._create_denoisers(generator)
-        self.config = dataclasses.replace(self.config, stage="generation")
+        self.config = dataclasses.replace(self.config, denoisers=True)
 
-    def set_sampler(self, diffusion_steps: int, noise_schedule: str) -> None:
-        """Replace the diffusion sampler (official checkpoints do not record it)."""
-        self.config = dataclasses.replace(self.config, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule)
-        device = self.text_weight_fc[0].weight.device
-        self.diffusion = GaussianDiffusion(diffusion_steps, noise_schedule).to(device)
+    def __getattr__(self, name: str):
+        # nn.Module resolves parameters and submodules here; the sampling API that moved out of the
+        # network is named with its replacement instead of a bare "no attribute".
+        if name in _MOVED:
+            raise AttributeError(f"DiffusionRet.{name} was removed: the diffusion sampler is not part of the model; "
+                                 f"use diffusionret.retrieval.{_MOVED[name]}")
+        return super().__getattr__(name)
 
     def freeze_backbone(self) -> None:
         """Generation stage: everything but the two denoisers is frozen (docs/reference.md §1.8)."""
@@ -214,7 +223,7 @@ class DiffusionRet(nn.Module):
                               chunk_size, frame_weights=frame_weights)
 
     # ------------------------------------------------------------------ denoisers
-    def _require_denoisers(self) -> None:
+    def require_denoisers(self) -> None:
         if not self.has_denoisers:
             raise RuntimeError("this is a discrimination-stage (stage 1) model: it has no denoisers, so it cannot "
                                "re-rank; train stage 2 or evaluate without re-ranking")
@@ -222,7 +231,7 @@ class DiffusionRet(nn.Module):
     def denoise_t2v(self, x_t: torch.Tensor, t: torch.Tensor, cls: torch.Tensor, cand_video: torch.Tensor,
                     cand_mask: torch.Tensor) -> torch.Tensor:
         """Text->video denoiser: x_t (B, K), t (B,), cls (B, D), cand_video (B, K, T, D), cand_mask (B, K, T) -> (B, K)."""
-        self._require_denoisers()
+        self.require_denoisers()
         _check_shapes("denoise_t2v", x_t=(x_t, 2), t=(t, 1), cls=(cls, 2), cand_video=(cand_video, 4), cand_mask=(cand_mask, 3))
         if cand_video.shape[:2] != x_t.shape or cand_mask.shape != cand_video.shape[:3] or cls.shape[0] != x_t.shape[0]:
             raise ValueError(f"denoise_t2v: inconsistent shapes x_t {tuple(x_t.shape)}, cls {tuple(cls.shape)}, "
@@ -232,80 +241,12 @@ class DiffusionRet(nn.Module):
     def denoise_v2t(self, x_t: torch.Tensor, t: torch.Tensor, cand_cls: torch.Tensor, video: torch.Tensor,
                     frame_mask: torch.Tensor) -> torch.Tensor:
         """Video->text denoiser: x_t (B, K), t (B,), cand_cls (B, K, D), video (B, T, D), frame_mask (B, T) -> (B, K)."""
-        self._require_denoisers()
+        self.require_denoisers()
         _check_shapes("denoise_v2t", x_t=(x_t, 2), t=(t, 1), cand_cls=(cand_cls, 3), video=(video, 3), frame_mask=(frame_mask, 2))
         if cand_cls.shape[:2] != x_t.shape or frame_mask.shape != video.shape[:2] or video.shape[0] != x_t.shape[0]:
             raise ValueError(f"denoise_v2t: inconsistent shapes x_t {tuple(x_t.shape)}, cand_cls {tuple(cand_cls.shape)}, "
                              f"video {tuple(video.shape)}, frame_mask {tuple(frame_mask.shape)}")
         return self.diffusion_model_v(x_t, t, cand_cls, video, frame_mask)
-
-    # ------------------------------------------------------------------ re-ranking
-    def rerank_t2v(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
-                   top_k: int = 32, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
-        """Re-rank text->video rows: sim (Nt, Nv), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nt, Nv).
-
-        ``noise`` (Nt, K) is the initial x_T (drawn from ``generator`` when not given); ``chunk_size``
-        (query rows per denoiser batch, default by device: :func:`diffusionret.rerank.default_chunk_size`)
-        changes memory and speed, not the result.
-        """
-        self._require_denoisers()
-        if sim.shape != (cls.shape[0], video.shape[0]):
-            raise ValueError(f"sim {tuple(sim.shape)} does not match cls {tuple(cls.shape)} x video {tuple(video.shape)}")
-        cls, video = cls.float(), video.float()
-        denoiser = self.diffusion_model
-        # Shared by all chunks; the value path is applied to every (query, candidate) pair.
-        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=sim.shape[0] * min(top_k, sim.shape[1]))
-
-        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
-            return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables)
-
-        return rerank_rows(sim, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator, alpha=alpha,
-                           temp=temp, chunk_size=chunk_size)
-
-    def rerank_v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
-                   top_k: int = 32, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
-        """Re-rank video->text rows: sim_v2t (Nv, Nt), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nv, Nt).
-
-        ``noise`` (Nv, K) and ``chunk_size`` as in :meth:`rerank_t2v`.
-        """
-        self._require_denoisers()
-        if sim_v2t.shape != (video.shape[0], cls.shape[0]):
-            raise ValueError(f"sim_v2t {tuple(sim_v2t.shape)} does not match video {tuple(video.shape)} x cls {tuple(cls.shape)}")
-        cls, video = cls.float(), video.float()
-        denoiser = self.diffusion_model_v
-        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=cls.shape[0])
-        # The candidates are texts: their projections are computed once per text, not per (video, text).
-        texts = denoiser.candidate_texts(cls, tables)
-
-        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
-            return denoiser.prepare(gather_rows(cls, idx), video[rows], frame_mask[rows], tables, candidates=texts,
-                                    cand_idx=idx)
-
-        return rerank_rows(sim_v2t, prepare, self.diffusion, top_k=top_k, noise=noise, generator=generator,
-                           alpha=alpha, temp=temp, chunk_size=chunk_size)
-
-    def rerank(self, sim: torch.Tensor, tokens: torch.Tensor | None, text_mask: torch.Tensor | None, cls: torch.Tensor,
-               video: torch.Tensor, frame_mask: torch.Tensor, *, top_k: int = 32, noise_t2v: torch.Tensor | None = None,
-               noise_v2t: torch.Tensor | None = None, generator: torch.Generator | None = None, alpha: float = 1.0,
-               temp: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both directions from the same base matrix (docs/reference.md §3.3).
-
-        Args:
-            sim: (Nt, Nv) WTI scores. ``tokens``/``text_mask`` are accepted for API symmetry; the
-                denoisers only use ``cls`` (Nt, D) and ``video`` (Nv, T, D), ``frame_mask`` (Nv, T).
-            noise_t2v, noise_v2t: (Nt, K), (Nv, K) initial x_T per query in descending-score order;
-                drawn from ``generator`` (t2v first, then v2t) when not given.
-            chunk_size: query rows per denoiser batch (memory and speed only; default by device).
-        Returns:
-            t2v (Nt, Nv), v2t (Nv, Nt).
-        """
-        t2v = self.rerank_t2v(sim, cls, video, frame_mask, top_k=top_k, noise=noise_t2v, generator=generator, alpha=alpha,
-                              temp=temp, chunk_size=chunk_size)
-        v2t = self.rerank_v2t(sim.T, cls, video, frame_mask, top_k=top_k, noise=noise_v2t, generator=generator, alpha=alpha,
-                              temp=temp, chunk_size=chunk_size)
-        return t2v, v2t
 
 
 def _flatten_text(x: torch.Tensor, name: str) -> torch.Tensor:

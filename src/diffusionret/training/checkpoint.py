@@ -28,12 +28,17 @@ import torch
 from torch import nn
 
 from diffusionret.config_utils import atomic_path
+from diffusionret.models.checkpoint import (TRAINER_FORMAT, TRAINER_FORMAT_VERSION, is_trainer_checkpoint,
+                                            model_from_trainer_checkpoint)
 from diffusionret.models.safe_load import torch_load_weights
 
 logger = logging.getLogger(__name__)
 
-TRAINER_FORMAT = "diffusionret-trainer"
-TRAINER_FORMAT_VERSION = 1
+# Reading a trainer checkpoint's *model* is the model loader's job (diffusionret.models.checkpoint,
+# which reads every format); this module writes checkpoints and restores the training state.
+__all__ = ["TRAINER_FORMAT", "TRAINER_FORMAT_VERSION", "TrainProgress", "atomic_torch_save", "capture_rng_state",
+           "is_trainer_checkpoint", "load_trainer_checkpoint", "model_from_trainer_checkpoint", "restore_rng_state",
+           "save_trainer_checkpoint", "unwrap_model"]
 
 
 @dataclass
@@ -145,10 +150,6 @@ def save_trainer_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimi
     return out
 
 
-def is_trainer_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and obj.get("format") == TRAINER_FORMAT
-
-
 def load_trainer_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a trainer checkpoint (on CPU) and check its format."""
     path = Path(path)
@@ -161,59 +162,3 @@ def load_trainer_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: trainer checkpoint version {payload['format_version']} is not supported "
                          f"(expected {TRAINER_FORMAT_VERSION})")
     return payload
-
-
-def model_from_trainer_checkpoint(payload: Mapping[str, Any], *, use_ema: bool = False) -> nn.Module:
-    """Rebuild the model of a trainer checkpoint (eval mode, CPU), optionally with its EMA weights."""
-    from diffusionret.config_utils import from_dict
-    from diffusionret.models.config import ModelConfig
-    from diffusionret.models.diffusionret import DiffusionRet
-
-    config = from_dict(ModelConfig, payload["model_config"])
-    model = DiffusionRet(config)
-    model.load_state_dict(payload["model"], strict=True)
-    if use_ema:
-        if payload.get("ema") is None:
-            raise ValueError("this checkpoint has no EMA weights")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in payload["ema"]["shadow"].items():
-                params[name].copy_(value.to(params[name].dtype))
-    return model.eval()
-
-
-def load_any_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", use_ema: bool = False,
-                   diffusion_steps: int | None = None, noise_schedule: str | None = None) -> nn.Module:
-    """A model from any checkpoint this project reads.
-
-    Args:
-        path: a trainer checkpoint (``last.pt``), a run folder / ``.safetensors`` model file written by
-            :func:`diffusionret.save_model`, or an official DiffusionRet ``best.pth``.
-        use_ema: take the EMA weights of a trainer checkpoint.
-        diffusion_steps, noise_schedule: override the re-ranking sampler.
-
-    Returns:
-        The model in eval mode on ``device``.
-    """
-    from diffusionret.models.checkpoint import load_model
-
-    path = Path(path)
-    if path.is_file() and _is_zip(path):
-        payload = torch_load_weights(path)
-        if is_trainer_checkpoint(payload):
-            model = model_from_trainer_checkpoint(payload, use_ema=use_ema)
-            if diffusion_steps is not None or noise_schedule is not None:
-                model.set_sampler(diffusion_steps or model.config.diffusion_steps,
-                                  noise_schedule or model.config.noise_schedule)
-            return model.to(device).eval()
-        if use_ema:
-            raise ValueError(f"{path}: only trainer checkpoints carry EMA weights")
-        return load_model(payload, device=device, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule)
-    if use_ema:
-        raise ValueError(f"{path}: only trainer checkpoints carry EMA weights")
-    return load_model(path, device=device, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule)
-
-
-def _is_zip(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"PK\x03\x04"

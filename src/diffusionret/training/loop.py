@@ -119,6 +119,7 @@ def seed_everything(seed: int) -> None:
 
 def _build_model(cfg: Any, ctx: DistContext, payload: dict[str, Any] | None) -> nn.Module:
     """The model at the start of the run (from the resume checkpoint, an init checkpoint, CLIP or scratch)."""
+    from diffusionret.models.checkpoint import load_checkpoint
     from diffusionret.models.factory import build_model
     from diffusionret.training.stage1_contrastive import prepare_stage1_model
     from diffusionret.training.stage2_diffusion import prepare_stage2_model
@@ -128,7 +129,7 @@ def _build_model(cfg: Any, ctx: DistContext, payload: dict[str, Any] | None) -> 
     if payload is not None:
         model = ckpt.model_from_trainer_checkpoint(payload)
     elif cfg.model.init_checkpoint is not None:
-        model = ckpt.load_any_model(cfg.model.init_checkpoint, use_ema=cfg.model.init_use_ema)
+        model = load_checkpoint(cfg.model.init_checkpoint, use_ema=cfg.model.init_use_ema).model
         logger.info("initialised from %s%s", cfg.model.init_checkpoint,
                     " (EMA weights)" if cfg.model.init_use_ema else "")
     elif cfg.model.clip_weights is not None:
@@ -141,8 +142,6 @@ def _build_model(cfg: Any, ctx: DistContext, payload: dict[str, Any] | None) -> 
         if payload is None and not model.has_denoisers:
             # Denoisers are created with the run's settings (official checkpoints record none).
             model.config = dataclasses.replace(model.config, denoiser_temp=d.denoiser_temp)
-        if (model.config.diffusion_steps, model.config.noise_schedule) != (d.steps, d.schedule):
-            model.set_sampler(d.steps, d.schedule)
         prepare_stage2_model(model, generator=init_gen)
     else:
         prepare_stage1_model(model)
@@ -150,6 +149,7 @@ def _build_model(cfg: Any, ctx: DistContext, payload: dict[str, Any] | None) -> 
 
 
 def _build_objective(cfg: Any, model: nn.Module, ctx: DistContext) -> tuple[nn.Module, dict[str, torch.Generator]]:
+    from diffusionret.diffusion.gaussian import GaussianDiffusion
     from diffusionret.training.stage1_contrastive import ContrastiveObjective
     from diffusionret.training.stage2_diffusion import GenerationObjective
 
@@ -159,7 +159,8 @@ def _build_objective(cfg: Any, model: nn.Module, ctx: DistContext) -> tuple[nn.M
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1_000_003 * (ctx.rank + 1))
     d = cfg.diffusion
     objective = GenerationObjective(model, ctx, num_negatives=d.num_negatives, negative_label=d.negative_label,
-                                    loss_temp=d.loss_temp, generator=gen)
+                                    loss_temp=d.loss_temp, generator=gen,
+                                    diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device))
     return objective, {"stage2": gen}
 
 
@@ -321,19 +322,20 @@ def _save_selected(run: _Run, source: str, score: float | None) -> Path:
     """Keep the live weights or their EMA as the run's result: a CPU copy on every rank (for the final
     test, without relying on a shared filesystem) and ``model.safetensors`` (rank 0)."""
     from diffusionret.models.checkpoint import save_model
+    from diffusionret.models.config import DiffusionSchedule
 
     path = run.run_dir / "model.safetensors"
     meta = {"epoch": str(run.progress.epoch), "step": str(run.progress.step), "weights": source,
-            "selection": run.cfg.eval.model_selection, "score": "" if score is None else f"{score:.4f}",
-            # the frame/text settings the model was trained with: `index build` and `search` default to them
-            "data": json.dumps({"max_frames": run.cfg.data.max_frames, "fps": run.cfg.data.fps,
-                                "sampling": run.cfg.data.sampling, "max_words": run.cfg.data.max_words,
-                                "size": run.cfg.data.size})}
+            "selection": run.cfg.eval.model_selection, "score": "" if score is None else f"{score:.4f}"}
+    d = run.cfg.diffusion
+    # The input settings the model was trained with (index build, search and the demo read them) and,
+    # for the denoisers, the diffusion process (re-ranking samples it).
+    saved = dict(input_config=run.cfg.input_config(), diffusion=DiffusionSchedule(d.steps, d.schedule))
     context = run.ema.applied_to(run.model) if source == "ema" and run.ema is not None else contextlib.nullcontext()
     with context:
         run.selected_state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
         if run.ctx.is_main:
-            save_model(run.model, path, metadata=meta)
+            save_model(run.model, path, metadata=meta, **saved)
     barrier(run.ctx)
     return path
 
@@ -363,7 +365,7 @@ def _evaluate(run: _Run, dataset: Any, kind: str) -> dict[str, Any]:
 
     cfg, data = run.cfg, run.cfg.data
     kwargs = dict(ctx=run.ctx, batch_size=data.batch_size_val, num_workers=data.num_workers, eval_cfg=cfg.eval,
-                  rerank=cfg.eval.rerank and run.model.has_denoisers)
+                  rerank=cfg.rerank_config() if cfg.eval.rerank and run.model.has_denoisers else None)
     results = {"model": evaluate_model(run.model, dataset, **kwargs)}
     if run.ema is not None:
         with run.ema.applied_to(run.model):
@@ -408,7 +410,7 @@ def _final_test(run: _Run) -> dict[str, Any]:
     test_set = build_dataset(cfg.data, cfg.eval.split, train=False, report_dir=run.run_dir)
     results = evaluate_model(selected, test_set, ctx=run.ctx, batch_size=cfg.data.batch_size_val,
                              num_workers=cfg.data.num_workers, eval_cfg=cfg.eval,
-                             rerank=cfg.eval.rerank and selected.has_denoisers)
+                             rerank=cfg.rerank_config() if cfg.eval.rerank and selected.has_denoisers else None)
     run.metrics.log("test", run.progress.step, results, epoch=run.progress.epoch)
     if run.ctx.is_main:
         atomic_write_text(run.run_dir / "test_metrics.json", json.dumps(results, indent=2) + "\n")

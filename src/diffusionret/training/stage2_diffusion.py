@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.distributed import DistContext, all_gather_no_grad, batch_sizes
 from diffusionret.training.losses import positive_mask, soft_target_cross_entropy
 from diffusionret.training.negatives import cap_num_negatives, candidate_indices
@@ -45,12 +46,14 @@ class GenerationObjective(nn.Module):
         negative_label: label of the negatives in x0 (reference ``--neg``: 0 or -1).
         loss_temp: CE temperature ``d_temp`` (reference 100).
         generator: source of ``t`` and of the q_sample noise, on the training device.
+        diffusion: the diffusion process trained (the run's ``diffusion.steps`` / ``schedule``).
     """
 
     def __init__(self, model: nn.Module, ctx: DistContext, *, num_negatives: int, negative_label: int,
-                 loss_temp: float, generator: torch.Generator) -> None:
+                 loss_temp: float, generator: torch.Generator, diffusion: GaussianDiffusion) -> None:
         super().__init__()
         self.model = model
+        self.diffusion = diffusion
         self.ctx = ctx
         self.num_negatives = num_negatives
         self.negative_label = negative_label
@@ -75,7 +78,7 @@ class GenerationObjective(nn.Module):
             ``t`` (n,) int64 timesteps shared by both directions, and the q_sample noise of the
             text->video and of the video->text loss, (n, k) each.
         """
-        t = self.model.diffusion.sample_timesteps(n, generator=self.generator, device=device)
+        t = self.diffusion.sample_timesteps(n, generator=self.generator, device=device)
         noise_t2v = torch.randn((n, k), generator=self.generator, device=device)
         noise_v2t = torch.randn((n, k), generator=self.generator, device=device)
         return t, noise_t2v, noise_v2t
@@ -143,7 +146,7 @@ class GenerationObjective(nn.Module):
                 cand_cls = all_cls[v2t_idx]                                                 # (n, K, D)
             n, k = rows.numel(), num + 1
             x0 = joint_distribution_target(n, k, self.negative_label, device=device)
-            diffusion = model.diffusion
+            diffusion = self.diffusion
             t, noise_t2v, noise_v2t = self.draw_noise(n, k, device)
             loss_t2v = diffusion.generation_loss(model.denoise_t2v, x0, t, noise_t2v, temp=self.loss_temp,
                                                  cls=cls[rows], cand_video=cand_video, cand_mask=cand_mask)

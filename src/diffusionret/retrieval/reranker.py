@@ -1,0 +1,142 @@
+"""Diffusion re-ranking with a model's denoisers: :class:`RerankConfig` and :class:`Reranker`.
+
+The sampler is not part of the network (:class:`~diffusionret.models.DiffusionRet` holds the
+denoisers only): a :class:`Reranker` pairs a model with a
+:class:`~diffusionret.diffusion.GaussianDiffusion` and re-ranks score matrices in either direction
+(docs/reference.md §3.3). Evaluation, search and the demo all re-rank through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from torch import nn
+
+from diffusionret.diffusion.gaussian import GaussianDiffusion
+from diffusionret.models.config import DiffusionSchedule
+from diffusionret.models.denoiser import PreparedDenoiser, gather_rows
+from diffusionret.rerank import rerank_rows
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """How the top candidates of each query are re-ranked.
+
+    Attributes:
+        steps, schedule: the diffusion process sampled (the denoisers embed the timestep: use the
+            schedule they were trained with, :attr:`LoadedModel.diffusion`; reference 50, cosine).
+        top_k: candidates per query handed to the denoiser (``t2v_num``/``v2t_num`` 32; 0 disables).
+        alpha, temperature: fusion ``sim + alpha * softmax(temperature * x0)`` (reference 1, 1).
+        eta: DDIM eta; 0 is the deterministic sampler of the reference, > 0 draws fresh noise at
+            every step from the re-ranking generator.
+        chunk_size: query rows per denoiser batch (memory and speed only; ``None``: by device,
+            :func:`diffusionret.rerank.default_chunk_size`).
+    """
+
+    steps: int = 50
+    schedule: Literal["cosine", "linear"] = "cosine"
+    top_k: int = 32
+    alpha: float = 1.0
+    temperature: float = 1.0
+    eta: float = 0.0
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        DiffusionSchedule(self.steps, self.schedule)  # validates both
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or null, got {self.chunk_size}")
+
+    @classmethod
+    def for_schedule(cls, schedule: DiffusionSchedule, **changes: Any) -> "RerankConfig":
+        """Re-ranking with the diffusion schedule a model was trained with (``changes`` on top)."""
+        return cls(**{"steps": schedule.steps, "schedule": schedule.schedule, **changes})
+
+    def diffusion(self) -> GaussianDiffusion:
+        """The sampler of this config."""
+        return GaussianDiffusion(self.steps, self.schedule)
+
+
+class Reranker:
+    """Re-ranks similarity matrices with a model's denoisers.
+
+    Args:
+        model: a :class:`~diffusionret.models.DiffusionRet` with denoisers.
+        config: sampler and fusion settings.
+        diffusion: the sampler; by default built from ``config`` (``steps``, ``schedule``).
+
+    Raises:
+        RuntimeError: the model has no denoisers (a stage-1 model).
+    """
+
+    def __init__(self, model: nn.Module, config: RerankConfig | None = None,
+                 diffusion: GaussianDiffusion | None = None) -> None:
+        model.require_denoisers()
+        self.model = model
+        self.config = config or RerankConfig()
+        device = next(model.parameters()).device
+        self.diffusion = (diffusion or self.config.diffusion()).to(device)
+
+    def t2v(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
+            noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Re-rank text->video rows: sim (Nt, Nv), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nt, Nv).
+
+        ``noise`` (Nt, min(top_k, Nv)) is the initial x_T (drawn from ``generator`` when not given).
+        """
+        if sim.shape != (cls.shape[0], video.shape[0]):
+            raise ValueError(f"sim {tuple(sim.shape)} does not match cls {tuple(cls.shape)} x video {tuple(video.shape)}")
+        cfg = self.config
+        cls, video = cls.float(), video.float()
+        denoiser = self.model.diffusion_model
+        # Shared by all chunks; the value path is applied to every (query, candidate) pair.
+        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=sim.shape[0] * min(cfg.top_k, sim.shape[1]))
+
+        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
+            return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables)
+
+        return rerank_rows(sim, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, generator=generator,
+                           alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta)
+
+    def v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
+            noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Re-rank video->text rows: sim_v2t (Nv, Nt), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nv, Nt).
+
+        ``noise`` (Nv, min(top_k, Nt)) as in :meth:`t2v`.
+        """
+        if sim_v2t.shape != (video.shape[0], cls.shape[0]):
+            raise ValueError(f"sim_v2t {tuple(sim_v2t.shape)} does not match video {tuple(video.shape)} x cls "
+                             f"{tuple(cls.shape)}")
+        cfg = self.config
+        cls, video = cls.float(), video.float()
+        denoiser = self.model.diffusion_model_v
+        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=cls.shape[0])
+        # The candidates are texts: their projections are computed once per text, not per (video, text).
+        texts = denoiser.candidate_texts(cls, tables)
+
+        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
+            return denoiser.prepare(gather_rows(cls, idx), video[rows], frame_mask[rows], tables, candidates=texts,
+                                    cand_idx=idx)
+
+        return rerank_rows(sim_v2t, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, generator=generator,
+                           alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta)
+
+    def both(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
+             noise_t2v: torch.Tensor | None = None, noise_v2t: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both directions from the same base matrix (docs/reference.md §3.3).
+
+        Args:
+            sim: (Nt, Nv) WTI scores; cls (Nt, D); video (Nv, T, D); frame_mask (Nv, T).
+            noise_t2v, noise_v2t: (Nt, K), (Nv, K) initial x_T per query in descending-score order;
+                drawn from ``generator`` (t2v first, then v2t) when not given.
+        Returns:
+            t2v (Nt, Nv), v2t (Nv, Nt).
+        """
+        t2v = self.t2v(sim, cls, video, frame_mask, noise=noise_t2v, generator=generator)
+        v2t = self.v2t(sim.T, cls, video, frame_mask, noise=noise_v2t, generator=generator)
+        return t2v, v2t
