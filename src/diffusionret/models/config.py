@@ -102,12 +102,6 @@ class ModelConfig:
     def embed_dim(self) -> int:
         return self.clip.embed_dim
 
-    @property
-    def temporal_width(self) -> int:
-        # The reference sizes the temporal module by the text width (cross_config.hidden_size) and
-        # feeds it embed_dim features; the two agree for every released CLIP (ViT-B/32, B/16).
-        return self.clip.embed_dim
-
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
