@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_leaves
 
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
-from diffusionret.models.similarity import chunked_token_weights, token_weights, wti_similarity
+from diffusionret.models.similarity import (chunked_token_weights, length_buckets, token_weights, wti_scores,
+                                             wti_similarity)
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
@@ -67,6 +68,66 @@ def test_wti_permutation_equivariance(model, nt, nv, seed):
         base = model.similarity(tokens, tmask, video, vmask)
         perm = model.similarity(tokens[pt], tmask[pt], video[pv], vmask[pv])
     torch.testing.assert_close(perm, base[pt][:, pv], atol=1e-6, rtol=0)
+
+
+def _padded_wti(model, tokens, tmask, video, vmask, frame_weights=None):
+    """WTI over every padded position in one block: the computation before length bucketing."""
+    video_w = token_weights(model.video_weight_fc, video, vmask) if frame_weights is None else frame_weights
+    return wti_scores(F.normalize(tokens, dim=-1), tmask, token_weights(model.text_weight_fc, tokens, tmask),
+                      F.normalize(video, dim=-1), vmask, video_w)
+
+
+def _random_mask(g, rows, length, kind):
+    """(rows, length) 0/1: ``prefix`` real lengths from 0 to L, or ``scattered`` valid positions anywhere;
+    row 0 is forced all-padded and row 1 full when there are enough rows (the two edge cases)."""
+    if kind == "prefix":
+        lengths = torch.randint(0, length + 1, (rows,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    else:
+        mask = (torch.rand(rows, length, generator=g) < torch.rand(rows, 1, generator=g)).long()
+    if rows >= 3:
+        mask[0] = 0
+        mask[1] = 1
+    return mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 7), st.integers(1, 5), st.sampled_from([None, 1, 2, 3, 4]),
+       st.sampled_from(["prefix", "scattered"]), st.sampled_from(["prefix", "scattered"]), st.booleans(),
+       st.integers(0, 10_000))
+def test_bucketed_wti_equals_padded(nt, nv, length, frames, chunk, text_kind, video_kind, precomputed, seed):
+    """Length bucketing (real tokens/frames + one padded position per block) gives the padded scores,
+    for any masks: all-padded rows, full rows, L = 1, T = 1, valid positions anywhere."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, video = torch.randn(nt, length, 64, generator=g), torch.randn(nv, frames, 64, generator=g)
+    tmask, vmask = _random_mask(g, nt, length, text_kind), _random_mask(g, nv, frames, video_kind)
+    with torch.no_grad():
+        fw = _MODEL.frame_weights(video, vmask) if precomputed else None
+        expected = _padded_wti(_MODEL, tokens, tmask, video, vmask)
+        got = wti_similarity(_MODEL.text_weight_fc, _MODEL.video_weight_fc, tokens, tmask, video, vmask, chunk,
+                             frame_weights=fw)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # A row with nothing valid on either side scores exactly 0 against everything.
+    assert (got[tmask.sum(1) == 0] == 0).all() and (got[:, vmask.sum(1) == 0] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 9), st.integers(1, 6), st.sampled_from(["prefix", "scattered"]),
+       st.integers(0, 10_000))
+def test_length_buckets_cover_rows_once(rows, length, chunk, kind, seed):
+    """Every row lands in exactly one bucket, which keeps all its valid positions plus a padded one
+    when the row has padding (the zero floor) and never more than L positions."""
+    g = torch.Generator().manual_seed(seed)
+    mask = _random_mask(g, rows, length, kind)
+    buckets = length_buckets(mask, chunk)
+    seen = torch.cat([b.rows for b in buckets])
+    assert sorted(seen.tolist()) == list(range(rows))
+    for b in buckets:
+        kept = b.take(mask)  # (n, keep)
+        assert b.keep <= length and kept.shape == (len(b.rows), b.keep) and len(b.rows) <= chunk
+        assert torch.equal(kept.sum(1), mask[b.rows].sum(1))  # every valid position kept
+        has_padding = mask[b.rows].sum(1) < length
+        assert (kept[has_padding] == 0).any(dim=1).all()  # and a padded one where there is padding
 
 
 class _LargestOutputs(TorchDispatchMode):

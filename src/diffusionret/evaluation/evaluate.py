@@ -34,6 +34,7 @@ from diffusionret.evaluation.metrics import format_table, multi_caption_metrics
 from diffusionret.distributed import DistContext, all_gather_variable, broadcast_object, shard_range
 from diffusionret.models.fingerprint import model_fingerprint
 from diffusionret.retrieval.reranker import RerankConfig, Reranker
+from diffusionret.models.similarity import length_order
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,11 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
                       progress: bool = True) -> torch.Tensor:
     """WTI scores of every caption against every video, in bounded memory.
 
-    Texts are processed ``chunk_size`` at a time (each rank a contiguous share of them) against all
-    videos, which the model scores ``chunk_size`` videos at a time: peak memory is one
-    ``(chunk, L, chunk, T)`` block.
+    Each rank takes a contiguous share of the captions and scores them ``chunk_size`` at a time in
+    order of real length (so a chunk's products cover only its real tokens + 1, see
+    :func:`diffusionret.models.similarity.length_buckets`) against all videos, which the model
+    scores ``chunk_size`` videos at a time: peak memory is one ``(chunk, L, chunk, T)`` block.
+    The rows are written back in caption order.
 
     Returns:
         (Nt, Nv) float32 on ``ctx.device``, identical on every rank.
@@ -55,13 +58,14 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
     video = feats.video.to(device)
     frame_mask = feats.frame_mask.to(device)
     rows = shard_range(feats.num_captions, ctx)
-    out = []
-    starts = range(rows.start, rows.stop, chunk_size)
+    order = length_order(feats.text_mask[rows.start:rows.stop])
+    local = torch.empty(len(order), feats.num_videos, dtype=torch.float32, device=device)
+    starts = range(0, len(order), chunk_size)
     for start in tqdm(starts, desc="similarity", unit="chunk", disable=not (progress and ctx.is_main), leave=False):
-        stop = min(start + chunk_size, rows.stop)
-        out.append(model.similarity(feats.tokens[start:stop].to(device), feats.text_mask[start:stop].to(device),
-                                    video, frame_mask, chunk_size=chunk_size).float())
-    local = torch.cat(out) if out else torch.empty(0, feats.num_videos, device=device)
+        pick = order[start:start + chunk_size]
+        src = pick + rows.start
+        local[pick.to(device)] = model.similarity(feats.tokens[src].to(device), feats.text_mask[src].to(device),
+                                                  video, frame_mask, chunk_size=chunk_size).float()
     return all_gather_variable(local, ctx)
 
 

@@ -5,9 +5,15 @@ run on at most ``chunk_size`` rows at a time (only their small (N, L) softmax ou
 and features are cast to float32 and L2-normalised inside the chunk loop, so no full-size copy of
 the features or of the MLPs' (N, L, 2D) hidden layer ever exists. Besides the (Nt, Nv) output and
 the (Nv, T) frame weights, the largest live tensor is one chunk's (A, L, B, T) score block.
+
+Work is spent only on the tokens and frames that exist: texts are grouped by real length and videos
+by real frame count, and each block keeps its rows' longest real length + 1 positions (the extra,
+padded position supplies the reference's zero floor; see :func:`length_buckets`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,19 +91,93 @@ def default_chunk_size(length: int, frames: int, budget_bytes: int = 64 * 2**20)
     return max(1, side)
 
 
+def real_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Valid positions per row: (N, L) 0/1 -> (N,) int64."""
+    return mask.ne(0).sum(dim=1)
+
+
+def length_order(mask: torch.Tensor) -> torch.Tensor:
+    """Row indices sorted by real length, ties in input order: (N, L) -> (N,) int64.
+
+    Consecutive rows of this order have nearly equal lengths, so a chunk of them can be trimmed to
+    its longest member (see :func:`length_buckets`).
+    """
+    return torch.argsort(real_lengths(mask), stable=True)
+
+
+@dataclass(frozen=True)
+class LengthBucket:
+    """A chunk of rows of similar real length and the positions of theirs that take part in WTI.
+
+    Attributes:
+        rows: (n,) row indices into the full (N, L) tensors.
+        keep: positions kept per row: the chunk's longest real length + 1 (a padded position, for the
+            zero floor), at most L.
+        positions: (n, keep) positions to keep, valid ones first; ``None`` when every mask is a prefix
+            (valid positions first), so the first ``keep`` positions are the ones.
+    """
+
+    rows: torch.Tensor
+    keep: int
+    positions: torch.Tensor | None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This bucket's rows and kept positions of x: (N, L, *F) -> (n, keep, *F)."""
+        sub = x.index_select(0, self.rows)
+        if self.positions is None:
+            return sub[:, :self.keep]
+        index = self.positions.view(*self.positions.shape, *([1] * (sub.ndim - 2))).expand(-1, -1, *sub.shape[2:])
+        return torch.gather(sub, 1, index)
+
+
+def length_buckets(mask: torch.Tensor, chunk_size: int) -> list[LengthBucket]:
+    """Split rows into chunks of ``chunk_size`` in :func:`length_order`, each trimmed to what WTI needs.
+
+    A padded position scores exactly 0 against everything and its softmax weight is 0, so it matters
+    only as the 0 that takes part in the maxima (the reference's zero floor, SPEC.md 1.4 step 4): one
+    padded position per row gives the same maxima as all of them. A chunk therefore keeps its longest
+    real length + 1 positions (capped at L); its shorter rows keep more padded positions, which
+    changes nothing. Rows with no valid position keep one (padded) position and score 0, as before.
+
+    Args:
+        mask: (N, L) 0/1, not necessarily a prefix mask.
+    Returns:
+        buckets covering every row exactly once.
+    """
+    n, full = mask.shape
+    valid = mask.ne(0)
+    lengths = valid.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()  # one host transfer for all chunks
+    prefix = bool(torch.equal(valid, torch.arange(full, device=mask.device)[None, :] < lengths[:, None]))
+    # Valid positions first, each group in its original order.
+    positions = None if prefix else torch.argsort((~valid).to(torch.int32), dim=1, stable=True)
+    buckets = []
+    for start in range(0, n, chunk_size):
+        rows = order[start:start + chunk_size]
+        keep = min(full, sorted_lengths[min(start + chunk_size, n) - 1] + 1)
+        buckets.append(LengthBucket(rows=rows, keep=keep,
+                                    positions=None if positions is None else positions.index_select(0, rows)[:, :keep]))
+    return buckets
+
+
 def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens: torch.Tensor,
                    text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
                    chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Full (Nt, Nv) WTI matrix, chunked over both sides so peak memory is bounded by the chunk size.
+    """Full (Nt, Nv) WTI matrix over the tokens and frames that exist, in bounded memory.
 
-    Features may be fp16/bf16 (e.g. from an index): every chunk is cast to float32 first.
+    Texts are grouped by real length and videos by real frame count (:func:`length_buckets`); each
+    block's product covers only its rows' valid positions plus the one padded position the zero floor
+    needs, and the scores go back to the input order. This equals the padded computation up to float
+    re-association (tested: <= 1e-6). Features may be fp16/bf16 (e.g. from an index): every chunk is
+    cast to float32 first.
 
     Args:
         tokens: (Nt, L, D) text token features; text_mask: (Nt, L).
         video: (Nv, T, D) frame features after the temporal module; frame_mask: (Nv, T).
         chunk_size: texts/videos per chunk, and rows per weight-MLP call; chosen from a 64 MiB
-            budget when ``None`` (a block that size keeps the maxima passes cache-friendly while
-            the product stays a large GEMM).
+            budget at full length when ``None`` (a block that size keeps the maxima passes
+            cache-friendly while the product stays a large GEMM).
         frame_weights: optional precomputed (Nv, T) video-side softmax weights, as returned by
             :func:`chunked_token_weights` on ``video_weight_fc`` (``DiffusionRet.frame_weights``);
             when given, ``video_weight_fc`` is not run. Pass float32 weights for scores identical
@@ -115,21 +195,25 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
     if frame_weights is not None and frame_weights.shape != video.shape[:2]:
         raise ValueError(f"frame_weights must be (Nv, T) = {tuple(video.shape[:2])}, got {tuple(frame_weights.shape)}")
     chunk = chunk_size or default_chunk_size(tokens.shape[1], video.shape[1])
-    # The video weights are needed by every text chunk: compute the small (Nv, T) matrix once.
+    # The video weights are needed by every text chunk: compute the small (Nv, T) matrix once, over
+    # all T frames (exactly what DiffusionRet.frame_weights stores with an index).
     if frame_weights is None:
         video_w = chunked_token_weights(video_weight_fc, video, frame_mask, chunk)
     else:
         video_w = frame_weights.to(device=video.device, dtype=torch.float32)
+    video_buckets = length_buckets(frame_mask, chunk)
     out = torch.empty(tokens.shape[0], video.shape[0], dtype=torch.float32, device=tokens.device)
-    for i in range(0, tokens.shape[0], chunk):
-        ti = slice(i, i + chunk)
-        text = tokens[ti].float()
-        text_w = token_weights(text_weight_fc, text, text_mask[ti])
-        text_unit = _masked_unit(text, text_mask[ti])
+    for tb in length_buckets(text_mask, chunk):
+        # The weight MLP runs on the kept positions only: a padded position's weight is exactly 0
+        # either way (the -9e15 fill underflows), so the softmax is the same.
+        text, text_m = tb.take(tokens).float(), tb.take(text_mask)
+        text_w = token_weights(text_weight_fc, text, text_m)
+        text_unit = _masked_unit(text, text_m)
         del text
-        for j in range(0, video.shape[0], chunk):
-            vj = slice(j, j + chunk)
+        rows = tb.rows.unsqueeze(1)
+        for vb in video_buckets:
             # Re-normalising a video chunk per text chunk costs 1/(2 A L) of its product; keeping
             # normalised copies of all videos instead would grow memory with Nv.
-            out[ti, vj] = _block_scores(text_unit, text_w, _masked_unit(video[vj], frame_mask[vj]), video_w[vj])
+            video_unit = _masked_unit(vb.take(video), vb.take(frame_mask))
+            out[rows, vb.rows] = _block_scores(text_unit, text_w, video_unit, vb.take(video_w))
     return out
