@@ -20,6 +20,55 @@ from typing import Callable, Sequence
 import torch
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Real tokens (SOT and EOT included, max_words 32) of the 1,000 MSR-VTT 1k-A test captions, in
+#: the order of the test list; recomputed by ``python benchmarks/_common.py caption-lengths``.
+MSRVTT_LENGTHS_FILE = Path(__file__).resolve().parent / "data" / "msrvtt_1ka_caption_lengths.txt"
+MSRVTT_TEST_LIST = REPO_ROOT / "tests" / "data" / "msrvtt" / "MSRVTT_JSFUSION_test.csv"
+
+
+def compute_msrvtt_caption_lengths(csv_path: Path = MSRVTT_TEST_LIST, max_words: int = 32) -> list[int]:
+    """Valid tokens per caption of the MSR-VTT 1k-A test list, with the project's tokenizer.
+
+    Counts what the text mask counts: SOT, the BPE tokens (truncated as the reference truncates)
+    and EOT, so a caption has between 2 and ``max_words`` tokens.
+    """
+    import csv
+
+    from diffusionret import tokenize
+
+    with open(csv_path, newline="") as f:
+        sentences = [row["sentence"] for row in csv.DictReader(f)]
+    _, mask = tokenize(sentences, max_words=max_words)
+    return mask.sum(dim=1).tolist()
+
+
+def msrvtt_caption_lengths() -> torch.Tensor:
+    """The shipped MSR-VTT 1k-A caption lengths (1,000 integers), as an int64 tensor."""
+    return torch.tensor([int(line) for line in MSRVTT_LENGTHS_FILE.read_text().split()], dtype=torch.long)
+
+
+def caption_lengths(n: int, distribution: str, max_words: int = 32,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) real caption lengths drawn from ``distribution``.
+
+    ``msrvtt``: the 1k-A test lengths (capped at ``max_words``), repeated as often as needed and
+    shuffled, so any n has the same distribution (n = 1000 is exactly the test set's).
+    ``uniform``: uniform integers from 5 to 31 (capped at ``max_words``).
+    """
+    if distribution == "msrvtt":
+        base = msrvtt_caption_lengths().clamp(max=max_words)
+        reps = -(-n // len(base))
+        return base.repeat(reps)[torch.randperm(reps * len(base), generator=generator)[:n]]
+    if distribution == "uniform":
+        return torch.randint(5, 32, (n,), generator=generator).clamp(max=max_words)
+    raise ValueError(f"unknown caption length distribution {distribution!r} (msrvtt or uniform)")
+
+
+def add_lengths_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", choices=("msrvtt", "uniform"), default="msrvtt",
+                        help="caption length distribution: the MSR-VTT 1k-A test captions' real lengths "
+                             "(default, benchmarks/data/msrvtt_1ka_caption_lengths.txt) or uniform 5-31 tokens")
 
 
 def machine() -> str:
@@ -130,3 +179,18 @@ def report(name: str, **values: object) -> None:
     human = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     print(f"{name}: {human}", flush=True)
     print("JSON " + json.dumps({"benchmark": name, **values}), flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Helpers for the benchmarks. caption-lengths: recompute "
+                                     f"{MSRVTT_LENGTHS_FILE.relative_to(REPO_ROOT)} from the MSR-VTT 1k-A test list.")
+    parser.add_argument("command", choices=("caption-lengths",))
+    parser.parse_args()
+    lengths = compute_msrvtt_caption_lengths()
+    MSRVTT_LENGTHS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = MSRVTT_LENGTHS_FILE.with_suffix(".tmp")
+    tmp.write_text("".join(f"{n}\n" for n in lengths))
+    os.replace(tmp, MSRVTT_LENGTHS_FILE)
+    mean = sum(lengths) / len(lengths)
+    print(f"{MSRVTT_LENGTHS_FILE}: {len(lengths)} captions, mean {mean:.3f} tokens (SOT and EOT included), "
+          f"max {max(lengths)}")

@@ -49,7 +49,8 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
     order of real length (so a chunk's products cover only its real tokens + 1, see
     :func:`diffusionret.models.similarity.length_buckets`) against all videos, which the model
     scores ``chunk_size`` videos at a time: peak memory is one ``(chunk, L, chunk, T)`` block.
-    The rows are written back in caption order.
+    The video weight MLP runs once over all videos, not once per caption chunk. The rows are
+    written back in caption order.
 
     Returns:
         (Nt, Nv) float32 on ``ctx.device``, identical on every rank.
@@ -58,6 +59,9 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
     video = feats.video.to(device)
     frame_mask = feats.frame_mask.to(device)
     rows = shard_range(feats.num_captions, ctx)
+    # The video-side weights are the same for every text chunk: compute them once (as the model
+    # would inside each call, with the same chunking, so the scores are unchanged).
+    frame_weights = model.frame_weights(video, frame_mask, chunk_size=chunk_size)
     order = length_order(feats.text_mask[rows.start:rows.stop])
     local = torch.empty(len(order), feats.num_videos, dtype=torch.float32, device=device)
     starts = range(0, len(order), chunk_size)
@@ -65,7 +69,8 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
         pick = order[start:start + chunk_size]
         src = pick + rows.start
         local[pick.to(device)] = model.similarity(feats.tokens[src].to(device), feats.text_mask[src].to(device),
-                                                  video, frame_mask, chunk_size=chunk_size).float()
+                                                  video, frame_mask, chunk_size=chunk_size,
+                                                  frame_weights=frame_weights).float()
     return all_gather_variable(local, ctx)
 
 

@@ -1,0 +1,95 @@
+"""Evaluation at scale: the (N, N) WTI matrix and diffusion re-ranking of both directions, vs N.
+
+What ``diffusionret eval`` does after encoding, on random features of MSR-VTT's shape: the
+evaluation's own ``similarity_matrix`` (captions in length order, blocks trimmed to the real tokens
+and frames, ``eval.chunk_size`` 128) and ``rerank_scores`` (top-32, 50 DDIM steps, both
+directions, noise from ``eval.seed``). D 512, T 12 (every video with all 12 frames, as MSR-VTT's
+clips at 1 frame per second), L 32 with caption lengths from ``--lengths`` (default: the MSR-VTT
+1k-A test captions' real lengths).
+
+    python benchmarks/bench_eval.py --threads 1                          # N = 1000
+    python benchmarks/bench_eval.py --threads 1 --sizes 128 1000 2000 5000
+    python benchmarks/bench_eval.py --threads 1 --lengths uniform        # lengths uniform in 5..31
+
+Each size runs once (after a small warm-up). Reported: wall time of the two stages, and the CPU time
+of the (single) computing thread, which other processes on the machine disturb less; both with the
+load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from diffusionret.evaluation.evaluate import rerank_scores, similarity_matrix
+from diffusionret.evaluation.features import CorpusFeatures
+from diffusionret.models.config import ClipConfig, ModelConfig
+from diffusionret.models.diffusionret import DiffusionRet
+from diffusionret.training.distributed import DistContext
+
+from _common import add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, load_text, machine, report
+
+
+def build(dim: int, steps: int) -> DiffusionRet:
+    """The head and denoisers at full width on a tiny CLIP (only the head is used)."""
+    clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
+                      text_width=dim, text_layers=1, vocab_size=1000)
+    model = DiffusionRet(ModelConfig(clip=clip, stage="generation", temporal_layers=1, diffusion_steps=steps)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger than the 0.02 init, so x0 (and the softmax bonus) varies across candidates
+        for p in list(model.diffusion_model.parameters()) + list(model.diffusion_model_v.parameters()):
+            p.normal_(0, 0.05, generator=g)
+    return model
+
+
+def features(n: int, words: int, frames: int, dim: int, lengths: str, seed: int = 0) -> CorpusFeatures:
+    g = torch.Generator().manual_seed(seed)
+    tokens, video = torch.randn(n, words, dim, generator=g), torch.randn(n, frames, dim, generator=g)
+    real = caption_lengths(n, lengths, words, generator=g)
+    text_mask = (torch.arange(words)[None, :] < real[:, None]).long()
+    return CorpusFeatures(tokens=tokens, text_mask=text_mask, cls=torch.randn(n, dim, generator=g), video=video,
+                          frame_mask=torch.ones(n, frames, dtype=torch.long), caption_to_video=torch.arange(n),
+                          video_ids=[str(i) for i in range(n)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000], help="N captions = N videos (default 1000)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--words", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--chunk-size", type=int, default=128, help="eval.chunk_size (default 128, the config default)")
+    add_lengths_arg(parser)
+    add_thread_arg(parser)
+    args = parser.parse_args()
+    apply_threads(args)
+    model = build(args.dim, args.steps)
+    ctx = DistContext.single("cpu")
+    print(f"machine: {machine()}")
+
+    def run(feats: CorpusFeatures) -> tuple[float, float, float, float]:
+        """Wall and CPU seconds of the two stages (CPU time of this thread: the work itself, less
+        sensitive than wall time to other processes taking the cores)."""
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        sim = similarity_matrix(model, feats, chunk_size=args.chunk_size, ctx=ctx, progress=False)
+        wall1, cpu1 = time.perf_counter(), time.thread_time()
+        rerank_scores(model, sim, feats, top_k=args.top_k, alpha=1.0, temp=1.0, seed=42, ctx=ctx)
+        wall2, cpu2 = time.perf_counter(), time.thread_time()
+        return wall1 - wall0, wall2 - wall1, cpu1 - cpu0, cpu2 - cpu1
+
+    run(features(64, args.words, args.frames, args.dim, args.lengths))  # warm-up: first-call allocations
+    for n in args.sizes:
+        feats = features(n, args.words, args.frames, args.dim, args.lengths)
+        real = feats.text_mask.sum(1).float()
+        load_before = load_text()
+        wti_s, rerank_s, wti_cpu_s, rerank_cpu_s = run(feats)
+        report("eval", n=n, lengths=args.lengths, mean_tokens=round(real.mean().item(), 3), wti_s=wti_s,
+               rerank_s=rerank_s, total_s=wti_s + rerank_s, wti_cpu_s=wti_cpu_s, rerank_cpu_s=rerank_cpu_s,
+               total_cpu_s=wti_cpu_s + rerank_cpu_s, load_before=load_before, load_after=load_text())
+
+
+if __name__ == "__main__":
+    main()
