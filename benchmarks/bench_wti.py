@@ -4,8 +4,11 @@
     python benchmarks/bench_wti.py --threads 1
 
 Runs the model's own head (``DiffusionRet.similarity``: weight MLPs in row chunks, per-chunk
-normalisation, chunked token-frame products). FLOPs counted: the token-frame product ``2*Nt*L*Nv*T*D`` (the weight MLPs,
-maxima and weighted sums are not counted, so the ratio is conservative). The matmul reference is
+normalisation, token-frame products over the real tokens and frames in length buckets). Caption
+lengths: ``--lengths msrvtt`` (default; the MSR-VTT 1k-A test captions' real lengths) or ``uniform``
+(5-31 tokens). FLOPs counted: the padded token-frame product ``2*Nt*L*Nv*T*D`` (``gflops``: the
+padded-equivalent rate, comparable with figures from before bucketing) and the product over real
+tokens and frames only (``real_gflops``); the weight MLPs, maxima and weighted sums are not counted. The matmul reference is
 an n x n x n float32 product measured in the same run with the same threads.
 
 Memory: peak resident memory above the level before the call (sampled every millisecond), for
@@ -29,15 +32,16 @@ from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.models.similarity import default_chunk_size
 
-from _common import PeakRSS, add_thread_arg, apply_threads, machine, matmul_gflops, report, timeit
+from _common import (PeakRSS, add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, machine, matmul_gflops,
+                     report, timeit)
 
 
-def inputs(texts: int, videos: int, words: int, frames: int, dim: int, seed: int = 0):
+def inputs(texts: int, videos: int, words: int, frames: int, dim: int, lengths: str = "msrvtt", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     tokens, video = torch.randn(texts, words, dim, generator=g), torch.randn(videos, frames, dim, generator=g)
     tmask = torch.zeros(texts, words, dtype=torch.long)
-    lengths = torch.randint(6, min(words, 20) + 1, (texts,), generator=g)  # typical caption lengths
-    tmask[torch.arange(words)[None, :] < lengths[:, None]] = 1
+    real = caption_lengths(texts, lengths, words, generator=g)
+    tmask[torch.arange(words)[None, :] < real[:, None]] = 1
     vmask = torch.ones(videos, frames, dtype=torch.long)
     vmask[videos // 4:videos // 2, frames // 2:] = 0  # some short videos
     return tokens, tmask, video, vmask
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="texts/videos per chunk (default: from a 64 MiB budget)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the memory runs at 2x texts and 2x videos")
     parser.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)  # internal: one memory run
+    add_lengths_arg(parser)
     add_thread_arg(parser)
     args = parser.parse_args()
     apply_threads(args)
@@ -67,14 +72,17 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"inputs: {args.texts} texts x {args.videos} videos, L={L}, T={T}, D={d}, chunk={chunk}")
 
-    tokens, tmask, video, vmask = inputs(args.texts, args.videos, L, T, d)
+    tokens, tmask, video, vmask = inputs(args.texts, args.videos, L, T, d, args.lengths)
+    real_tokens = int(tmask.sum())
     with torch.no_grad():
         seconds = timeit(lambda: model.similarity(tokens, tmask, video, vmask, chunk_size=args.chunk), repeat=3)
-    flops = 2 * args.texts * L * args.videos * T * d
+    flops = 2 * args.texts * L * args.videos * T * d  # the padded product, as before bucketing
+    real_flops = 2 * real_tokens * int(vmask.sum()) * d  # the products of real tokens and real frames
     achieved = flops / seconds / 1e9
     peak = matmul_gflops()
-    report("wti", texts=args.texts, videos=args.videos, seconds=seconds, gflops=achieved, matmul_gflops=peak,
-           ratio_to_matmul=achieved / peak, chunk=chunk)
+    report("wti", texts=args.texts, videos=args.videos, lengths=args.lengths, mean_tokens=real_tokens / args.texts,
+           seconds=seconds, gflops=achieved, matmul_gflops=peak, ratio_to_matmul=achieved / peak,
+           real_gflops=real_flops / seconds / 1e9, chunk=chunk)
 
     sizes = [(args.texts, args.videos)]
     if not args.no_scaling:
@@ -89,7 +97,7 @@ def main() -> None:
 
 def memory_probe(args: argparse.Namespace, texts: int, videos: int) -> float:
     """Peak MiB above the pre-call level of one ``similarity`` call, measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--probe-memory", "--texts", str(texts), "--videos", str(videos),
+    cmd = [sys.executable, __file__, "--probe-memory", "--texts", str(texts), "--videos", str(videos), "--lengths", args.lengths,
            "--words", str(args.words), "--frames", str(args.frames), "--dim", str(args.dim)]
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
@@ -101,7 +109,7 @@ def memory_probe(args: argparse.Namespace, texts: int, videos: int) -> float:
 
 
 def probe(model: DiffusionRet, args: argparse.Namespace) -> None:
-    feats = inputs(args.texts, args.videos, args.words, args.frames, args.dim)
+    feats = inputs(args.texts, args.videos, args.words, args.frames, args.dim, args.lengths)
     with torch.no_grad(), PeakRSS() as mem:
         model.similarity(*feats, chunk_size=args.chunk)
     print(mem.peak_mib)
