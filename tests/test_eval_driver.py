@@ -74,3 +74,27 @@ def test_chunked_similarity_equals_one_block(setup: tuple[Path, Path]) -> None:
     torch.testing.assert_close(chunked, one)
     direct = model.similarity(feats.tokens, feats.text_mask, feats.video, feats.frame_mask)
     torch.testing.assert_close(one, direct)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_similarity_matrix_in_length_order_equals_padded(chunk: int) -> None:
+    """Captions scored in length buckets come back in caption order with the padded computation's scores."""
+    from diffusionret.evaluation.features import CorpusFeatures
+    from diffusionret.models.similarity import token_weights, wti_scores
+
+    model = build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(3)
+    nt, nv, length, frames, d = 13, 6, 9, 4, model.embed_dim
+    real = torch.randint(0, length + 1, (nt,), generator=g)
+    text_mask = (torch.arange(length)[None] < real[:, None]).long()
+    frame_mask = (torch.arange(frames)[None] < torch.randint(1, frames + 1, (nv,), generator=g)[:, None]).long()
+    feats = CorpusFeatures(tokens=torch.randn(nt, length, d, generator=g), text_mask=text_mask,
+                           cls=torch.randn(nt, d, generator=g), video=torch.randn(nv, frames, d, generator=g),
+                           frame_mask=frame_mask, caption_to_video=torch.arange(nt) % nv, video_ids=list("abcdef"))
+    with torch.no_grad():
+        got = similarity_matrix(model, feats, chunk_size=chunk, ctx=DistContext(), progress=False)
+        unit = torch.nn.functional.normalize
+        expected = wti_scores(unit(feats.tokens, dim=-1), text_mask, token_weights(model.text_weight_fc, feats.tokens, text_mask),
+                              unit(feats.video, dim=-1), frame_mask,
+                              token_weights(model.video_weight_fc, feats.video, frame_mask))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -16,6 +16,7 @@ from diffusionret.models.factory import build_model
 from diffusionret.models.similarity import (chunked_token_weights, length_buckets, token_weights, wti_scores,
                                              wti_similarity)
 
+
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)  # open_clip initialises CLIP from the global RNG
@@ -95,16 +96,16 @@ def _random_mask(g, rows, length, kind):
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 7), st.integers(1, 5), st.sampled_from([None, 1, 2, 3, 4]),
        st.sampled_from(["prefix", "scattered"]), st.sampled_from(["prefix", "scattered"]), st.booleans(),
        st.integers(0, 10_000))
-def test_bucketed_wti_equals_padded(nt, nv, length, frames, chunk, text_kind, video_kind, precomputed, seed):
-    """Length bucketing (real tokens/frames + one padded position per block) gives the padded scores,
+def test_bucketed_wti_equals_padded(model, nt, nv, length, frames, chunk, text_kind, video_kind, precomputed, seed):
+    """Length bucketing (real tokens/frames, the zero floor applied to the maxima) gives the padded scores,
     for any masks: all-padded rows, full rows, L = 1, T = 1, valid positions anywhere."""
     g = torch.Generator().manual_seed(seed)
     tokens, video = torch.randn(nt, length, 64, generator=g), torch.randn(nv, frames, 64, generator=g)
     tmask, vmask = _random_mask(g, nt, length, text_kind), _random_mask(g, nv, frames, video_kind)
     with torch.no_grad():
-        fw = _MODEL.frame_weights(video, vmask) if precomputed else None
-        expected = _padded_wti(_MODEL, tokens, tmask, video, vmask)
-        got = wti_similarity(_MODEL.text_weight_fc, _MODEL.video_weight_fc, tokens, tmask, video, vmask, chunk,
+        fw = model.frame_weights(video, vmask) if precomputed else None
+        expected = _padded_wti(model, tokens, tmask, video, vmask)
+        got = wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
                              frame_weights=fw)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     # A row with nothing valid on either side scores exactly 0 against everything.
@@ -185,9 +186,11 @@ def test_memory_bounded_by_chunk(model, frame_weights):
     chunk, length, frames, d = 3, 6, 4, 64
     small, t_rows, v_rows = _largest_intermediate(model, chunk, chunk, chunk, frame_weights)
     large, t_rows_l, v_rows_l = _largest_intermediate(model, 7 * chunk + 1, 5 * chunk + 2, chunk, frame_weights)
-    assert large == small
     hidden = 2 * d  # the weight MLP's hidden layer
-    assert large <= max(chunk * length * chunk * frames, chunk * max(length, frames) * hidden)
+    # Length buckets make the block sizes depend on the lengths drawn, so the two runs need not hit
+    # the same largest tensor; both stay within one full chunk's worth, whatever Nt and Nv are.
+    bound = max(chunk * length * chunk * frames, chunk * max(length, frames) * hidden)
+    assert small <= bound and large <= bound
     assert max(t_rows + t_rows_l) <= chunk and sum(t_rows_l) == 7 * chunk + 1
     if frame_weights:
         assert v_rows == v_rows_l == []  # the video MLP is skipped

@@ -34,7 +34,7 @@ from diffusionret.evaluation.metrics import format_table, multi_caption_metrics
 from diffusionret.distributed import DistContext, all_gather_variable, broadcast_object, shard_range
 from diffusionret.models.fingerprint import model_fingerprint
 from diffusionret.retrieval.reranker import RerankConfig, Reranker
-from diffusionret.models.similarity import length_order
+from diffusionret.models.similarity import length_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
                       progress: bool = True) -> torch.Tensor:
     """WTI scores of every caption against every video, in bounded memory.
 
-    Each rank takes a contiguous share of the captions and scores them ``chunk_size`` at a time in
-    order of real length (so a chunk's products cover only its real tokens + 1, see
-    :func:`diffusionret.models.similarity.length_buckets`) against all videos, which the model
+    Each rank takes a contiguous share of the captions and scores them in chunks of at most
+    ``chunk_size`` captions of similar real length (so a chunk's products cover only its real
+    tokens + 1, see :func:`diffusionret.models.similarity.length_buckets`) against all videos, which the model
     scores ``chunk_size`` videos at a time: peak memory is one ``(chunk, L, chunk, T)`` block.
     The video weight MLP runs once over all videos, not once per caption chunk. The rows are
     written back in caption order.
@@ -62,11 +62,10 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
     # The video-side weights are the same for every text chunk: compute them once (as the model
     # would inside each call, with the same chunking, so the scores are unchanged).
     frame_weights = model.frame_weights(video, frame_mask, chunk_size=chunk_size)
-    order = length_order(feats.text_mask[rows.start:rows.stop])
-    local = torch.empty(len(order), feats.num_videos, dtype=torch.float32, device=device)
-    starts = range(0, len(order), chunk_size)
-    for start in tqdm(starts, desc="similarity", unit="chunk", disable=not (progress and ctx.is_main), leave=False):
-        pick = order[start:start + chunk_size]
+    buckets = length_buckets(feats.text_mask[rows.start:rows.stop], chunk_size)
+    local = torch.empty(len(rows), feats.num_videos, dtype=torch.float32, device=device)
+    for bucket in tqdm(buckets, desc="similarity", unit="chunk", disable=not (progress and ctx.is_main), leave=False):
+        pick = bucket.rows
         src = pick + rows.start
         local[pick.to(device)] = model.similarity(feats.tokens[src].to(device), feats.text_mask[src].to(device),
                                                   video, frame_mask, chunk_size=chunk_size,
