@@ -17,6 +17,10 @@ batched path and the ratio is inflated.
     python benchmarks/bench_rerank.py                       # 1000 x 1000, D=512, T=12, K=32, 50 steps
     python benchmarks/bench_rerank.py --reference-batched   # + the reference's 32-row batches (plain forward)
     python benchmarks/bench_rerank.py --queries 200         # quicker
+
+Caption lengths play no part here: the denoisers see each caption's pooled sentence feature only.
+Re-ranking together with the WTI matrix over MSR-VTT caption lengths (the evaluation as a whole) is
+``bench_eval.py``.
 """
 
 from __future__ import annotations

@@ -116,8 +116,8 @@ def test_bucketed_wti_equals_padded(model, nt, nv, length, frames, chunk, text_k
 @given(st.integers(1, 20), st.integers(1, 9), st.integers(1, 6), st.sampled_from(["prefix", "scattered"]),
        st.integers(0, 10_000))
 def test_length_buckets_cover_rows_once(rows, length, chunk, kind, seed):
-    """Every row lands in exactly one bucket, which keeps all its valid positions plus a padded one
-    when the row has padding (the zero floor) and never more than L positions."""
+    """Every row lands in exactly one bucket, which keeps all its valid positions (at least one, at
+    most L) and marks the rows with padding for the zero floor."""
     g = torch.Generator().manual_seed(seed)
     mask = _random_mask(g, rows, length, kind)
     buckets = length_buckets(mask, chunk)
@@ -127,8 +127,8 @@ def test_length_buckets_cover_rows_once(rows, length, chunk, kind, seed):
         kept = b.take(mask)  # (n, keep)
         assert b.keep <= length and kept.shape == (len(b.rows), b.keep) and len(b.rows) <= chunk
         assert torch.equal(kept.sum(1), mask[b.rows].sum(1))  # every valid position kept
-        has_padding = mask[b.rows].sum(1) < length
-        assert (kept[has_padding] == 0).any(dim=1).all()  # and a padded one where there is padding
+        assert b.keep == max(1, int(mask[b.rows].sum(1).max()))
+        assert torch.equal(b.floor, mask[b.rows].sum(1) < length)  # the zero floor where there is padding
 
 
 class _LargestOutputs(TorchDispatchMode):

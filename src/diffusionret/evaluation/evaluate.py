@@ -47,7 +47,7 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
 
     Each rank takes a contiguous share of the captions and scores them in chunks of at most
     ``chunk_size`` captions of similar real length (so a chunk's products cover only its real
-    tokens + 1, see :func:`diffusionret.models.similarity.length_buckets`) against all videos, which the model
+    tokens, see :func:`diffusionret.models.similarity.length_buckets`) against all videos, which the model
     scores ``chunk_size`` videos at a time: peak memory is one ``(chunk, L, chunk, T)`` block.
     The video weight MLP runs once over all videos, not once per caption chunk. The rows are
     written back in caption order.

@@ -7,8 +7,9 @@ the features or of the MLPs' (N, L, 2D) hidden layer ever exists. Besides the (N
 the (Nv, T) frame weights, the largest live tensor is one chunk's (A, L, B, T) score block.
 
 Work is spent only on the tokens and frames that exist: texts are grouped by real length and videos
-by real frame count, and each block keeps its rows' longest real length + 1 positions (the extra,
-padded position supplies the reference's zero floor; see :func:`length_buckets`).
+by real frame count, and each block keeps its rows' longest real length; the reference's zero floor
+(a padded position's 0 taking part in the maxima) is applied as ``max(., 0)`` on the rows that had
+padding (see :func:`length_buckets`).
 """
 
 from __future__ import annotations
@@ -73,15 +74,32 @@ def _masked_unit(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(feats.float(), dim=-1) * mask.to(torch.float32).unsqueeze(-1)
 
 
-def _block_scores(text_unit: torch.Tensor, text_w: torch.Tensor, video_unit: torch.Tensor,
-                  video_w: torch.Tensor) -> torch.Tensor:
-    """WTI logits of one block from masked unit features: (A, L, D), (A, L), (B, T, D), (B, T) -> (A, B)."""
+def _zero_floor(maxima: torch.Tensor, floor: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``max(maxima, 0)`` on the slices along ``dim`` where ``floor`` (bool) is set; ``None``: none."""
+    if floor is None or not bool(floor.any()):
+        return maxima
+    if bool(floor.all()):
+        return maxima.clamp_min(0)
+    shape = [1] * maxima.ndim
+    shape[dim] = -1
+    return torch.where(floor.view(shape), maxima.clamp_min(0), maxima)
+
+
+def _block_scores(text_unit: torch.Tensor, text_w: torch.Tensor, video_unit: torch.Tensor, video_w: torch.Tensor,
+                  text_floor: torch.Tensor | None = None, video_floor: torch.Tensor | None = None) -> torch.Tensor:
+    """WTI logits of one block from masked unit features: (A, L, D), (A, L), (B, T, D), (B, T) -> (A, B).
+
+    ``text_floor`` (A,) / ``video_floor`` (B,) bool: rows that had padding which is not among the
+    positions given. A padded position scores 0 against everything, so its only effect is a 0 taking
+    part in the maxima across that side (the zero floor); applying it as ``max(., 0)`` is the same
+    number, without the position's share of the product.
+    """
     a, length, dim = text_unit.shape
     b, frames, _ = video_unit.shape
     # One (A*L, D) x (D, B*T) matrix product; then maxima and weighted sums.
     s = (text_unit.reshape(a * length, dim) @ video_unit.reshape(b * frames, dim).T).view(a, length, b, frames)
-    t2v = torch.einsum("al,alb->ab", text_w, s.amax(dim=3))
-    v2t = torch.einsum("bt,abt->ab", video_w, s.amax(dim=1))
+    t2v = torch.einsum("al,alb->ab", text_w, _zero_floor(s.amax(dim=3), video_floor, 2))
+    v2t = torch.einsum("bt,abt->ab", video_w, _zero_floor(s.amax(dim=1), text_floor, 0))
     return (t2v + v2t) / 2
 
 
@@ -112,15 +130,17 @@ class LengthBucket:
 
     Attributes:
         rows: (n,) row indices into the full (N, L) tensors.
-        keep: positions kept per row: the chunk's longest real length + 1 (a padded position, for the
-            zero floor), at most L.
+        keep: positions kept per row: the chunk's longest real length (at least 1).
         positions: (n, keep) positions to keep, valid ones first; ``None`` when every mask is a prefix
             (valid positions first), so the first ``keep`` positions are the ones.
+        floor: (n,) bool, rows with padding (real length < L): their side's maxima take a 0 part
+            (the zero floor), whether or not a padded position is among the kept ones.
     """
 
     rows: torch.Tensor
     keep: int
     positions: torch.Tensor | None
+    floor: torch.Tensor
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """This bucket's rows and kept positions of x: (N, L, *F) -> (n, keep, *F)."""
@@ -131,9 +151,9 @@ class LengthBucket:
         return torch.gather(sub, 1, index)
 
 
-#: A bucket's longest row keeps at most this many times the positions of its shortest: on the
-#: MSR-VTT 1k-A captions (chunks of 128) the products then cover 13.5 positions per caption instead
-#: of 14.3 with fixed-size chunks (12.6 would be each caption's own length + 1), in 10 buckets.
+#: A bucket's longest row keeps at most this many times the positions of its shortest (+ 1): on the
+#: MSR-VTT 1k-A captions (chunks of 128) the products then cover 12.5 positions per caption instead
+#: of 13.3 with fixed-size chunks (11.6 would be each caption's own length), in 10 buckets.
 BUCKET_SPREAD = 1.25
 
 
@@ -141,12 +161,12 @@ def length_buckets(mask: torch.Tensor, chunk_size: int) -> list[LengthBucket]:
     """Split rows into chunks of at most ``chunk_size`` in :func:`length_order`, each trimmed to what WTI needs.
 
     A padded position scores exactly 0 against everything and its softmax weight is 0, so it matters
-    only as the 0 that takes part in the maxima (the reference's zero floor, SPEC.md 1.4 step 4): one
-    padded position per row gives the same maxima as all of them. A chunk therefore keeps its longest
-    real length + 1 positions (capped at L); its shorter rows keep more padded positions, which
-    changes nothing. A chunk also ends where a row would need more than :data:`BUCKET_SPREAD` times
-    the positions of the chunk's first row, so the long tail of lengths does not widen a whole chunk.
-    Rows with no valid position keep one (padded) position and score 0, as before.
+    only as the 0 that takes part in the maxima (the reference's zero floor, SPEC.md 1.4 step 4),
+    which :attr:`LengthBucket.floor` supplies. A chunk therefore keeps its longest real length
+    (capped at L, at least 1); its shorter rows keep some padded positions, which changes nothing. A
+    chunk also ends where a row would need more than :data:`BUCKET_SPREAD` times the positions (+ 1)
+    of the chunk's first row, so the long tail of lengths does not widen a whole chunk. Rows with no
+    valid position keep one (padded) position and score 0, as before.
 
     Args:
         mask: (N, L) 0/1, not necessarily a prefix mask.
@@ -161,6 +181,7 @@ def length_buckets(mask: torch.Tensor, chunk_size: int) -> list[LengthBucket]:
     prefix = bool(torch.equal(valid, torch.arange(full, device=mask.device)[None, :] < lengths[:, None]))
     # Valid positions first, each group in its original order.
     positions = None if prefix else torch.argsort((~valid).to(torch.int32), dim=1, stable=True)
+    floor = lengths < full
     buckets = []
     start = 0
     while start < n:
@@ -169,8 +190,8 @@ def length_buckets(mask: torch.Tensor, chunk_size: int) -> list[LengthBucket]:
         limit = BUCKET_SPREAD * (sorted_lengths[start] + 1) - 1
         stop = min(bisect.bisect_right(sorted_lengths, limit, lo=start + 1), start + chunk_size, n)
         rows = order[start:stop]
-        keep = min(full, sorted_lengths[stop - 1] + 1)
-        buckets.append(LengthBucket(rows=rows, keep=keep,
+        keep = max(1, min(full, sorted_lengths[stop - 1]))
+        buckets.append(LengthBucket(rows=rows, keep=keep, floor=floor.index_select(0, rows),
                                     positions=None if positions is None else positions.index_select(0, rows)[:, :keep]))
         start = stop
     return buckets
@@ -182,8 +203,8 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
     """Full (Nt, Nv) WTI matrix over the tokens and frames that exist, in bounded memory.
 
     Texts are grouped by real length and videos by real frame count (:func:`length_buckets`); each
-    block's product covers only its rows' valid positions plus the one padded position the zero floor
-    needs, and the scores go back to the input order. This equals the padded computation up to float
+    block's product covers only its rows' valid positions (the zero floor of padded rows is applied
+    to the maxima), and the scores go back to the input order. This equals the padded computation up to float
     re-association (tested: <= 1e-6). Features may be fp16/bf16 (e.g. from an index): every chunk is
     cast to float32 first.
 
@@ -230,5 +251,5 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
             # Re-normalising a video chunk per text chunk costs 1/(2 A L) of its product; keeping
             # normalised copies of all videos instead would grow memory with Nv.
             video_unit = _masked_unit(vb.take(video), vb.take(frame_mask))
-            out[rows, vb.rows] = _block_scores(text_unit, text_w, video_unit, vb.take(video_w))
+            out[rows, vb.rows] = _block_scores(text_unit, text_w, video_unit, vb.take(video_w), tb.floor, vb.floor)
     return out
