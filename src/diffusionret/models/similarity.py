@@ -153,7 +153,7 @@ class LengthBucket:
 
 #: A bucket's longest row keeps at most this many times the positions of its shortest (+ 1): on the
 #: MSR-VTT 1k-A captions (chunks of 128) the products then cover 12.5 positions per caption instead
-#: of 13.3 with fixed-size chunks (11.6 would be each caption's own length), in 10 buckets.
+#: of 13.4 with fixed-size chunks (11.6 would be each caption's own length), in 10 buckets.
 BUCKET_SPREAD = 1.25
 
 
