@@ -22,11 +22,11 @@ import argparse
 import time
 
 import torch
+from diffusionret.distributed import DistContext
 from diffusionret.evaluation.evaluate import rerank_scores, similarity_matrix
 from diffusionret.evaluation.features import CorpusFeatures
 from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
-from diffusionret.training.distributed import DistContext
 
 from _common import add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, load_text, machine, report
 

@@ -267,3 +267,20 @@ def worker_pid(_item):
     import os
 
     return os.getpid()
+
+
+def padded_wti(model, tokens, tmask, video, vmask, frame_weights=None):
+    """WTI over every padded position in one block (docs/reference.md §1.4 as written, vectorised): the
+    computation before length bucketing. (Nt, L, D), (Nt, L), (Nv, T, D), (Nv, T) -> (Nt, Nv)."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffusionret.models.similarity import token_weights
+
+    video_w = token_weights(model.video_weight_fc, video, vmask) if frame_weights is None else frame_weights
+    text_w = token_weights(model.text_weight_fc, tokens, tmask)
+    s = torch.einsum("ald,btd->albt", F.normalize(tokens, dim=-1), F.normalize(video, dim=-1))
+    s = s * tmask[:, :, None, None] * vmask[None, None]  # padded pairs score exactly 0: the zero floor
+    t2v = torch.einsum("al,alb->ab", text_w, s.amax(dim=3))
+    v2t = torch.einsum("bt,abt->ab", video_w, s.amax(dim=1))
+    return (t2v + v2t) / 2

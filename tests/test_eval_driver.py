@@ -12,11 +12,12 @@ from diffusionret.cli import main
 from diffusionret.config import load_run_config
 from diffusionret.data.errors import MissingVideosError
 from diffusionret.evaluation.evaluate import evaluate, extract_features, similarity_matrix
+from diffusionret.evaluation.features import CorpusFeatures
 from diffusionret.models.checkpoint import save_model
 from diffusionret.models.config import DiffusionSchedule, ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.distributed import DistContext
-from helpers import SMOKE2, write_smoke_corpus
+from helpers import SMOKE2, padded_wti, write_smoke_corpus
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +80,6 @@ def test_chunked_similarity_equals_one_block(setup: tuple[Path, Path]) -> None:
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 def test_similarity_matrix_in_length_order_equals_padded(chunk: int) -> None:
     """Captions scored in length buckets come back in caption order with the padded computation's scores."""
-    from diffusionret.evaluation.features import CorpusFeatures
-    from diffusionret.models.similarity import token_weights, wti_scores
-
     model = build_model(ModelConfig.tiny(), generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(3)
     nt, nv, length, frames, d = 13, 6, 9, 4, model.embed_dim
@@ -93,8 +91,5 @@ def test_similarity_matrix_in_length_order_equals_padded(chunk: int) -> None:
                            frame_mask=frame_mask, caption_to_video=torch.arange(nt) % nv, video_ids=list("abcdef"))
     with torch.no_grad():
         got = similarity_matrix(model, feats, chunk_size=chunk, ctx=DistContext(), progress=False)
-        unit = torch.nn.functional.normalize
-        expected = wti_scores(unit(feats.tokens, dim=-1), text_mask, token_weights(model.text_weight_fc, feats.tokens, text_mask),
-                              unit(feats.video, dim=-1), frame_mask,
-                              token_weights(model.video_weight_fc, feats.video, frame_mask))
+        expected = padded_wti(model, feats.tokens, text_mask, feats.video, frame_mask)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

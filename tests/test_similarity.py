@@ -13,8 +13,8 @@ from torch.utils._pytree import tree_leaves
 
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
-from diffusionret.models.similarity import (chunked_token_weights, length_buckets, token_weights, wti_scores,
-                                             wti_similarity)
+from diffusionret.models.similarity import chunked_token_weights, length_buckets, token_weights, wti_similarity
+from helpers import padded_wti
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,6 @@ def test_wti_permutation_equivariance(model, nt, nv, seed):
     torch.testing.assert_close(perm, base[pt][:, pv], atol=1e-6, rtol=0)
 
 
-def _padded_wti(model, tokens, tmask, video, vmask, frame_weights=None):
-    """WTI over every padded position in one block: the computation before length bucketing."""
-    video_w = token_weights(model.video_weight_fc, video, vmask) if frame_weights is None else frame_weights
-    return wti_scores(F.normalize(tokens, dim=-1), tmask, token_weights(model.text_weight_fc, tokens, tmask),
-                      F.normalize(video, dim=-1), vmask, video_w)
-
-
 def _random_mask(g, rows, length, kind):
     """(rows, length) 0/1: ``prefix`` real lengths from 0 to L, or ``scattered`` valid positions anywhere;
     row 0 is forced all-padded and row 1 full when there are enough rows (the two edge cases)."""
@@ -104,7 +97,7 @@ def test_bucketed_wti_equals_padded(model, nt, nv, length, frames, chunk, text_k
     tmask, vmask = _random_mask(g, nt, length, text_kind), _random_mask(g, nv, frames, video_kind)
     with torch.no_grad():
         fw = model.frame_weights(video, vmask) if precomputed else None
-        expected = _padded_wti(model, tokens, tmask, video, vmask)
+        expected = padded_wti(model, tokens, tmask, video, vmask)
         got = wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
                              frame_weights=fw)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

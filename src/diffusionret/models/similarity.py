@@ -161,7 +161,7 @@ def length_buckets(mask: torch.Tensor, chunk_size: int) -> list[LengthBucket]:
     """Split rows into chunks of at most ``chunk_size`` in :func:`length_order`, each trimmed to what WTI needs.
 
     A padded position scores exactly 0 against everything and its softmax weight is 0, so it matters
-    only as the 0 that takes part in the maxima (the reference's zero floor, SPEC.md 1.4 step 4),
+    only as the 0 that takes part in the maxima (the reference's zero floor, docs/reference.md §1.4),
     which :attr:`LengthBucket.floor` supplies. A chunk therefore keeps its longest real length
     (capped at L, at least 1); its shorter rows keep some padded positions, which changes nothing. A
     chunk also ends where a row would need more than :data:`BUCKET_SPREAD` times the positions (+ 1)
