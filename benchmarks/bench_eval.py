@@ -32,7 +32,8 @@ from _common import add_lengths_arg, add_thread_arg, apply_threads, caption_leng
 
 
 def build(dim: int, steps: int) -> DiffusionRet:
-    """The head and denoisers at full width on a tiny CLIP (only the head is used)."""
+    """The head and denoisers at full width on a tiny CLIP (only the head is used); the same weights every run."""
+    torch.manual_seed(0)  # the model initialises from the global RNG
     clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
                       text_width=dim, text_layers=1, vocab_size=1000)
     model = DiffusionRet(ModelConfig(clip=clip, stage="generation", temporal_layers=1, diffusion_steps=steps)).eval()
