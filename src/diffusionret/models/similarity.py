@@ -204,9 +204,9 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
 
     Texts are grouped by real length and videos by real frame count (:func:`length_buckets`); each
     block's product covers only its rows' valid positions (the zero floor of padded rows is applied
-    to the maxima), and the scores go back to the input order. This equals the padded computation up to float
-    re-association (tested: <= 1e-6). Features may be fp16/bf16 (e.g. from an index): every chunk is
-    cast to float32 first.
+    to the maxima), and the scores go back to the input order. This equals the padded computation
+    up to float re-association (tested: <= 1e-6). Features may be fp16/bf16 (e.g. from an index):
+    every chunk is cast to float32 first.
 
     Args:
         tokens: (Nt, L, D) text token features; text_mask: (Nt, L).
