@@ -256,9 +256,9 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
 
 
 def _version() -> str:
-    import diffusionret
+    from diffusionret.version import __version__
 
-    return diffusionret.__version__
+    return __version__
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
