@@ -93,3 +93,29 @@ def test_similarity_matrix_in_length_order_equals_padded(chunk: int) -> None:
         got = similarity_matrix(model, feats, chunk_size=chunk, ctx=DistContext(), progress=False)
         expected = padded_wti(model, feats.tokens, text_mask, feats.video, frame_mask)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_unstated_input_settings_come_from_the_checkpoint(setup: tuple[Path, Path], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from diffusionret.inputs import InputConfig
+    from diffusionret.models.checkpoint import load_model
+
+    root, ckpt = setup
+    recorded = InputConfig(max_frames=2, fps=1.0, sampling="head", size=32, max_words=12)
+    model_file = save_model(load_model(ckpt), tmp_path / "recorded.safetensors", input_config=recorded)
+    cfg = _cfg(root)  # the smoke YAML states max_words, max_frames, fps and size, not sampling
+    assert cfg.data_inputs_given == {"max_words", "max_frames", "fps", "size"}
+    assert "data_inputs_given" not in cfg.to_dict()
+    with caplog.at_level("WARNING"):
+        feats = extract_features(cfg, model_file)
+    # What the run states wins (with a warning naming the difference); the rest is the model's.
+    assert (feats.meta["sampling"], feats.meta["max_frames"], feats.meta["max_words"]) == ("head", 3, 16)
+    assert "max_frames 2 (model) != 3 (run)" in caplog.text
+    # An override states a setting too.
+    stated = _cfg(root, "data.sampling=tail")
+    assert extract_features(stated, model_file).meta["sampling"] == "tail"
+    # A config built in Python states every setting: nothing is taken from the model.
+    assert extract_features(cfg.__class__(**{**{f: getattr(cfg, f) for f in ("stage", "output_dir", "data", "model",
+                                                                                 "optim", "train", "diffusion",
+                                                                                 "eval", "seed")}}),
+                            model_file).meta["sampling"] == cfg.data.sampling

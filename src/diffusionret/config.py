@@ -18,6 +18,8 @@ Example (the shape of every file in ``configs/``)::
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 import re
@@ -27,8 +29,11 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 from diffusionret.config_utils import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from diffusionret.data.config import DataConfig
+from diffusionret.inputs import INPUT_FIELDS
 from diffusionret.models.config import LEGACY_MODEL_KEYS, InputConfig, ModelConfig
 from diffusionret.retrieval.reranker import RerankConfig
+
+logger = logging.getLogger(__name__)
 
 Stage = Literal["discrimination", "generation"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -258,6 +263,11 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
+    #: Which of the input settings of ``data`` (:data:`INPUT_FIELDS`) the YAML file or an override
+    #: wrote; evaluating a checkpoint takes the others from the input config it records. Set by
+    #: :func:`load_run_config` (a config built in Python states all of them); not part of the YAML.
+    data_inputs_given: frozenset[str] = field(default=frozenset(INPUT_FIELDS), compare=False, repr=False,
+                                              metadata={"config": False})
 
     def __post_init__(self) -> None:
         if self.stage == "generation" and self.model.init_checkpoint is None:
@@ -277,6 +287,24 @@ class RunConfig:
         d, ev = self.diffusion, self.eval
         return RerankConfig(steps=d.steps, schedule=d.schedule, top_k=ev.top_k, alpha=ev.alpha, temperature=ev.temp,
                             eta=ev.eta)
+
+    def with_model_inputs(self, recorded: InputConfig, source: str = "the model") -> "RunConfig":
+        """This run with the input settings it did not state taken from a model's ``recorded`` ones.
+
+        Settings the run states (:attr:`data_inputs_given`) are kept, with a warning when they
+        differ from the model's: its numbers will be off.
+        """
+        taken = {name: getattr(recorded, name) for name in INPUT_FIELDS
+                 if name not in self.data_inputs_given and getattr(recorded, name) != getattr(self.data, name)}
+        differ = {name: (getattr(recorded, name), getattr(self.data, name)) for name in INPUT_FIELDS
+                  if name in self.data_inputs_given and getattr(recorded, name) != getattr(self.data, name)}
+        if differ:
+            logger.warning("%s was trained with other input settings than data.* of this run: %s", source,
+                           ", ".join(f"{k} {a!r} (model) != {b!r} (run)" for k, (a, b) in differ.items()))
+        if not taken:
+            return self
+        logger.info("input settings from %s: %s", source, ", ".join(f"{k}={v!r}" for k, v in taken.items()))
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **taken))
 
     def input_config(self) -> InputConfig:
         """The input settings of this run's data section (recorded with the models it saves)."""
@@ -327,6 +355,9 @@ def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     try:
-        return from_dict(RunConfig, expand_env(data))
+        config = from_dict(RunConfig, expand_env(data))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
+    section = data.get("data")
+    given = frozenset(INPUT_FIELDS) & frozenset(section if isinstance(section, Mapping) else ())
+    return dataclasses.replace(config, data_inputs_given=given)

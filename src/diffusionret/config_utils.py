@@ -107,7 +107,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("config", True)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown} (valid: {sorted(names)})")
@@ -121,7 +121,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
 def to_dict(obj: Any) -> Any:
     """Plain, YAML/JSON-serialisable form of a (nested) dataclass."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("config", True)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -15,7 +15,10 @@ from typing import Any, Literal, Mapping
 
 Sampling = Literal["uniform", "head", "tail", "reference"]
 
-__all__ = ["REFERENCE_INPUT", "InputConfig", "Sampling"]
+__all__ = ["INPUT_FIELDS", "REFERENCE_INPUT", "InputConfig", "Sampling"]
+
+#: The fields of :class:`InputConfig`, which a run's data section holds under the same names.
+INPUT_FIELDS = ("max_frames", "fps", "sampling", "size", "max_words")
 
 
 @dataclass(frozen=True)

@@ -196,22 +196,20 @@ def _data_meta(data_cfg: Any, split: str) -> dict[str, Any]:
 
 
 def _load_for_eval(checkpoint: str | os.PathLike | nn.Module, run_config: Any, ctx: DistContext,
-                   use_ema: bool) -> nn.Module:
+                   use_ema: bool) -> tuple[nn.Module, Any]:
+    """The model to evaluate and the run config it is evaluated with.
+
+    The input settings the run config does not state (``RunConfig.data_inputs_given``) come from
+    the checkpoint's recorded input config, as search and index build take them.
+    """
     from diffusionret.models.checkpoint import load_checkpoint
 
     if isinstance(checkpoint, nn.Module):
-        return checkpoint.to(ctx.device).eval()
+        return checkpoint.to(ctx.device).eval(), run_config
     loaded = load_checkpoint(checkpoint, device=ctx.device, use_ema=use_ema)
-    data = run_config.data
-    # The run config's data section decides (it names the dataset); a model trained on other
-    # input settings is worth a warning, since its numbers will be off.
-    differ = {name: (getattr(loaded.input, name), getattr(data, name)) for name in ("max_frames", "fps", "sampling",
-                                                                                    "size", "max_words")
-              if loaded.input_recorded and getattr(loaded.input, name) != getattr(data, name)}
-    if differ:
-        logger.warning("%s was trained with other input settings than data.* of this run: %s", loaded.source,
-                       ", ".join(f"{k} {a!r} (model) != {b!r} (run)" for k, (a, b) in differ.items()))
-    return loaded.model
+    if loaded.input_recorded:
+        run_config = run_config.with_model_inputs(loaded.input, loaded.source)
+    return loaded.model, run_config
 
 
 def extract_features(run_config: Any, checkpoint: str | os.PathLike | nn.Module, *, split: str | None = None,
@@ -231,7 +229,7 @@ def extract_features(run_config: Any, checkpoint: str | os.PathLike | nn.Module,
 
     ctx = dist or _default_context(run_config)
     split = split or run_config.eval.split
-    model = _load_for_eval(checkpoint, run_config, ctx, use_ema)
+    model, run_config = _load_for_eval(checkpoint, run_config, ctx, use_ema)
     dataset = build_dataset(run_config.data, split, train=False, report_dir=Path(run_config.output_dir))
     meta = {"model": model_fingerprint(model), **_data_meta(run_config.data, split)}
     data = run_config.data
@@ -270,7 +268,7 @@ def evaluate(run_config: Any, checkpoint: str | os.PathLike | nn.Module, *, spli
     ctx = dist or _default_context(run_config)
     ev = run_config.eval
     split = split or ev.split
-    model = _load_for_eval(checkpoint, run_config, ctx, use_ema)
+    model, run_config = _load_for_eval(checkpoint, run_config, ctx, use_ema)
     feats = None
     if features is not None and Path(features).is_file():
         expected = {"model": model_fingerprint(model), **_data_meta(run_config.data, split)}
