@@ -87,6 +87,15 @@ def make_videos(folder: Path, count: int, start: int = 0) -> list[Path]:
     return paths
 
 
+def assert_json_error(response, status: int) -> dict:
+    """``response`` (an httpx response) is the API's JSON error with ``status``: ``{"error", "detail"}``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["detail"]
+    return body
+
+
 def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.01) -> None:
     """Poll ``condition()`` until it is true. The timeout only keeps a broken test from hanging:
     it is generous, and no test's outcome depends on how fast the condition comes true."""

@@ -22,7 +22,7 @@ from diffusionret.index.builder import build_index
 from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ServeConfig, UrlSigner, check_range, create_app
-from helpers import running_server, wait_for
+from helpers import assert_json_error, running_server, wait_for
 
 TOKEN = "correct-horse-battery-staple"
 # TestClient's default Host (testserver) is not a loopback name: the Host allowlist would refuse it.
@@ -53,14 +53,6 @@ def client(corpus: dict) -> Iterator[TestClient]:
 def auth_client(corpus: dict) -> Iterator[TestClient]:
     with TestClient(create_app(SyntheticSearcher(corpus["index"]), ServeConfig(token=TOKEN)), base_url=BASE_URL) as c:
         yield c
-
-
-def assert_json_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error", "detail"} and body["detail"]
-    return body
 
 
 # ------------------------------------------------------------------------------------ endpoints

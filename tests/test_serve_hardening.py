@@ -18,7 +18,6 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -29,7 +28,7 @@ from diffusionret.index.builder import build_index
 from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor, SyntheticSearcher
 from diffusionret.serve.app import ApiError, ServeConfig, UrlSigner, check_range, create_app
-from helpers import running_server, wait_for
+from helpers import assert_json_error, running_server, wait_for
 
 TOKEN = "correct-horse-battery-staple"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,14 +52,6 @@ def client_for(corpus: dict, config: ServeConfig | None = None, base_url: str = 
     # raise_server_exceptions=False: a crash must show as the 500 a real client gets, not as a test error.
     return TestClient(create_app(SyntheticSearcher(corpus["index"]), config, **kwargs), base_url=base_url,
                       raise_server_exceptions=False)
-
-
-def assert_json_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error", "detail"} and body["detail"]
-    return body
 
 
 # ------------------------------------------------------------------------------- 2: DNS rebinding
