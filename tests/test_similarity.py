@@ -99,8 +99,11 @@ def test_bucketed_wti_equals_padded(model, nt, nv, length, frames, chunk, text_k
         fw = model.frame_weights(video, vmask) if precomputed else None
         expected = padded_wti(model, tokens, tmask, video, vmask)
         got = wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
-                             frame_weights=fw)
+                             frame_weights=fw, trim=True)
+        padded = wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
+                                frame_weights=fw)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded, expected, atol=1e-6, rtol=0)
     # A row with nothing valid on either side scores exactly 0 against everything.
     assert (got[tmask.sum(1) == 0] == 0).all() and (got[:, vmask.sum(1) == 0] == 0).all()
 

@@ -69,7 +69,7 @@ def similarity_matrix(model: nn.Module, feats: CorpusFeatures, *, chunk_size: in
         src = pick + rows.start
         local[pick.to(device)] = model.similarity(feats.tokens[src].to(device), feats.text_mask[src].to(device),
                                                   video, frame_mask, chunk_size=chunk_size,
-                                                  frame_weights=frame_weights).float()
+                                                  frame_weights=frame_weights, trim=True).float()
     return all_gather_variable(local, ctx)
 
 

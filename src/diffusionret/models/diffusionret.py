@@ -213,14 +213,17 @@ class DiffusionRet(nn.Module):
         return chunked_token_weights(self.video_weight_fc, video, frame_mask, chunk_size)
 
     def similarity(self, tokens: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
-                   chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None,
+                   trim: bool = False) -> torch.Tensor:
         """WTI scores (Nt, Nv) in [-1, 1]; no logit scale (docs/reference.md §1.4).
 
         ``frame_weights``: optional (Nv, T) from :meth:`frame_weights`; the video weight MLP is then skipped.
+        ``trim``: compute on the real tokens and frames only (same scores up to rounding; see
+        :func:`~diffusionret.models.similarity.wti_similarity`), for evaluation and search.
         """
         text_mask = _flatten_text(text_mask, "text_mask")
         return wti_similarity(self.text_weight_fc, self.video_weight_fc, tokens, text_mask, video, frame_mask,
-                              chunk_size, frame_weights=frame_weights)
+                              chunk_size, frame_weights=frame_weights, trim=trim)
 
     # ------------------------------------------------------------------ denoisers
     def require_denoisers(self) -> None:

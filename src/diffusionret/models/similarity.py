@@ -199,14 +199,17 @@ def length_buckets(mask: torch.Tensor, chunk_size: int) -> list[LengthBucket]:
 
 def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens: torch.Tensor,
                    text_mask: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor,
-                   chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Full (Nt, Nv) WTI matrix over the tokens and frames that exist, in bounded memory.
+                   chunk_size: int | None = None, *, frame_weights: torch.Tensor | None = None,
+                   trim: bool = False) -> torch.Tensor:
+    """Full (Nt, Nv) WTI matrix, in bounded memory.
 
-    Texts are grouped by real length and videos by real frame count (:func:`length_buckets`); each
-    block's product covers only its rows' valid positions (the zero floor of padded rows is applied
-    to the maxima), and the scores go back to the input order. This equals the padded computation
-    up to float re-association (tested: <= 1e-6). Features may be fp16/bf16 (e.g. from an index):
-    every chunk is cast to float32 first.
+    With ``trim`` (evaluation and search), texts are grouped by real length and videos by real frame
+    count (:func:`length_buckets`); each block's product covers only its rows' valid positions (the
+    zero floor of padded rows is applied to the maxima), and the scores go back to the input order.
+    This equals the padded computation up to float re-association (tested: <= 1e-6). Training keeps
+    the padded blocks (``trim=False``): its batches are small, and re-associated sums, however
+    close, would send a seeded run down another trajectory. Features may be fp16/bf16 (e.g. from an
+    index): every chunk is cast to float32 first.
 
     Args:
         tokens: (Nt, L, D) text token features; text_mask: (Nt, L).
@@ -237,8 +240,19 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
         video_w = chunked_token_weights(video_weight_fc, video, frame_mask, chunk)
     else:
         video_w = frame_weights.to(device=video.device, dtype=torch.float32)
-    video_buckets = length_buckets(frame_mask, chunk)
     out = torch.empty(tokens.shape[0], video.shape[0], dtype=torch.float32, device=tokens.device)
+    if not trim:
+        for i in range(0, tokens.shape[0], chunk):
+            ti = slice(i, i + chunk)
+            text = tokens[ti].float()
+            text_w = token_weights(text_weight_fc, text, text_mask[ti])
+            text_unit = _masked_unit(text, text_mask[ti])
+            del text
+            for j in range(0, video.shape[0], chunk):
+                vj = slice(j, j + chunk)
+                out[ti, vj] = _block_scores(text_unit, text_w, _masked_unit(video[vj], frame_mask[vj]), video_w[vj])
+        return out
+    video_buckets = length_buckets(frame_mask, chunk)
     for tb in length_buckets(text_mask, chunk):
         # The weight MLP runs on the kept positions only: a padded position's weight is exactly 0
         # either way (the -9e15 fill underflows), so the softmax is the same.

@@ -213,7 +213,7 @@ def _second_stage(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, c
     weights = store.gather_weights(rows)  # stored at build time; None: the model computes them
     if weights is not None:
         weights = weights.to(device)
-    wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights).float()  # (1, N)
+    wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights, trim=True).float()  # (1, N)
     final = wti
     top_k = 0 if reranker is None else min(reranker.config.top_k, wti.shape[1])
     if top_k > 0:
