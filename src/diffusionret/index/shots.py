@@ -1,0 +1,86 @@
+"""Shot boundaries of a video with PySceneDetect (the optional ``diffusionret[scenes]`` extra).
+
+PySceneDetect reads the file through its PyAV backend (``VideoStreamAv``), the same decoder library
+the index uses, and its ``ContentDetector`` compares consecutive frames in HSV space. Detection is a
+full sequential pass over the video at its native frame rate, at a downscaled size, so it costs far
+less than encoding; :mod:`diffusionret.index.segments` turns the cuts into segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from diffusionret.data.errors import VideoDecodeError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SHOT_DETECTORS", "ShotDetectionUnavailableError", "detect_cuts", "require_scenedetect"]
+
+
+class ShotDetectionUnavailableError(RuntimeError):
+    """``--segments shots`` without PySceneDetect installed."""
+
+
+def require_scenedetect() -> None:
+    """Fail early (before any encoding) when PySceneDetect is missing."""
+    try:
+        import scenedetect  # noqa: F401
+    except ImportError as exc:
+        raise ShotDetectionUnavailableError(
+            "--segments shots needs PySceneDetect: pip install 'diffusionret[scenes]' (or scenedetect)"
+        ) from exc
+
+
+SHOT_DETECTORS: tuple[str, ...] = ("adaptive", "content")
+
+
+def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshold: float | None = None,
+                min_scene_len: float = 0.0) -> list[float]:
+    """Times (seconds from the first frame) where a new shot starts, ascending, ``0`` excluded.
+
+    Args:
+        path: the video.
+        detector: ``adaptive`` (``AdaptiveDetector``) or ``content`` (``ContentDetector``).
+        threshold: the detector's threshold (``adaptive_threshold``, default 3; ``threshold``,
+            default 27); higher finds fewer cuts. ``None``: PySceneDetect's default.
+        min_scene_len: seconds that must pass after a cut before the next one; short shots are
+            merged again later by :func:`~diffusionret.index.segments.shot_spans`, so the default
+            keeps every cut the detector sees.
+
+    Returns:
+        Cut times; empty for a single-shot video.
+
+    Raises:
+        ShotDetectionUnavailableError: PySceneDetect is not installed.
+        VideoDecodeError: the file cannot be opened or decoded (names the file).
+    """
+    if detector not in SHOT_DETECTORS:
+        raise ValueError(f"unknown shot detector {detector!r}; expected one of {SHOT_DETECTORS}")
+    require_scenedetect()
+    from scenedetect import AdaptiveDetector, ContentDetector, SceneManager
+    from scenedetect.backends.pyav import VideoStreamAv
+
+    path = Path(path)
+    try:
+        video = VideoStreamAv(str(path), suppress_output=True)
+    except Exception as exc:  # noqa: BLE001 - PySceneDetect raises its own types and PyAV's
+        raise VideoDecodeError(path, f"shot detection cannot open the video ({type(exc).__name__}: {exc})") from exc
+    manager = SceneManager()
+    # min_scene_len in frames: 0 lets the detector report back-to-back cuts; merging is ours.
+    frames = max(0, round(min_scene_len * float(video.frame_rate)))
+    if detector == "adaptive":
+        options = {} if threshold is None else {"adaptive_threshold": threshold}
+        manager.add_detector(AdaptiveDetector(min_scene_len=frames, **options))
+    else:
+        options = {} if threshold is None else {"threshold": threshold}
+        manager.add_detector(ContentDetector(min_scene_len=frames, **options))
+    try:
+        manager.detect_scenes(video=video, show_progress=False)
+    except Exception as exc:  # noqa: BLE001 - a decode error mid-stream: the file is at fault
+        raise VideoDecodeError(path, f"shot detection failed ({type(exc).__name__}: {exc})") from exc
+    scenes = manager.get_scene_list(start_in_scene=True)
+    cuts = [float(start.seconds) for start, _ in scenes[1:]]
+    logger.debug("%s: %d shot cuts", path, len(cuts))
+    return cuts
