@@ -124,8 +124,8 @@ def test_shots_examples() -> None:
     # Cuts at 10 and 14 s; min shot 3 s: all kept. The 30 s last shot splits into 12 s windows.
     assert shots(44.0, [10.0, 14.0], 12.0, 6.0, 3.0) == [
         Segment(0, 10), Segment(10, 14), Segment(14, 26), Segment(20, 32), Segment(26, 38), Segment(32, 44)]
-    # A 1 s flash shot joins the previous shot.
-    assert shot_spans(20.0, [5.0, 6.0], 3.0) == [Segment(0, 6), Segment(6, 20)]
+    # A 1 s flash shot joins the shot after it (the cut that ends it comes too soon and is dropped).
+    assert shot_spans(20.0, [5.0, 6.0], 3.0) == [Segment(0, 5), Segment(5, 20)]
     # A short first shot joins the next; a short last shot joins the previous.
     assert shot_spans(20.0, [1.0, 10.0, 19.5], 3.0) == [Segment(0, 10), Segment(10, 20)]
 

@@ -103,14 +103,15 @@ class TimelineReader:
         times: list[float] = []
         first = 0
         k = 0
-        converted: tuple[int, np.ndarray, np.ndarray | None] | None = None  # (id, frame, original)
+        # (decoded, frame, original): holds the decoded object itself; an id() could be reused once it is freed
+        converted: tuple[Any, np.ndarray, np.ndarray | None] | None = None
 
         def emit(decoded: Any) -> None:
             nonlocal converted
-            if converted is None or converted[0] != id(decoded):
+            if converted is None or converted[0] is not decoded:
                 image = _to_rgb(decoded.frame, self.size, reformatter)
                 original = _to_rgb(decoded.frame, None, reformatter) if self.keep_originals else None
-                converted = (id(decoded), image, original)
+                converted = (decoded, image, original)
             frames.append(converted[1])
             if self.keep_originals:
                 originals.append(converted[2])  # type: ignore[arg-type]
@@ -131,6 +132,7 @@ class TimelineReader:
             self.header_duration = float(src.duration) if src.duration else None
             src.rewind()
             previous = None
+            capped = False  # stopped at max_duration with more stream to come
             for decoded in src._decode():
                 holder = previous if previous is not None else decoded  # targets before the first frame
                 # Target k belongs to the last frame shown at or before it (read_frames' rule).
@@ -141,10 +143,13 @@ class TimelineReader:
                         yield flush()
                 previous = decoded
                 if _past(k, self.rate, limit):
+                    capped = True
                     break
             if previous is None:
                 raise VideoDecodeError(src.path, "no decodable video frames")
-            end = previous.end if limit is None else min(previous.end, limit)
+            end = limit if capped else previous.end
+            if limit is not None:
+                end = min(end, limit)
             while Fraction(k) / self.rate < end or k == 0:
                 emit(previous)
                 k += 1
@@ -154,7 +159,8 @@ class TimelineReader:
                 yield flush()
             self.duration = float(end)
             self.num_samples = k
-            self._check_header(src.path)
+            if not capped:
+                self._check_header(src.path)
 
     def _check_header(self, path: Any) -> None:
         header, decoded = self.header_duration, self.duration

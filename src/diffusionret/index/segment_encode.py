@@ -118,7 +118,8 @@ def segment_frame_indices(times: np.ndarray, segment: Segment, max_frames: int, 
     """Which timeline samples a segment uses: those in ``[start, end)``, reduced to ``max_frames``.
 
     A segment too short to contain a sampling time (shorter than ``1 / fps``, off the grid) takes
-    the sample nearest its middle, so every segment has at least one frame.
+    the sample displayed at its middle (the last one at or before it), so every segment has at least
+    one frame.
 
     Args:
         times: ``(n,)`` ascending sampling times (``n >= 1``).
@@ -135,7 +136,7 @@ def segment_frame_indices(times: np.ndarray, segment: Segment, max_frames: int, 
     hi = int(np.searchsorted(times, segment.end - _EPS, side="left"))
     if hi <= lo:
         middle = (segment.start + segment.end) / 2
-        return [int(min(len(times) - 1, max(0, np.abs(times - middle).argmin())))]
+        return [int(min(len(times) - 1, max(0, np.searchsorted(times, middle + _EPS, side="right") - 1)))]
     return [lo + i for i in subsample(hi - lo, max_frames, "uniform" if sampling == "reference" else sampling)]
 
 

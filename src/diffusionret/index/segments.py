@@ -160,9 +160,10 @@ def shot_spans(duration: float, cuts: Sequence[float], min_shot: float) -> list[
     """Shots between ``cuts``, shots shorter than ``min_shot`` merged into a neighbour.
 
     Cuts outside ``(0, duration)``, repeated or unsorted cuts are tolerated (a detector that ran on
-    a file whose header disagrees with its frames may report a cut past the decoded end). A short
-    shot joins the previous one (the first shot joins the next), so thousands of spurious cuts
-    collapse into shots of at least ``min_shot`` seconds, and no cut at all gives one shot.
+    a file whose header disagrees with its frames may report a cut past the decoded end). A cut
+    that comes less than ``min_shot`` after the last kept cut is dropped (the short shot it would
+    end joins the shot after it), and a short last shot joins the one before, so thousands of
+    spurious cuts collapse into shots of at least ``min_shot`` seconds, and no cut at all gives one shot.
     """
     _check_duration(duration)
     inner = sorted({float(c) for c in cuts if math.isfinite(c) and _EPS < c < duration - _EPS})
