@@ -23,9 +23,10 @@ video overlapping the clip that much), the mean IoU of the top moment (0 when in
 and indexing throughput (seconds of video indexed per CPU second, decoding and shot detection
 included). The ceiling is the same clips indexed as separate files (video R@1/R@5 among all clips).
 
-``--speedup`` also times encoding every ``fixed`` window independently (``read_frames`` per
-window + the whole video tower) against the segment encoder on the same videos, and checks that
-both give the same features.
+Speed-up: encoding every ``fixed`` window independently (``read_frames`` per window + the whole
+video tower) against the segment encoder, in CPU seconds, on ``--speedup-videos`` long videos with
+the demo model and on a ``--vit-seconds`` video (320x240, 30 fps) with a ViT-B/32-sized model
+(random weights: time does not depend on them), checking that both give the same features.
 """
 
 from __future__ import annotations
@@ -246,8 +247,26 @@ def per_window_speedup(model: torch.nn.Module, paths: Sequence[Path], settings: 
             "max_abs_feature_diff": worst}
 
 
+def vit_speedup(out: Path, seconds: int = 60) -> dict[str, float]:
+    """:func:`per_window_speedup` with a ViT-B/32-sized model (random weights, 224 px, 12 frames at 1 fps)
+    on a 320x240, 30 fps video of ``seconds`` s: the image tower, not decoding, dominates there."""
+    from diffusionret.models.config import ModelConfig
+    from diffusionret.models.factory import build_model
+    from diffusionret.testing.videos import write_video
+
+    path = out / f"vit_{seconds}s.mp4"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 255, size=(240, 320, 3), dtype=np.uint8)
+        frames = (np.roll(base, 3 * i, axis=1) for i in range(30 * seconds))  # content moving every frame
+        write_video(path, frames, fps=30, options={"crf": "23", "preset": "veryfast"})
+    model = build_model(ModelConfig.vit_b32(), generator=torch.Generator().manual_seed(0)).eval()
+    settings = InputSettings(max_frames=12, fps=1.0, max_words=32)
+    return per_window_speedup(model, [path], settings)
+
+
 def run(demo: Path, out: Path, *, num_videos: int, clips_per_video: int, modes: Sequence[str], rerank_top_k: int,
-        speedup_videos: int, merge_margins: Sequence[float] = (0.0,)) -> dict[str, Any]:
+        speedup_videos: int, merge_margins: Sequence[float] = (0.0,), vit_seconds: int = 0) -> dict[str, Any]:
     """The whole benchmark; returns the result dictionary (also printed as JSON lines)."""
     from diffusionret.index.encode import checkpoint_data_settings
     from diffusionret.models.checkpoint import load_model
@@ -302,6 +321,9 @@ def run(demo: Path, out: Path, *, num_videos: int, clips_per_video: int, modes: 
     if speedup_videos:
         results["speedup"] = per_window_speedup(model, [v.path for v in videos[:speedup_videos]], settings)
         emit("speedup", results["speedup"])
+    if vit_seconds:
+        results["speedup_vit_b32"] = vit_speedup(out, vit_seconds)
+        emit("speedup_vit_b32", results["speedup_vit_b32"])
     return results
 
 
@@ -322,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rerank-top-k", type=int, default=None, help="default: the demo's top_k")
     parser.add_argument("--merge-margins", default="0", help="comma-separated merge margins to report")
     parser.add_argument("--speedup-videos", type=int, default=5, help="long videos for the per-window timing (0: skip)")
+    parser.add_argument("--vit-seconds", type=int, default=60,
+                        help="also time a ViT-B/32-sized model on a video this long (0: skip)")
     add_thread_arg(parser)
     args = parser.parse_args(argv)
     apply_threads(args)
@@ -333,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine())
     results = run(args.demo, args.out, num_videos=args.videos, clips_per_video=args.clips,
                   modes=args.modes.split(","), rerank_top_k=top_k, speedup_videos=args.speedup_videos,
-                  merge_margins=[float(m) for m in args.merge_margins.split(",")])
+                  merge_margins=[float(m) for m in args.merge_margins.split(",")], vit_seconds=args.vit_seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -175,3 +175,16 @@ def test_shot_detection_names_an_undecodable_file(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00" * 1000)
     with pytest.raises(VideoDecodeError, match="bad.mp4"):
         detect_cuts(bad)
+
+
+def test_demo_long_video_query(tmp_path: Path, tiny_model: torch.nn.Module) -> None:
+    from diffusionret.demo.corpus import CorpusConfig, write_corpus
+    from diffusionret.demo.moment_query import long_video_query, mmss
+
+    corpus = write_corpus(tmp_path / "corpus", CorpusConfig(num_train=1, num_test=6), np.random.default_rng(0))
+    answer = long_video_query(tiny_model, corpus, fps=4, max_frames=8, max_words=16, seed=0)
+    assert answer.video.is_file() and answer.windows == 11  # 12 s in 2 s windows every 1 s
+    assert answer.truth_end - answer.truth_start == pytest.approx(2.0) and answer.truth_start % 2 == 0
+    assert 0 <= answer.start < answer.end <= 12.0 and answer.end - answer.start == pytest.approx(2.0)
+    assert 0 <= answer.iou <= 1 and answer.query
+    assert mmss(75.4) == "01:15" and mmss(3600) == "60:00"
