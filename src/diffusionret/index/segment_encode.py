@@ -90,7 +90,7 @@ def encode_timeline(model: nn.Module, path: str | os.PathLike, *, fps: float, ba
     """
     from diffusionret.data.timeline import TimelineReader
     from diffusionret.data.transforms import ClipTransform
-    from diffusionret.index.encode import jpeg_thumbnail
+    from diffusionret.index.decode_job import jpeg_thumbnail
 
     size = int(model.image_size)
     device = next(model.parameters()).device
