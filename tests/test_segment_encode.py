@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -188,3 +189,14 @@ def test_demo_long_video_query(tmp_path: Path, tiny_model: torch.nn.Module) -> N
     assert 0 <= answer.start < answer.end <= 12.0 and answer.end - answer.start == pytest.approx(2.0)
     assert 0 <= answer.iou <= 1 and answer.query
     assert mmss(75.4) == "01:15" and mmss(3600) == "60:00"
+
+
+@pytest.mark.parametrize("maker", ["lying_duration_mkv", "lying_duration_mp4"])
+def test_lying_duration_header_is_capped_by_what_decodes(tmp_path: Path, maker: str) -> None:
+    import helpers
+
+    path = getattr(helpers, maker)(tmp_path / f"lying.{maker[-3:]}")
+    _, times, reader = _timeline(path, 1.0)
+    assert reader.duration < 10 and len(times) == math.ceil(reader.duration), "the timeline ends with the frames"
+    segments = plan_segments(reader.duration, SegmentConfig("fixed").resolved(12.0))
+    assert segments == [Segment(0.0, reader.duration)], "one segment, nothing past the end"
