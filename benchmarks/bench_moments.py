@@ -13,9 +13,10 @@ behaviour), ``fixed`` (windows of the trained span, ``max_frames / fps``, every 
 ``shots`` (PySceneDetect cuts, when installed), through the segment encoder of the index
 (:mod:`diffusionret.index.segment_encode`: decode once, image tower once per sampled frame,
 temporal module per segment; features kept in fp16 as the index stores them). Each query is
-scored against every segment with the model's WTI head, optionally re-ranked by the diffusion
-denoiser (top ``K`` from the demo's config), and the scored segments become moments
-(:func:`diffusionret.index.moments.merge_moments`, one per video).
+searched through the one retrieval path (:func:`diffusionret.retrieval.retrieve`: the segments are
+candidates exactly as clips are; first stage over pooled embeddings keeps 100, WTI, optionally
+diffusion re-ranking of the top ``K`` from the demo's config), and the ranked segments become
+moments (:func:`diffusionret.retrieval.moments.moment_hits`, one per video).
 
 Reported per mode, without and with re-ranking: video-level R@1/R@5 (the right long video among
 the top 1/5 moments), moment R@1/R@5 at IoU >= 0.5 and >= 0.7 (a top-1/5 moment in the right
@@ -158,38 +159,44 @@ def index_segments(model: torch.nn.Module, paths: Sequence[Path], settings: Inpu
                         time.perf_counter() - wall0, video_s)
 
 
+def segment_store(table: SegmentTable, names: Sequence[str]) -> Any:
+    """The encoded segments as candidates of the one retrieval path."""
+    from diffusionret.retrieval.moments import SegmentRecord, SegmentStore
+
+    records = [SegmentRecord(names[v], start, end) for v, (start, end) in zip(table.videos, table.spans)]
+    return SegmentStore(table.frames, table.mask, records)
+
+
 @torch.no_grad()
-def score(model: torch.nn.Module, table: SegmentTable, queries: Sequence[str], settings: InputSettings, *,
-          rerank_top_k: int = 0, seed: int = 0) -> torch.Tensor:
-    """Final scores (Q, S): WTI, plus the diffusion bonus on each query's top ``rerank_top_k``."""
-    from diffusionret.tokenizer import tokenize
-
-    ids, mask = tokenize(list(queries), max_words=settings.max_words)
-    tokens, cls = model.encode_text(ids, mask)
-    video, frame_mask = table.frames.float(), table.mask.long()
-    sim = model.similarity(tokens, mask, video, frame_mask)
-    if rerank_top_k > 0 and getattr(model, "has_denoisers", False):
-        generator = torch.Generator().manual_seed(seed)
-        sim = model.rerank_t2v(sim, cls, video, frame_mask, top_k=min(rerank_top_k, sim.shape[1]),
-                               generator=generator)
-    return sim.float()
-
-
-def moment_metrics(scores: torch.Tensor, table: SegmentTable, targets: Sequence[tuple[int, float, float]], *,
-                   candidates: int = 100, per_video: int = 1, merge_margin: float = 0.0) -> dict[str, float]:
-    """Video and moment recall of scored segments (see the module docstring)."""
-    from diffusionret.index.moments import MomentConfig, ScoredSegment, iou, merge_moments
+def search_moments(model: torch.nn.Module, store: Any, queries: Sequence[str], settings: InputSettings, *,
+                   reranker: Any = None, candidates: int = 100, per_video: int = 1,
+                   merge_margin: float = 0.0) -> list[list[Any]]:
+    """The top 5 moments of each query: :func:`~diffusionret.retrieval.retrieve` over the segments
+    (first stage, WTI, optional re-ranking, as for clips), then :func:`moment_hits`."""
+    from diffusionret.index.moments import MomentConfig
+    from diffusionret.retrieval import encode_queries, retrieve
+    from diffusionret.retrieval.moments import moment_hits
 
     config = MomentConfig(per_video=per_video, merge_margin=merge_margin)
+    results = []
+    for start in range(0, len(queries), 64):
+        batch = list(queries[start:start + 64])
+        tokens, mask, cls = encode_queries(model, batch, settings.max_words, trim=True)
+        n = min(candidates, len(store))
+        for hits in retrieve(model, tokens, mask, cls, store, k=n, candidates=n, reranker=reranker):
+            results.append(moment_hits(hits, config, k=5))
+    return results
+
+
+def moment_metrics(results: Sequence[Sequence[Any]], targets: Sequence[tuple[str, float, float]]) -> dict[str, float]:
+    """Video and moment recall of ranked moments (see the module docstring)."""
+    from diffusionret.index.moments import iou
+
     counts = {"video_R1": 0.0, "video_R5": 0.0, "mean_IoU_top1": 0.0}
     for thr in IOUS:
         counts[f"moment_R1@{thr}"] = counts[f"moment_R5@{thr}"] = 0.0
-    n = min(candidates, scores.shape[1])
-    for q, (video, start, end) in enumerate(targets):
-        top = torch.topk(scores[q], n).indices.tolist()  # the cascade's candidates, as the searcher keeps them
-        cands = [ScoredSegment(table.videos[i], *table.spans[i], float(scores[q, i]), i) for i in top]
-        moments = merge_moments(cands, config, k=5)
-        overlaps = [iou(m.start, m.end, start, end) if m.video == video else -1.0 for m in moments]
+    for moments, (video, start, end) in zip(results, targets, strict=True):
+        overlaps = [iou(m.start, m.end, start, end) if m.video_id == video else -1.0 for m in moments[:5]]
         counts["video_R1"] += overlaps[0] >= 0
         counts["video_R5"] += any(o >= 0 for o in overlaps)
         counts["mean_IoU_top1"] += max(0.0, overlaps[0])
@@ -268,30 +275,31 @@ def vit_speedup(out: Path, seconds: int = 60) -> dict[str, float]:
 def run(demo: Path, out: Path, *, num_videos: int, clips_per_video: int, modes: Sequence[str], rerank_top_k: int,
         speedup_videos: int, merge_margins: Sequence[float] = (0.0,), vit_seconds: int = 0) -> dict[str, Any]:
     """The whole benchmark; returns the result dictionary (also printed as JSON lines)."""
-    from diffusionret.index.encode import checkpoint_data_settings
-    from diffusionret.models.checkpoint import load_model
+    from diffusionret.models.checkpoint import load_checkpoint
+    from diffusionret.retrieval import RerankConfig, Reranker
 
-    model_path = demo / "stage2" / "model.safetensors"
-    data = checkpoint_data_settings(model_path)
-    settings = InputSettings(int(data.get("max_frames", 12)), float(data.get("fps", 1.0)),
-                             int(data.get("max_words", 32)), str(data.get("sampling", "uniform")))
-    model = load_model(model_path)
+    loaded = load_checkpoint(demo / "stage2" / "model.safetensors")
+    model, given = loaded.model, loaded.input
+    settings = InputSettings(given.max_frames, given.fps, given.max_words, given.sampling)
+    rerankers = {"wti": None}
+    if rerank_top_k > 0 and model.has_denoisers:
+        rerankers["rerank"] = Reranker(model, RerankConfig.for_schedule(loaded.diffusion, top_k=rerank_top_k))
     clip_paths, captions = load_demo(demo, num_videos * clips_per_video)
     videos = assemble_long_videos(clip_paths, captions, out / "long", num_videos=num_videos,
                                   clips_per_video=clips_per_video, fps=round(settings.fps))
     queries = [c.caption for v in videos for c in v.clips]
-    targets = [(i, c.start, c.end) for i, v in enumerate(videos) for c in v.clips]
+    targets = [(v.path.name, c.start, c.end) for v in videos for c in v.clips]
     results: dict[str, Any] = {"settings": vars(settings) | {"span_s": settings.span},
                                "videos": num_videos, "clips_per_video": clips_per_video, "queries": len(queries),
                                "rerank_top_k": rerank_top_k}
 
     # Ceiling: every clip its own file (one segment each); a hit is right when it is the query's clip.
     clips_table = index_segments(model, clip_paths, settings, "whole")
+    clip_store = segment_store(clips_table, [p.name for p in clip_paths])
     ceiling = {}
-    for name, k in (("wti", 0), ("rerank", rerank_top_k)):
-        scores = score(model, clips_table, queries, settings, rerank_top_k=k)
-        ceiling[name] = moment_metrics(scores, clips_table, [(i, 0.0, clips_table.spans[i][1])
-                                                             for i in range(len(queries))])
+    for name, reranker in rerankers.items():
+        found = search_moments(model, clip_store, queries, settings, reranker=reranker)
+        ceiling[name] = moment_metrics(found, [(p.name, *span) for p, span in zip(clip_paths, clips_table.spans)])
     ceiling["throughput_video_s_per_cpu_s"] = round(clips_table.video_s / clips_table.cpu_s, 2)
     results["separate_files"] = ceiling
     emit("separate_files", ceiling)
@@ -308,11 +316,12 @@ def run(demo: Path, out: Path, *, num_videos: int, clips_per_video: int, modes: 
         table = index_segments(model, [v.path for v in videos], settings, mode)
         row: dict[str, Any] = {"segments": len(table.videos),
                                "throughput_video_s_per_cpu_s": round(table.video_s / table.cpu_s, 2)}
-        for name, k in (("wti", 0), ("rerank", rerank_top_k)):
-            scores = score(model, table, queries, settings, rerank_top_k=k)
+        store = segment_store(table, [v.path.name for v in videos])
+        for name, reranker in rerankers.items():
             for margin in merge_margins:
                 key = name if margin == 0 else f"{name}_margin{margin}"
-                row[key] = moment_metrics(scores, table, targets, merge_margin=margin)
+                found = search_moments(model, store, queries, settings, reranker=reranker, merge_margin=margin)
+                row[key] = moment_metrics(found, targets)
         ref = ceiling["wti"]["video_R1"]
         row["moment_R1@0.5_over_separate_video_R1"] = round(row["wti"]["moment_R1@0.5"] / ref, 3) if ref else None
         results[mode] = row

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffusionret.demo.corpus import write_mp4
+from diffusionret.inputs import InputConfig
 from diffusionret.models.checkpoint import save_model
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
@@ -22,10 +23,10 @@ import bench_moments  # noqa: E402
 
 def _fake_demo(root: Path, clips: int = 9) -> Path:
     """A demo-shaped folder: stage2/model.safetensors (tiny, with its input config), test clips and captions."""
-    model = build_model(ModelConfig.tiny(stage="generation"), generator=torch.Generator().manual_seed(0))
+    model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
     (root / "stage2").mkdir(parents=True)
     save_model(model, root / "stage2" / "model.safetensors",
-               metadata={"data": json.dumps({"max_frames": 4, "fps": 4.0, "sampling": "uniform", "max_words": 16})})
+               input_config=InputConfig(max_frames=4, fps=4.0, size=32, max_words=16))
     videos = root / "corpus" / "videos"
     videos.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -69,16 +70,14 @@ def test_small_moment_benchmark(tmp_path: Path) -> None:
     assert speed["windows"] == 5 and speed["max_abs_feature_diff"] < 1e-4
 
 
-def test_moment_metrics_on_known_scores() -> None:
-    table = bench_moments.SegmentTable(torch.zeros(4, 1, 1, dtype=torch.float16), torch.ones(4, 1, dtype=torch.bool),
-                                       videos=[0, 0, 1, 1], spans=[(0, 2), (1, 3), (0, 2), (2, 4)])
-    scores = torch.tensor([[0.9, 0.5, 0.2, 0.1],    # video 0 [0, 2]: exact
-                           [0.1, 0.9, 0.2, 0.3],    # video 0 [1, 3] for a clip [0, 2]: IoU 1/3
-                           [0.1, 0.2, 0.3, 0.9]])   # wrong video first, right one second
-    metrics = bench_moments.moment_metrics(scores, table, [(0, 0.0, 2.0), (0, 0.0, 2.0), (0, 0.0, 2.0)])
-    assert metrics["video_R1"] == round(200 / 3, 2)
-    assert metrics["moment_R1@0.5"] == round(100 / 3, 2)
-    # Queries 2 and 3: video 0's moment is [1, 3] (its best window); [0, 2] overlaps it and is suppressed.
-    assert metrics["moment_R5@0.5"] == round(100 / 3, 2)
-    assert metrics["video_R5"] == 100.0
+def test_moment_metrics_on_known_moments() -> None:
+    def moment(video: str, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(video_id=video, start=start, end=end)
+
+    results = [[moment("a", 0, 2), moment("b", 0, 2)],     # exact
+               [moment("a", 1, 3)],                        # right video, IoU 1/3
+               [moment("b", 2, 4), moment("a", 1, 3)]]     # right video second, IoU 1/3
+    metrics = bench_moments.moment_metrics(results, [("a", 0.0, 2.0)] * 3)
+    assert metrics["video_R1"] == round(200 / 3, 2) and metrics["video_R5"] == 100.0
+    assert metrics["moment_R1@0.5"] == metrics["moment_R5@0.5"] == round(100 / 3, 2)
     assert metrics["mean_IoU_top1"] == round((1 + 1 / 3 + 0) / 3, 4)
