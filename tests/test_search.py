@@ -241,8 +241,12 @@ def test_cli_search_prints_table_and_json(setup: dict, capsys: pytest.CaptureFix
     assert [r["id"] for r in body["results"]] == [h.id for h in expected]
     assert main(["search", index_dir, query, "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["rank", "score", "duration", "path"] and len(lines) == 4
-    assert lines[1].split()[0] == "1" and lines[1].split()[2] == "2.0s" and lines[1].endswith(".mp4")
+    assert lines[0].split() == ["rank", "score", "moment", "path"] and len(lines) == 4
+    # Whole-video hits are the moment [0, duration], shown mm:ss-mm:ss.
+    assert all(set(r) >= {"rank", "score", "path", "video_id", "start", "end"} for r in body["results"])
+    assert all(r["start"] == 0.0 and r["end"] == pytest.approx(r["duration"]) for r in body["results"])
+    assert lines[1].split()[2] == "00:00-00:02"
+    assert lines[1].split()[0] == "1" and lines[1].endswith(".mp4")
 
 
 def test_another_model_is_refused(setup: dict, capsys: pytest.CaptureFixture) -> None:

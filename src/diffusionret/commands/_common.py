@@ -106,6 +106,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescore", type=_positive_int, default=DEFAULT_RESCORE, metavar="FACTOR",
                         help="PQ: re-score FACTOR x N shortlisted videos exactly: higher = better recall, slower "
                              f"(default: {DEFAULT_RESCORE})")
+    parser.add_argument("--per-video", type=_positive_int, default=1, metavar="N",
+                        help="most moments one video contributes to the results (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
 
 
@@ -118,6 +120,7 @@ def open_searcher(args: argparse.Namespace) -> Any:
     model_path = args.model or VideoIndex.read_info(args.index).model_path
     # max_words None: the checkpoint's input setting (Searcher.open reads it)
     config = SearchConfig(candidates=args.candidates, rerank_top_k=args.rerank, max_words=args.max_words,
+                          per_video=getattr(args, "per_video", 1),
                           first_stage=FirstStageConfig(method=args.first_stage, nprobe=args.nprobe,
                                                        rescore=args.rescore))
     return Searcher.open(args.index, model_path, device=args.device, config=config)

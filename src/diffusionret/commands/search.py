@@ -25,12 +25,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def mmss(seconds: float | None) -> str:
+    """``75.4`` -> ``"01:15"``; ``None`` -> ``"?"``."""
+    if seconds is None:
+        return "?"
+    whole = int(seconds)
+    return f"{whole // 60:02d}:{whole % 60:02d}"
+
+
 def format_table(hits: Sequence[Any]) -> str:
-    """Rank, score, duration, path as aligned columns."""
-    rows = [("rank", "score", "duration", "path")]
+    """Rank, score, moment (``mm:ss-mm:ss``), path as aligned columns."""
+    rows = [("rank", "score", "moment", "path")]
     for hit in hits:
-        duration = "" if hit.duration is None else f"{hit.duration:.1f}s"
-        rows.append((str(hit.rank), f"{hit.score:.4f}", duration, hit.path))
+        start = getattr(hit, "start", None)
+        moment = "" if start is None else f"{mmss(start)}-{mmss(hit.end)}"
+        rows.append((str(hit.rank), f"{hit.score:.4f}", moment, hit.path))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     return "\n".join(lines) + "\n"

@@ -31,7 +31,9 @@ from diffusionret.index.first_stage import FirstStageConfig
 from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.store import VideoIndex
 from diffusionret.models.config import REFERENCE_DIFFUSION, REFERENCE_INPUT, DiffusionSchedule, InputConfig
+from diffusionret.index.moments import MomentConfig
 from diffusionret.retrieval import Hit, RerankConfig, Reranker, encode_queries, retrieve
+from diffusionret.retrieval.moments import moment_hits
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ class SearchConfig:
         first_stage: how the first stage searches (exact / PQ / IVF, precision, ``rescore``, ``nprobe``).
         trim_query: run the text tower on the real tokens plus one padded position instead of all
             ``max_words`` (same scores, see :meth:`Searcher.encode_queries`).
+        per_video: most moments one video contributes to the results (hits are moments:
+            :func:`~diffusionret.retrieval.moments.moment_hits`).
+        merge_margin: a segment touching a better one of its video joins its moment when its score
+            is at most this much lower (0: a moment is its best segment).
     """
 
     candidates: int = 100
@@ -64,8 +70,11 @@ class SearchConfig:
     seed: int = 0
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     trim_query: bool = True
+    per_video: int = 1
+    merge_margin: float = 0.0
 
     def __post_init__(self) -> None:
+        MomentConfig(self.per_video, self.merge_margin)  # validates both
         if self.candidates <= 0:
             raise ValueError(f"candidates must be positive, got {self.candidates}")
         if self.rerank_top_k < 0:
@@ -157,12 +166,17 @@ class Searcher:
         return encode_queries(self.model, queries, self.max_words, trim=self.config.trim_query, tokenizer=self.tokenizer)
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
-        """The top ``k`` videos for one text query (see the module docstring for the cascade)."""
+        """The top ``k`` moments for one text query (see the module docstring for the cascade)."""
         return self.search_batch([query], k)[0]
 
     @torch.no_grad()
     def search_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
-        """The top ``k`` videos for each of several queries (results are independent of batching)."""
+        """The top ``k`` moments for each of several queries (results are independent of batching).
+
+        Every first-stage candidate goes through the cascade; the ranked candidates (segments, or
+        whole videos in an index without segments) then become moments, at most
+        ``config.per_video`` per video, each hit with its ``start``/``end`` in seconds.
+        """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if isinstance(queries, str) or not queries:
@@ -170,8 +184,13 @@ class Searcher:
         if len(self.index) == 0:
             return [[] for _ in queries]
         tokens, mask, cls = self.encode_queries(queries)
-        return retrieve(self.model, tokens, mask, cls, self._store, k=k, candidates=self.config.candidates,
-                        reranker=self.reranker, seed=self.config.seed)
+        # Every candidate comes back ranked: several segments of one video may merge into one moment,
+        # so the top k moments can need more than k segments.
+        n = max(k, self.config.candidates)
+        ranked = retrieve(self.model, tokens, mask, cls, self._store, k=n, candidates=n, reranker=self.reranker,
+                          seed=self.config.seed)
+        moments = MomentConfig(self.config.per_video, self.config.merge_margin)
+        return [moment_hits(hits, moments, k) for hits in ranked]
 
 
 class _IndexCandidates:

@@ -80,7 +80,8 @@ class Hit:
         return getattr(self.record, "duration", None)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"rank": self.rank, "score": self.score, "stage_scores": dict(self.stage_scores), **self.record.to_dict()}
+        out = {"rank": self.rank, "score": self.score, "stage_scores": dict(self.stage_scores), **self.record.to_dict(),
+               "video_id": self.video_id}
         if self.start is not None or self.end is not None:
             out.update(start=self.start, end=self.end)
         return out
