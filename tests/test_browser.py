@@ -131,3 +131,41 @@ def test_page_asks_for_the_token(clips: tuple[Path, list[str]]) -> None:
             _wait_until(page, THUMBS_LOADED)
         finally:
             browser.close()
+
+
+class _MomentSearcher(SyntheticSearcher):
+    """Synthetic hits shifted to the moment [1.0, 1.75] s of each 2 s clip (as a segment hit would be)."""
+
+    def search(self, query: str, k: int = 10) -> list:
+        import dataclasses
+
+        return [dataclasses.replace(hit, start=1.0, end=1.75) for hit in super().search(query, k)]
+
+
+def test_player_starts_at_the_moment(clips: tuple[Path, list[str]]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    index_dir, names = clips
+    app = create_app(_MomentSearcher(VideoIndex.load(index_dir)))
+    with running_server(app) as port, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"http://127.0.0.1:{port}/?q=red&k=3")
+            page.wait_for_selector(".card")
+            first = page.locator(".card").first
+            assert first.locator(".moment").inner_text() == "0:01–0:02"
+            first.locator(".play").click()
+            page.wait_for_selector(".card video")
+            _wait_until(page, "document.querySelector('.card video').readyState >= 1 || "
+                              "document.querySelector('.card video').error !== null")
+            state = page.evaluate("(() => { const v = document.querySelector('.card video');"
+                                  " return {error: v.error && v.error.code, t: v.currentTime, src: v.currentSrc}; })()")
+            assert state["error"] is None, state
+            assert state["src"].endswith("#t=1.000,1.750"), state
+            assert 0.95 <= state["t"] <= 2.0, f"the player starts at the moment, not at 0: {state}"
+            assert errors == []
+        finally:
+            browser.close()

@@ -72,6 +72,9 @@ def test_search_returns_ranked_json(client: TestClient, corpus: dict) -> None:
     assert results[0]["media_url"] == f"/media/{results[0]['id']}"
     assert results[0]["thumb_url"] == f"/thumbs/{results[0]['id']}"
     assert {"path", "duration", "size", "stage_scores"} <= set(results[0])
+    # The moment fields of the search JSON (the synthetic searcher's hits are whole videos: no span).
+    assert {"rank", "score", "path", "video_id", "start", "end"} <= set(results[0])
+    assert results[0]["video_id"] == results[0]["id"]
     all_results = client.get("/api/search", params={"q": "anything", "k": 100}).json()["results"]
     assert len(all_results) == len(NAMES)
 

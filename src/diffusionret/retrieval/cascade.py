@@ -81,9 +81,7 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"rank": self.rank, "score": self.score, "stage_scores": dict(self.stage_scores), **self.record.to_dict(),
-               "video_id": self.video_id}
-        if self.start is not None or self.end is not None:
-            out.update(start=self.start, end=self.end)
+               "video_id": self.video_id, "start": self.start, "end": self.end}
         return out
 
 

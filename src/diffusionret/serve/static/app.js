@@ -9,9 +9,9 @@ function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
-function formatDuration(seconds) {
+function formatDuration(seconds, round = Math.round) {
   if (seconds === null || seconds === undefined || !isFinite(seconds)) return "";
-  const total = Math.round(seconds);
+  const total = round(seconds);
   const m = Math.floor(total / 60);
   const s = String(total % 60).padStart(2, "0");
   return `${m}:${s}`;
@@ -23,10 +23,25 @@ function setStatus(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
+// A hit inside a longer video plays from its moment: a media fragment (#t=start,end) makes the
+// player start there and pause at the end; currentTime is set too, for players that ignore it.
+function hasMoment(hit) {
+  return typeof hit.start === "number" && typeof hit.end === "number" && (hit.start > 0 ||
+    (typeof hit.duration === "number" && hit.end < hit.duration - 0.05));
+}
+
 function playInline(card, hit) {
   const media = card.querySelector(".media");
   const video = document.createElement("video");
-  video.src = hit.media_url;
+  if (hasMoment(hit)) {
+    video.src = `${hit.media_url}#t=${hit.start.toFixed(3)},${hit.end.toFixed(3)}`;
+    video.addEventListener("loadedmetadata", () => {
+      if (Math.abs(video.currentTime - hit.start) > 0.25) video.currentTime = hit.start;
+    }, { once: true });
+  } else {
+    video.src = hit.media_url;
+  }
+  video.dataset.start = String(hit.start ?? 0);
   video.controls = true;
   video.autoplay = true;
   video.preload = "metadata";
@@ -47,6 +62,10 @@ function renderCard(hit) {
   name.title = hit.path;
   card.querySelector(".score").textContent = `score ${hit.score.toFixed(3)}`;
   card.querySelector(".duration").textContent = formatDuration(hit.duration);
+  if (hasMoment(hit)) {
+    card.querySelector(".moment").textContent =
+      `${formatDuration(hit.start, Math.floor)}–${formatDuration(hit.end, Math.ceil)}`;
+  }
   card.querySelector(".play").addEventListener("click", () => playInline(card, hit));
   thumb.addEventListener("click", () => playInline(card, hit));
   return card;
