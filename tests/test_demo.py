@@ -19,6 +19,9 @@ def test_demo_writes_everything(demo_run):
     assert code == 0
     assert "Without re-ranking" in printed and "With diffusion re-ranking" in printed
     assert "Example query:" in printed and "test_" in printed
+    # The last step: one query against a long video assembled from test clips, answered with a moment.
+    assert "Long-video query:" in printed and "found the moment" in printed
+    assert (out / "corpus" / "long_demo.mp4").is_file()
     for name in ("metrics.json", "plots/recall.png", "plots/training.png", "plots/query.png",
                  "corpus/train.csv", "corpus/test.csv", "stage1/model.safetensors", "stage2/model.safetensors",
                  "stage1/config.yaml", "stage2/config.yaml"):

@@ -184,7 +184,7 @@ def test_demo_long_video_query(tmp_path: Path, tiny_model: torch.nn.Module) -> N
 
     corpus = write_corpus(tmp_path / "corpus", CorpusConfig(num_train=1, num_test=6), np.random.default_rng(0))
     answer = long_video_query(tiny_model, corpus, fps=4, max_frames=8, max_words=16, seed=0)
-    assert answer.video.is_file() and answer.windows == 11  # 12 s in 2 s windows every 1 s
+    assert answer.video.is_file() and answer.windows == 11 and answer.duration == pytest.approx(12.0)  # 2 s windows every 1 s
     assert answer.truth_end - answer.truth_start == pytest.approx(2.0) and answer.truth_start % 2 == 0
     assert 0 <= answer.start < answer.end <= 12.0 and answer.end - answer.start == pytest.approx(2.0)
     assert 0 <= answer.iou <= 1 and answer.query

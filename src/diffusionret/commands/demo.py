@@ -88,6 +88,15 @@ def _print_report(result: Any) -> None:
         mark = "  <- target" if answer.target is not None and Path(hit.video_id).stem == answer.target else ""
         emit(f"  {hit.rank}. {Path(hit.video_id).name:<16} score {hit.score:7.3f}   (WTI {hit.wti_score:6.3f}, "
               f"WTI rank {hit.wti_rank}){mark}")
+    moment = result.moment
+    if moment is not None:
+        from diffusionret.demo.moment_query import mmss
+
+        emit()
+        emit(f"Long-video query: {moment.query!r}")
+        emit(f"  in {moment.video.name} ({mmss(moment.duration)} long, indexed as {moment.windows} overlapping windows): found the moment "
+             f"{mmss(moment.start)}-{mmss(moment.end)}; the described clip is at "
+             f"{mmss(moment.truth_start)}-{mmss(moment.truth_end)} (IoU {moment.iou:.2f})")
     timings = result.metrics["timings_s"]
     emit()
     emit("Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

@@ -36,6 +36,7 @@ class MomentAnswer:
         iou: temporal IoU of the two.
         score: the moment's score.
         windows: windows indexed.
+        duration: the long video's decoded duration (seconds).
     """
 
     query: str
@@ -47,6 +48,7 @@ class MomentAnswer:
     iou: float
     score: float
     windows: int
+    duration: float = 0.0
 
 
 def mmss(seconds: float) -> str:
@@ -64,14 +66,17 @@ def _decode_all(path: Path) -> np.ndarray:
 
 @torch.no_grad()
 def long_video_query(model: Any, corpus: Corpus, *, fps: int, max_frames: int, max_words: int, seed: int,
-                     num_clips: int = 6) -> MomentAnswer:
+                     num_clips: int = 6, sample_fps: float | None = None) -> MomentAnswer:
     """Concatenate ``num_clips`` test clips, index them as windows and look for one of them.
 
     Args:
         model: the trained model.
         corpus: the demo corpus (its first ``num_clips`` test clips are used).
-        fps, max_frames, max_words: the model's input config (window = ``max_frames / fps``).
+        fps: the clips' frame rate (the long video is written at it).
+        max_frames, max_words: the model's input config.
         seed: seeds the choice of the clip and its description.
+        num_clips: clips in the long video (at most the test split's size).
+        sample_fps: the model's sampling rate (default ``fps``); the window is ``max_frames / sample_fps``.
     """
     from diffusionret.index.moments import MomentConfig, ScoredSegment, iou, merge_moments
     from diffusionret.index.segment_encode import encode_segments, encode_timeline
@@ -79,6 +84,7 @@ def long_video_query(model: Any, corpus: Corpus, *, fps: int, max_frames: int, m
     from diffusionret.tokenizer import tokenize
 
     rng = np.random.default_rng([seed, 11])  # its own stream: the demo's generator is left alone
+    sample_fps = float(sample_fps or fps)
     specs = corpus.test[:num_clips]
     parts = [_decode_all(corpus.video_dir / f"{spec.video_id}.mp4") for spec in specs]
     bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]) / fps
@@ -87,8 +93,8 @@ def long_video_query(model: Any, corpus: Corpus, *, fps: int, max_frames: int, m
     target = int(rng.integers(len(specs)))
     query = caption(specs[target], rng)
 
-    timeline = encode_timeline(model, path, fps=fps)
-    config = SegmentConfig(mode="fixed").resolved(max_frames / fps)
+    timeline = encode_timeline(model, path, fps=sample_fps)
+    config = SegmentConfig(mode="fixed").resolved(max_frames / sample_fps)
     segments = plan_segments(timeline.duration, config)
     video, mask = encode_segments(model, timeline, segments, max_frames)
     ids, text_mask = tokenize([query], max_words=max_words)
@@ -98,4 +104,5 @@ def long_video_query(model: Any, corpus: Corpus, *, fps: int, max_frames: int, m
     best = merge_moments(candidates, MomentConfig(per_video=1), k=1)[0]
     lo, hi = float(bounds[target]), float(bounds[target + 1])
     return MomentAnswer(query=query, video=path, start=best.start, end=best.end, truth_start=lo, truth_end=hi,
-                        iou=iou(best.start, best.end, lo, hi), score=best.score, windows=len(segments))
+                        iou=iou(best.start, best.end, lo, hi), score=best.score, windows=len(segments),
+                        duration=timeline.duration)

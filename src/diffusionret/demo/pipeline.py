@@ -117,6 +117,7 @@ class DemoResult:
         answer: the example query and its answer.
         plots: PNG files written into ``out_dir/plots``.
         corpus: the written corpus.
+        moment: the long-video query and the moment it found (``None`` if not run).
     """
 
     out_dir: Path
@@ -124,6 +125,7 @@ class DemoResult:
     answer: QueryAnswer
     plots: tuple[Path, ...]
     corpus: Corpus
+    moment: Any = None
 
 
 def _stage_config(stage: str, corpus: Corpus, out_dir: Path, cfg: DemoConfig, init: Path | None) -> Any:
@@ -264,6 +266,12 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
     from diffusionret.demo.plots import plot_demo
 
     plots = _timed(timings, "plots", lambda: plot_demo(out_dir, results, answer, corpus))
+    # Last, with its own generator: nothing above (the metrics) depends on it.
+    from diffusionret.demo.moment_query import long_video_query
+
+    moment = _timed(timings, "moment_query", lambda: long_video_query(
+        model, corpus, fps=cfg.corpus.fps, sample_fps=loaded.input.fps, max_frames=loaded.input.max_frames,
+        max_words=loaded.input.max_words, seed=cfg.seed))
     timings["total"] = round(time.perf_counter() - started, 2)
     metrics = {
         "seed": cfg.seed,
@@ -277,7 +285,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoResult:
         "models": {"stage1": str(stage1_model), "stage2": str(stage2_model)},
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
-    return DemoResult(out_dir=out_dir, metrics=metrics, answer=answer, plots=tuple(plots), corpus=corpus)
+    return DemoResult(out_dir=out_dir, metrics=metrics, answer=answer, plots=tuple(plots), corpus=corpus,
+                      moment=moment)
 
 
 def _hit_summary(hit: Hit) -> dict[str, Any]:
