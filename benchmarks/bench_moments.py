@@ -14,9 +14,9 @@ behaviour), ``fixed`` (windows of the trained span, ``max_frames / fps``, every 
 (:mod:`diffusionret.index.segment_encode`: decode once, image tower once per sampled frame,
 temporal module per segment; features kept in fp16 as the index stores them). Each query is
 searched through the one retrieval path (:func:`diffusionret.retrieval.retrieve`: the segments are
-candidates exactly as clips are; first stage over pooled embeddings keeps 100, WTI, optionally
-diffusion re-ranking of the top ``K`` from the demo's config), and the ranked segments become
-moments (:func:`diffusionret.retrieval.moments.moment_hits`, one per video).
+candidates exactly as clips are; WTI over every segment, as the demo's evaluation scores every
+clip, optionally diffusion re-ranking of the top ``K`` from the demo's config), and the 100 best
+segments become moments (:func:`diffusionret.retrieval.moments.moment_hits`, one per video).
 
 Reported per mode, without and with re-ranking: video-level R@1/R@5 (the right long video among
 the top 1/5 moments), moment R@1/R@5 at IoU >= 0.5 and >= 0.7 (a top-1/5 moment in the right
@@ -173,7 +173,7 @@ def search_moments(model: torch.nn.Module, store: Any, queries: Sequence[str], s
                    merge_margin: float = 0.0) -> list[list[Any]]:
     """The top 5 moments of each query: :func:`~diffusionret.retrieval.retrieve` over the segments
     (first stage, WTI, optional re-ranking, as for clips), then :func:`moment_hits`."""
-    from diffusionret.index.moments import MomentConfig
+    from diffusionret.retrieval.moments import MomentConfig
     from diffusionret.retrieval import encode_queries, retrieve
     from diffusionret.retrieval.moments import moment_hits
 
@@ -190,7 +190,7 @@ def search_moments(model: torch.nn.Module, store: Any, queries: Sequence[str], s
 
 def moment_metrics(results: Sequence[Sequence[Any]], targets: Sequence[tuple[str, float, float]]) -> dict[str, float]:
     """Video and moment recall of ranked moments (see the module docstring)."""
-    from diffusionret.index.moments import iou
+    from diffusionret.retrieval.moments import iou
 
     counts = {"video_R1": 0.0, "video_R5": 0.0, "mean_IoU_top1": 0.0}
     for thr in IOUS:

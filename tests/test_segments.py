@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffusionret.index.moments import MomentConfig, ScoredSegment, iou, merge_moments
+from diffusionret.retrieval.moments import MomentConfig, ScoredSegment, iou, merge_moments
 from diffusionret.index.segments import (
     AUTO_WHOLE_FACTOR,
     Segment,

@@ -4,7 +4,7 @@ A few test clips are concatenated into one long video (``corpus/long_demo.mp4``)
 indexed as overlapping windows of the span the model was trained on (decode once, image tower once
 per frame, temporal module per window: :mod:`diffusionret.index.segment_encode`). A fresh
 description of one of the clips is the query; the best window becomes a moment
-(:func:`~diffusionret.index.moments.merge_moments`), reported with the clip's true span. It costs a
+(:func:`~diffusionret.retrieval.moments.merge_moments`), reported with the clip's true span. It costs a
 few seconds and uses its own random generator, so the demo's metrics do not move.
 """
 
@@ -78,7 +78,7 @@ def long_video_query(model: Any, corpus: Corpus, *, fps: int, max_frames: int, m
         num_clips: clips in the long video (at most the test split's size).
         sample_fps: the model's sampling rate (default ``fps``); the window is ``max_frames / sample_fps``.
     """
-    from diffusionret.index.moments import MomentConfig, ScoredSegment, iou, merge_moments
+    from diffusionret.retrieval.moments import MomentConfig, ScoredSegment, iou, merge_moments
     from diffusionret.index.segment_encode import encode_segments, encode_timeline
     from diffusionret.index.segments import SegmentConfig, plan_segments
     from diffusionret.tokenizer import tokenize

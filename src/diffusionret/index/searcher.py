@@ -31,7 +31,7 @@ from diffusionret.index.first_stage import FirstStageConfig
 from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.store import VideoIndex
 from diffusionret.models.config import REFERENCE_DIFFUSION, REFERENCE_INPUT, DiffusionSchedule, InputConfig
-from diffusionret.index.moments import MomentConfig
+from diffusionret.retrieval.moments import MomentConfig
 from diffusionret.retrieval import Hit, RerankConfig, Reranker, encode_queries, retrieve
 from diffusionret.retrieval.moments import moment_hits
 
