@@ -208,3 +208,42 @@ def test_iou() -> None:
     assert iou(0, 10, 5, 15) == pytest.approx(5 / 15)
     assert iou(0, 10, 10, 20) == 0.0
     assert iou(0, 10, 20, 30) == 0.0
+
+
+# ------------------------------------------------------------------------------------ hits -> moments
+
+
+def test_moment_hits_on_the_retrieval_path() -> None:
+    import dataclasses
+
+    import torch
+
+    from diffusionret.retrieval import FeatureStore, Hit, retrieve
+    from diffusionret.retrieval.moments import SegmentRecord, SegmentStore, hit_span, moment_hits
+
+    whole = dataclasses.make_dataclass("Whole", [("id", str), ("path", str), ("duration", float)])
+    old = Hit(rank=1, score=0.5, record=whole("v", "/v.mp4", 30.0))
+    assert hit_span(old) == (0.0, 30.0), "a video indexed whole is the moment [0, duration]"
+    seg = [Hit(rank=i + 1, score=s, record=SegmentRecord("a", st, en))
+           for i, (s, st, en) in enumerate([(0.9, 6, 18), (0.89, 12, 24), (0.5, 0, 12)])]
+    merged = moment_hits(seg + [dataclasses.replace(old, rank=4, score=0.4)], MomentConfig(merge_margin=0.05))
+    assert [(h.rank, h.video_id, h.start, h.end) for h in merged] == [(1, "a", 6, 24), (2, "v", 0.0, 30.0)]
+    assert merged[0].record == seg[0].record and merged[0].score == 0.9
+
+    # Segments are candidates exactly as clips: the same features give the same scores either way.
+    class TinyModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def similarity(self, tokens, mask, video, frame_mask, frame_weights=None):
+            return tokens[:, 0] @ video.mean(1).T  # (1, N)
+
+    frames = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    tokens, tmask, cls = torch.randn(1, 2, 4), torch.ones(1, 2), torch.randn(1, 4)
+    records = [SegmentRecord("a", float(i), float(i + 2)) for i in range(5)]
+    as_segments = retrieve(TinyModel(), tokens, tmask, cls, SegmentStore(frames, mask, records), k=5, candidates=5)[0]
+    as_clips = retrieve(TinyModel(), tokens, tmask, cls, FeatureStore(frames, mask, list("abcde")), k=5,
+                        candidates=5)[0]
+    assert [h.score for h in as_segments] == [h.score for h in as_clips]
