@@ -21,7 +21,6 @@ would sample for the segment as a clip, so its features equal per-clip encoding 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -174,18 +173,10 @@ def encode_segments(model: nn.Module, timeline: EncodedTimeline, segments: Seque
 
 
 def segment_thumbnail(timeline: EncodedTimeline, segment: Segment) -> bytes | None:
-    """The JPEG of the sample nearest the segment's middle (``None`` without thumbnails)."""
+    """The JPEG of the frame shown at the segment's middle, inside the segment (``None`` without thumbnails)."""
     if not timeline.thumbnails:
         return None
     middle = (segment.start + segment.end) / 2
-    i = int(np.abs(timeline.times - middle).argmin())
-    return timeline.thumbnails[min(i, len(timeline.thumbnails) - 1)]
+    i = int(np.searchsorted(timeline.times, middle + _EPS, side="right")) - 1
+    return timeline.thumbnails[min(max(i, 0), len(timeline.thumbnails) - 1)]
 
-
-def windows_per_frame(segments: Sequence[Segment], fps: float) -> float:
-    """How many segments cover an average sampled instant (the tower work a per-window encoder repeats)."""
-    if not segments:
-        return 0.0
-    covered = sum(s.duration for s in segments)
-    span = max(s.end for s in segments) - min(s.start for s in segments)
-    return covered / span if span > 0 and math.isfinite(span) else float(len(segments))

@@ -25,12 +25,11 @@ class ShotDetectionUnavailableError(RuntimeError):
 
 def require_scenedetect() -> None:
     """Fail early (before any encoding) when PySceneDetect is missing."""
-    try:
-        import scenedetect  # noqa: F401
-    except ImportError as exc:
+    import importlib.util
+
+    if importlib.util.find_spec("scenedetect") is None:
         raise ShotDetectionUnavailableError(
-            "--segments shots needs PySceneDetect: pip install 'diffusionret[scenes]' (or scenedetect)"
-        ) from exc
+            "shot segments need PySceneDetect: pip install 'diffusionret[scenes]' (or scenedetect)")
 
 
 SHOT_DETECTORS: tuple[str, ...] = ("adaptive", "content")
