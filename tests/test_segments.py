@@ -236,7 +236,7 @@ def test_moment_hits_on_the_retrieval_path() -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def similarity(self, tokens, mask, video, frame_mask, frame_weights=None):
+        def similarity(self, tokens, mask, video, frame_mask, **options):
             return tokens[:, 0] @ video.mean(1).T  # (1, N)
 
     frames = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
