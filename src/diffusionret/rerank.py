@@ -32,6 +32,7 @@ def default_chunk_size(device: torch.device | str) -> int:
 
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sampler = Callable[[Denoise, torch.Tensor], torch.Tensor]
 
 
 def draw_noise(rows: int, k: int, generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -48,7 +49,8 @@ def draw_noise(rows: int, k: int, generator: torch.Generator | None, device: tor
 @torch.no_grad()
 def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor], Denoise], diffusion: GaussianDiffusion,
                 *, top_k: int, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None, eta: float = 0.0) -> torch.Tensor:
+                alpha: float = 1.0, temp: float = 1.0, chunk_size: int | None = None, eta: float = 0.0,
+                sample: Sampler | None = None) -> torch.Tensor:
     """Re-rank every row of ``sim`` (queries x candidates).
 
     Args:
@@ -60,6 +62,9 @@ def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor
         chunk_size: query rows per denoiser batch (memory and speed only); by default
             :func:`default_chunk_size` of ``sim``'s device.
         eta: DDIM eta (0: deterministic, as the reference); > 0 draws each step's noise from ``generator``.
+        sample: ``sample(denoise, x_T (n, K)) -> x0 (n, K)`` in place of ``diffusion.ddim_sample``
+            (e.g. the compiled sampler, :mod:`diffusionret.native`); deterministic DDIM only, so
+            ``eta`` must be 0 with it.
     Returns:
         (Nq, Nc) float32: ``sim`` with ``alpha * softmax(temp * x0)`` added on each row's top-K entries.
     """
@@ -69,6 +74,8 @@ def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor
         chunk_size = default_chunk_size(sim.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if sample is not None and eta != 0:
+        raise ValueError(f"a custom sampler is deterministic DDIM only (eta 0), got eta={eta}")
     nq, nc = sim.shape
     k = min(top_k, nc)
     if k <= 0:
@@ -85,6 +92,9 @@ def rerank_rows(sim: torch.Tensor, prepare: Callable[[torch.Tensor, torch.Tensor
         rows = torch.arange(start, stop, device=sim.device)
         idx = top[start:stop]
         denoise = prepare(rows, idx)
-        x0 = diffusion.ddim_sample(denoise, noise[start:stop], eta=eta, generator=generator)
+        if sample is not None:
+            x0 = sample(denoise, noise[start:stop])
+        else:
+            x0 = diffusion.ddim_sample(denoise, noise[start:stop], eta=eta, generator=generator)
         out[start:stop].scatter_add_(1, idx, alpha * torch.softmax(x0 * temp, dim=-1))
     return out

@@ -105,7 +105,7 @@ class GaussianDiffusion(nn.Module):
         """
         x = noise
         batch = x.shape[0]
-        coef = self._ddim_coefficients(eta, x.device)
+        coef = self.ddim_coefficients(eta, x.device)
         for step in reversed(range(self.num_steps)):
             t = torch.full((batch,), step, dtype=torch.long, device=x.device)
             x0 = denoise_fn(x, t, **cond)
@@ -121,7 +121,7 @@ class GaussianDiffusion(nn.Module):
                 x = x + coef["sigma"][step] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
 
-    def _ddim_coefficients(self, eta: float, device: torch.device) -> dict[str, torch.Tensor]:
+    def ddim_coefficients(self, eta: float, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every step's DDIM coefficients as (T,) float32 tables, computed once per sampling run.
 
         The same float32 operations as evaluating them per step (values are cast to float32 before

@@ -251,8 +251,10 @@ class V2TDenoiser(_DenoiserBase):
         static = (vbar * gather_rows(candidates.kq, cand_idx)).sum(-1, keepdim=True)  # (B, N, 1)
         logits = torch.addmm((gather_rows(candidates.k_qe, cand_idx) + static).view(b * n, -1), vbar.reshape(b * n, d),
                              tables.ke_q.T)  # (B N, S)
+        # The candidates' g and c stay in the bank (gathered on first use by the PyTorch step; the
+        # compiled sampler reads the bank rows in place).
         return PreparedDenoiser(tables=tables, logit_table=logits.view(b, n, -1).transpose(1, 2).contiguous(),
-                                g=gather_rows(candidates.g, cand_idx), c=gather_rows(candidates.c, cand_idx))
+                                g=candidates.g, c=candidates.c, cand_idx=cand_idx)
 
 
 @dataclass(frozen=True)
@@ -298,33 +300,46 @@ class PreparedDenoiser:
     Attributes:
         logit_table: (B, S, N) the logits without ``x`` for every step.
         g: (B, N, 2D) each candidate's value through ``W1_h P Wv``; c: (B, N, 2D) ``W1_c cand + b1``.
+            With ``cand_idx`` both are (M, 2D) banks of candidates instead, and ``cand_idx`` (B, N)
+            names each query's rows in them.
     """
 
     tables: StepTables
     logit_table: torch.Tensor
     g: torch.Tensor
     c: torch.Tensor
+    cand_idx: torch.Tensor | None = None
     _buffer: torch.Tensor | None = None
     _rows: torch.Tensor | None = None
+    _gc: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def per_query(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """g and c as (B, N, 2D) tensors (gathered from the banks once when ``cand_idx`` is set)."""
+        if self.cand_idx is None:
+            return self.g, self.c
+        if self._gc is None:
+            self._gc = (gather_rows(self.g, self.cand_idx), gather_rows(self.c, self.cand_idx))
+        return self._gc
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, N), t: (B,) integer timesteps in ``[0, S)`` -> x0 (B, N)."""
         tables = self.tables
+        g, c = self.per_query()
         if self._rows is None:
             self._rows = torch.arange(x.shape[0], device=x.device)
             # One reused (B, N, 2D) buffer: a fresh allocation of that size every step costs more
             # in page faults than the arithmetic.
-            self._buffer = torch.empty_like(self.c)
+            self._buffer = torch.empty_like(c)
         t = t.long()
         # Gathers of B x N logits and B x 2D terms rather than a branch on a shared t: no host
         # synchronisation on accelerators, and mixed timesteps work too.
         w = torch.softmax(self.logit_table[self._rows, t] + x, dim=-1)  # (B, N)
         # -h = -(he_t + sum_n w_n g_n), negated inside the product for the maximum below.
-        neg_h = torch.baddbmm(tables.he.index_select(0, t).unsqueeze(1), w.unsqueeze(1), self.g, beta=-1, alpha=-1)
+        neg_h = torch.baddbmm(tables.he.index_select(0, t).unsqueeze(1), w.unsqueeze(1), g, beta=-1, alpha=-1)
         neg_h = neg_h.squeeze(1)  # (B, 2D)
         # out_w . relu(c + h) = out_w . max(c, -h) + out_w . h: one pass over (B, N, 2D) instead of
         # two (add, then ReLU), and the h term is per query.
-        torch.maximum(self.c, neg_h.unsqueeze(1), out=self._buffer)
+        torch.maximum(c, neg_h.unsqueeze(1), out=self._buffer)
         base = w + torch.addmv(tables.out_b, neg_h, tables.out_w, alpha=-1).unsqueeze(1)  # (B, N)
         return torch.addmv(base.view(-1), self._buffer.view(-1, self._buffer.shape[-1]), tables.out_w).view_as(x)

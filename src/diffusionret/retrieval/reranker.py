@@ -17,7 +17,8 @@ from torch import nn
 from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.models.config import DiffusionSchedule
 from diffusionret.models.denoiser import PreparedDenoiser, gather_rows
-from diffusionret.rerank import rerank_rows
+from diffusionret.native import load_ddim_kernel
+from diffusionret.rerank import Sampler, rerank_rows
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class RerankConfig:
             every step from the re-ranking generator.
         chunk_size: query rows per denoiser batch (memory and speed only; ``None``: by device,
             :func:`diffusionret.rerank.default_chunk_size`).
+        native: on CPU with eta 0, run the DDIM steps in the compiled kernel
+            (:mod:`diffusionret.native`, built on first use) when a C compiler is available; the
+            PyTorch loop otherwise. Same results up to float rounding (summation order).
     """
 
     steps: int = 50
@@ -42,6 +46,7 @@ class RerankConfig:
     temperature: float = 1.0
     eta: float = 0.0
     chunk_size: Optional[int] = None
+    native: bool = True
 
     def __post_init__(self) -> None:
         DiffusionSchedule(self.steps, self.schedule)  # validates both
@@ -81,6 +86,29 @@ class Reranker:
         self.config = config or RerankConfig()
         device = next(model.parameters()).device
         self.diffusion = (diffusion or self.config.diffusion()).to(device)
+        self._sample = self._native_sampler(device)
+
+    def _native_sampler(self, device: torch.device) -> Sampler | None:
+        """The compiled DDIM loop as a :func:`rerank_rows` sampler, or None where it does not apply."""
+        if not self.config.native or self.config.eta != 0 or device.type != "cpu":
+            return None
+        kernel = load_ddim_kernel()
+        if kernel is None:
+            return None
+        coefficients = self.diffusion.ddim_coefficients(0.0, device)
+
+        def sample(denoise: PreparedDenoiser, noise: torch.Tensor) -> torch.Tensor:
+            tables = denoise.tables
+            return kernel.sample(denoise.logit_table, denoise.g, denoise.c, tables.he, tables.out_w,
+                                 float(tables.out_b), coefficients, noise, cand_idx=denoise.cand_idx,
+                                 threads=torch.get_num_threads())
+
+        return sample
+
+    @property
+    def native(self) -> bool:
+        """Whether the DDIM steps run in the compiled kernel."""
+        return self._sample is not None
 
     def t2v(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
             noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -100,7 +128,8 @@ class Reranker:
             return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables)
 
         return rerank_rows(sim, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, generator=generator,
-                           alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta)
+                           alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta,
+                           sample=self._sample)
 
     def v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
             noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -123,7 +152,8 @@ class Reranker:
                                     cand_idx=idx)
 
         return rerank_rows(sim_v2t, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, generator=generator,
-                           alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta)
+                           alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta,
+                           sample=self._sample)
 
     def both(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
              noise_t2v: torch.Tensor | None = None, noise_v2t: torch.Tensor | None = None,

@@ -1,0 +1,9 @@
+"""Optional compiled kernels, built on first use with the system C compiler (nothing is required).
+
+Every kernel here has a PyTorch equivalent that is used whenever the kernel cannot be built or
+loaded (no compiler, an unsupported platform, ``DIFFUSIONRET_NATIVE=0``).
+"""
+
+from diffusionret.native.ddim import DdimKernel, load_ddim_kernel
+
+__all__ = ["DdimKernel", "load_ddim_kernel"]

@@ -1,0 +1,200 @@
+"""The compiled DDIM re-ranking kernel (``ddim_rerank.c``): build, cache, load and call.
+
+The C source is compiled once per source, compiler and CPU into a shared library under the user's
+cache directory (``$DIFFUSIONRET_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusionret`` or
+``~/.cache/diffusionret``), written atomically (temp file, then rename), and loaded with
+:mod:`ctypes` (which releases the GIL during the call, so query rows can be split over threads).
+A failed build leaves a ``.failed`` note next to it so that later processes do not retry it; delete
+the note to retry. ``DIFFUSIONRET_NATIVE=0`` disables the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = "ddim_rerank.c"
+ENV_SWITCH = "DIFFUSIONRET_NATIVE"
+ENV_CACHE = "DIFFUSIONRET_CACHE_DIR"
+#: Tried in order; the first that compiles is kept. -march=native: the library is keyed by the CPU.
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+COMPILE_TIMEOUT_S = 120.0
+
+_FLOAT_P = ctypes.POINTER(ctypes.c_float)
+_I64_P = ctypes.POINTER(ctypes.c_int64)
+_ARGTYPES = [ctypes.c_int64] * 4 + [_FLOAT_P, _FLOAT_P, _I64_P, _FLOAT_P, _I64_P, _FLOAT_P, _FLOAT_P, ctypes.c_float,
+                                    _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, ctypes.c_int, _FLOAT_P, _FLOAT_P]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffusionret"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (a -march=native build must not move to another CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
+
+
+def _ptr(tensor: torch.Tensor | None, kind: type = _FLOAT_P) -> ctypes._Pointer | None:
+    return None if tensor is None else ctypes.cast(tensor.data_ptr(), kind)
+
+
+@dataclass(frozen=True)
+class DdimKernel:
+    """A loaded ``ddim_rerank.c``: deterministic DDIM (eta 0) through a prepared denoiser, on CPU float32.
+
+    Attributes:
+        path: the shared library.
+    """
+
+    path: Path
+    _function: ctypes._CFuncPtr
+
+    def sample(self, logits: torch.Tensor, g: torch.Tensor, c: torch.Tensor, he: torch.Tensor, out_w: torch.Tensor,
+               out_b: float, coefficients: dict[str, torch.Tensor], noise: torch.Tensor, *,
+               cand_idx: torch.Tensor | None = None, clip: bool = True, threads: int = 1) -> torch.Tensor:
+        """All S steps for B query rows; see :class:`~diffusionret.models.denoiser.PreparedDenoiser`.
+
+        Args:
+            logits: (B, S, N) the attention logits without ``x`` for every step.
+            g, c: (B, N, 2D) per (query, candidate), or (M, 2D) banks indexed by ``cand_idx`` (B, N).
+            he: (S, 2D); out_w: (2D,); out_b: the decoder's output bias.
+            coefficients: (S,) float32 tables ``sqrt_recip``, ``sqrt_recipm1``, ``sqrt_prev``, ``dir``
+                (:meth:`GaussianDiffusion.ddim_coefficients` at eta 0).
+            noise: (B, N) x_T.
+            clip: clamp each predicted x0 to [-1, 1].
+            threads: query rows are split over this many threads (the kernel itself is serial).
+        Returns:
+            (B, N) the final sample x0.
+        """
+        b, s, n = logits.shape
+        d2 = he.shape[1]
+        if noise.shape != (b, n) or he.shape[0] != s or out_w.shape != (d2,):
+            raise ValueError(f"inconsistent shapes: logits {tuple(logits.shape)}, noise {tuple(noise.shape)}, "
+                             f"he {tuple(he.shape)}, out_w {tuple(out_w.shape)}")
+        if cand_idx is None and (g.shape != (b, n, d2) or c.shape != (b, n, d2)):
+            raise ValueError(f"g {tuple(g.shape)} and c {tuple(c.shape)} must be ({b}, {n}, {d2})")
+        if cand_idx is not None:
+            if cand_idx.shape != (b, n) or g.ndim != 2 or g.shape[1] != d2 or c.shape != g.shape:
+                raise ValueError(f"banks g {tuple(g.shape)}, c {tuple(c.shape)} and cand_idx {tuple(cand_idx.shape)} "
+                                 f"do not match ({b}, {n}) rows of width {d2}")
+            cand_idx = cand_idx.to(torch.int64).contiguous()
+        tensors = [t.detach().to(torch.float32).contiguous() for t in (logits, g, c, he, out_w, noise)]
+        logits, g, c, he, out_w, noise = tensors
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError("the DDIM kernel runs on CPU tensors only")
+        coef = [coefficients[k].to(torch.float32).contiguous() for k in ("sqrt_recip", "sqrt_recipm1", "sqrt_prev", "dir")]
+        out = torch.empty(b, n, dtype=torch.float32)
+        if b == 0:
+            return out
+        threads = max(1, min(threads, b))
+        bounds = [b * i // threads for i in range(threads + 1)]
+
+        def run(lo: int, hi: int) -> int:
+            # Pointers into rows lo..hi of the per-row tensors; the banks and tables are shared.
+            rows_idx = None if cand_idx is None else cand_idx[lo:hi]
+            g_rows = g if cand_idx is not None else g[lo:hi]
+            c_rows = c if cand_idx is not None else c[lo:hi]
+            return self._function(hi - lo, n, s, d2, _ptr(logits[lo:hi]), _ptr(g_rows), _ptr(rows_idx, _I64_P),
+                                  _ptr(c_rows), _ptr(rows_idx, _I64_P), _ptr(he), _ptr(out_w), float(out_b),
+                                  *(_ptr(t) for t in coef), int(clip), _ptr(noise[lo:hi]), _ptr(out[lo:hi]))
+
+        if threads == 1:
+            codes = [run(0, b)]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+        if any(codes):
+            raise MemoryError("the DDIM kernel could not allocate its scratch memory")
+        return out
+
+
+def _build(source: bytes, compiler: str, target: Path) -> None:
+    """Compile ``source`` into ``target`` (atomically), trying :data:`FLAG_SETS` in order."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / SOURCE
+        src.write_bytes(source)
+        errors = []
+        for flags in FLAG_SETS:
+            out = Path(tmp) / target.name
+            cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            if proc.returncode == 0:
+                os.replace(out, target)
+                return
+            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError("\n".join(errors))
+
+
+def load_ddim_kernel(directory: Path | None = None) -> DdimKernel | None:
+    """The compiled kernel, building it on first use; None (logged) when it cannot be had.
+
+    Args:
+        directory: where built libraries are kept (default :func:`cache_dir`).
+    """
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        log.debug("native DDIM kernel disabled by %s", ENV_SWITCH)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: re-ranking uses the PyTorch DDIM loop")
+        return None
+    source = resources.files("diffusionret.native").joinpath(SOURCE).read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), repr(FLAG_SETS).encode(),
+                                     platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:20]
+    directory = directory or cache_dir()
+    target = directory / f"ddim_rerank-{key}.so"
+    failed = target.with_suffix(".failed")
+    if failed.exists():
+        log.debug("native DDIM kernel: an earlier build failed (%s); using PyTorch", failed)
+        return None
+    try:
+        if not target.exists():
+            log.info("building the native DDIM kernel with %s into %s", compiler, target)
+            _build(source, compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("native DDIM kernel unavailable (%s); re-ranking uses the PyTorch DDIM loop", exc)
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            tmp = failed.with_name(failed.name + f".{os.getpid()}.tmp")
+            tmp.write_text(str(exc))
+            os.replace(tmp, failed)
+        except OSError:
+            pass
+        return None
+    function = library.diffusionret_ddim_rerank
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    return DdimKernel(path=target, _function=function)
