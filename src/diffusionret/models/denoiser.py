@@ -58,9 +58,13 @@ def _pool_frames(query: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Te
     Returns:
         (..., D).
     """
+    return torch.einsum("...t,...td->...d", _pool_weights(query, frames, frame_mask, temp), frames)
+
+
+def _pool_weights(query: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor, temp: float) -> torch.Tensor:
+    """The frame weights of :func:`_pool_frames`: (..., D), (..., T, D), (..., T) -> (..., T)."""
     logits = torch.einsum("...d,...td->...t", query, frames) / temp
-    weights = torch.softmax(logits, dim=-1) * frame_mask.to(logits.dtype)
-    return torch.einsum("...t,...td->...d", weights, frames)
+    return torch.softmax(logits, dim=-1) * frame_mask.to(logits.dtype)
 
 
 def gather_rows(source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -147,30 +151,69 @@ class T2VDenoiser(_DenoiserBase):
         return self._head(logits, v, vbar)
 
     @torch.no_grad()
+    def candidate_frames(self, video_emb: torch.Tensor, steps: int | StepTables) -> CandidateFrames:
+        """Every frame of M candidate videos through the two linear maps that follow frame pooling.
+
+        A pooled video is a weighted sum of its frames, and the value path ``W1_h P Wv`` and the
+        decoder's candidate columns ``W1_c`` are linear, so a (query, candidate) pair's terms are the
+        same weighted sum of these per-frame terms: T (2D)-vectors per pair instead of two (D, 2D)
+        products. Worth it when each video is a candidate of many more than T queries (evaluation).
+
+        Args:
+            video_emb: (M, T, D).
+        """
+        tables = self._tables(steps)
+        m, t, d = video_emb.shape
+        flat = video_emb.reshape(m * t, d)
+        return CandidateFrames(g=tables.values(flat).view(m, t, -1), c=(flat @ tables.cand_w).view(m, t, -1))
+
+    @torch.no_grad()
     def prepare(self, text_emb: torch.Tensor, video_emb: torch.Tensor, video_mask: torch.Tensor,
-                steps: int | StepTables) -> PreparedDenoiser:
+                steps: int | StepTables, *, frames: CandidateFrames | None = None,
+                cand_idx: torch.Tensor | None = None) -> PreparedDenoiser:
         """Fold the conditioning into per-step tables; the result's ``(x, t)`` equals :meth:`forward`.
 
         Args:
             text_emb: (B, D); video_emb: (B, N, T, D); video_mask: (B, N, T).
             steps: the number of diffusion steps S (timesteps ``0 .. S - 1``), or their
                 :meth:`step_tables` when several calls share them.
+            frames, cand_idx: precomputed :meth:`candidate_frames` of a video bank (M rows) and the
+                (B, N) rows of ``video_emb`` in it; the result then keeps the pooling weights and
+                the bank instead of per-pair terms (see :class:`PreparedDenoiser`).
         Returns:
             a :class:`PreparedDenoiser` over B queries and N candidates.
         """
         tables = self._tables(steps)
         b, n, d = video_emb.shape[0], video_emb.shape[1], self.dim
-        vbar = _pool_frames(text_emb.unsqueeze(1), video_emb, video_mask, self.temp)  # (B, N, D)
+        if frames is not None and cand_idx is None:
+            raise ValueError("cand_idx is required with precomputed frames")
+        weights = _pool_weights(text_emb.unsqueeze(1), video_emb, video_mask, self.temp)  # (B, N, T)
+        vbar = torch.einsum("...t,...td->...d", weights, video_emb)  # (B, N, D), as _pool_frames
         q_text = self.q_proj(text_emb)  # (B, D)
         # <Wq(x + e_s), Wk(vbar_n + e_s)> = <vbar_n, Wk^T Wq x + Wk^T qe_s> + <Wq x, ke_s> + <qe_s, ke_s>:
         # the keys are never projected, and all S steps' logits come from one batched product.
         k_query = (q_text @ self.k_proj.weight).unsqueeze(1) + tables.qe_k  # (B, S, D)
         per_step = (q_text @ tables.ke.T + tables.qke).unsqueeze(-1)  # (B, S, 1)
         logit_table = torch.baddbmm(per_step, k_query, vbar.transpose(1, 2))  # (B, S, N)
+        if frames is not None:
+            return PreparedDenoiser(tables=tables, logit_table=logit_table, g=frames.g, c=frames.c, cand_idx=cand_idx,
+                                    mix=weights, c_bias=tables.cand_b)
         flat = vbar.reshape(b * n, d)
         g = tables.values(flat).view(b, n, 2 * d)
         c = torch.addmm(tables.cand_b, flat, tables.cand_w).view(b, n, 2 * d)
         return PreparedDenoiser(tables=tables, logit_table=logit_table, g=g, c=c)
+
+
+@dataclass(frozen=True)
+class CandidateFrames:
+    """Per-frame terms of M candidate videos for :meth:`T2VDenoiser.prepare`, shared by all queries.
+
+    Attributes:
+        g: (M, T, 2D) each frame through ``W1_h P Wv``; c: (M, T, 2D) ``W1_c frame`` (no bias).
+    """
+
+    g: torch.Tensor
+    c: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -301,7 +344,9 @@ class PreparedDenoiser:
         logit_table: (B, S, N) the logits without ``x`` for every step.
         g: (B, N, 2D) each candidate's value through ``W1_h P Wv``; c: (B, N, 2D) ``W1_c cand + b1``.
             With ``cand_idx`` both are (M, 2D) banks of candidates instead, and ``cand_idx`` (B, N)
-            names each query's rows in them.
+            names each query's rows in them. With ``mix`` (B, N, T) too, they are (M, T, 2D)
+            per-frame banks and a candidate's terms are ``sum_t mix[b, n, t] bank[cand_idx[b, n], t]``
+            (plus ``c_bias`` (2D,) for c): frame pooling moved after the linear maps.
     """
 
     tables: StepTables
@@ -309,6 +354,8 @@ class PreparedDenoiser:
     g: torch.Tensor
     c: torch.Tensor
     cand_idx: torch.Tensor | None = None
+    mix: torch.Tensor | None = None
+    c_bias: torch.Tensor | None = None
     _buffer: torch.Tensor | None = None
     _rows: torch.Tensor | None = None
     _gc: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -318,7 +365,11 @@ class PreparedDenoiser:
         if self.cand_idx is None:
             return self.g, self.c
         if self._gc is None:
-            self._gc = (gather_rows(self.g, self.cand_idx), gather_rows(self.c, self.cand_idx))
+            g, c = gather_rows(self.g, self.cand_idx), gather_rows(self.c, self.cand_idx)
+            if self.mix is not None:
+                g = torch.einsum("bnt,bntd->bnd", self.mix, g)
+                c = torch.einsum("bnt,bntd->bnd", self.mix, c) + self.c_bias
+            self._gc = (g, c)
         return self._gc
 
     @torch.no_grad()

@@ -36,8 +36,9 @@ COMPILE_TIMEOUT_S = 120.0
 
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _I64_P = ctypes.POINTER(ctypes.c_int64)
-_ARGTYPES = [ctypes.c_int64] * 4 + [_FLOAT_P, _FLOAT_P, _I64_P, _FLOAT_P, _I64_P, _FLOAT_P, _FLOAT_P, ctypes.c_float,
-                                    _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, ctypes.c_int, _FLOAT_P, _FLOAT_P]
+_ARGTYPES = [ctypes.c_int64] * 5 + [_FLOAT_P, _FLOAT_P, _FLOAT_P, _I64_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P,
+                                    ctypes.c_float, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, ctypes.c_int, _FLOAT_P,
+                                    _FLOAT_P]
 
 
 def cache_dir() -> Path:
@@ -82,12 +83,17 @@ class DdimKernel:
 
     def sample(self, logits: torch.Tensor, g: torch.Tensor, c: torch.Tensor, he: torch.Tensor, out_w: torch.Tensor,
                out_b: float, coefficients: dict[str, torch.Tensor], noise: torch.Tensor, *,
-               cand_idx: torch.Tensor | None = None, clip: bool = True, threads: int = 1) -> torch.Tensor:
+               cand_idx: torch.Tensor | None = None, mix: torch.Tensor | None = None,
+               c_bias: torch.Tensor | None = None, clip: bool = True, threads: int = 1) -> torch.Tensor:
         """All S steps for B query rows; see :class:`~diffusionret.models.denoiser.PreparedDenoiser`.
 
         Args:
             logits: (B, S, N) the attention logits without ``x`` for every step.
-            g, c: (B, N, 2D) per (query, candidate), or (M, 2D) banks indexed by ``cand_idx`` (B, N).
+            g, c: the candidates' decoder terms, one of
+                (B, N, 2D) per (query, candidate);
+                (M, 2D) banks, with ``cand_idx`` (B, N) naming each query's rows;
+                (M, T, 2D) per-frame banks, with ``cand_idx`` and ``mix`` (B, N, T): a candidate's
+                term is ``sum_t mix[b, n, t] bank[cand_idx[b, n], t]``, plus ``c_bias`` (2D,) for c.
             he: (S, 2D); out_w: (2D,); out_b: the decoder's output bias.
             coefficients: (S,) float32 tables ``sqrt_recip``, ``sqrt_recipm1``, ``sqrt_prev``, ``dir``
                 (:meth:`GaussianDiffusion.ddim_coefficients` at eta 0).
@@ -102,16 +108,27 @@ class DdimKernel:
         if noise.shape != (b, n) or he.shape[0] != s or out_w.shape != (d2,):
             raise ValueError(f"inconsistent shapes: logits {tuple(logits.shape)}, noise {tuple(noise.shape)}, "
                              f"he {tuple(he.shape)}, out_w {tuple(out_w.shape)}")
-        if cand_idx is None and (g.shape != (b, n, d2) or c.shape != (b, n, d2)):
-            raise ValueError(f"g {tuple(g.shape)} and c {tuple(c.shape)} must be ({b}, {n}, {d2})")
-        if cand_idx is not None:
-            if cand_idx.shape != (b, n) or g.ndim != 2 or g.shape[1] != d2 or c.shape != g.shape:
-                raise ValueError(f"banks g {tuple(g.shape)}, c {tuple(c.shape)} and cand_idx {tuple(cand_idx.shape)} "
-                                 f"do not match ({b}, {n}) rows of width {d2}")
+        if c.shape != g.shape or g.shape[-1] != d2:
+            raise ValueError(f"g {tuple(g.shape)} and c {tuple(c.shape)} must have the same shape, last dim {d2}")
+        if cand_idx is None:
+            if g.shape != (b, n, d2) or mix is not None:
+                raise ValueError(f"without cand_idx, g and c must be ({b}, {n}, {d2}) and mix None")
+            frames = 1
+        else:
+            if cand_idx.shape != (b, n):
+                raise ValueError(f"cand_idx {tuple(cand_idx.shape)} must be ({b}, {n})")
+            frames = 1 if mix is None else g.shape[1]
+            want = (b, n, frames)
+            if (mix is None and g.ndim != 2) or (mix is not None and (g.ndim != 3 or mix.shape != want)):
+                raise ValueError(f"banks g {tuple(g.shape)} and mix {None if mix is None else tuple(mix.shape)} do not "
+                                 f"match: (M, 2D) without mix, (M, T, 2D) with a (B, N, T) mix")
             cand_idx = cand_idx.to(torch.int64).contiguous()
-        tensors = [t.detach().to(torch.float32).contiguous() for t in (logits, g, c, he, out_w, noise)]
-        logits, g, c, he, out_w, noise = tensors
-        if any(t.device.type != "cpu" for t in tensors):
+        if c_bias is not None and (mix is None or c_bias.shape != (d2,)):
+            raise ValueError("c_bias goes with a per-frame bank (mix) and must be (2D,)")
+        floats = [None if t is None else t.detach().to(torch.float32).contiguous()
+                  for t in (logits, g, c, he, out_w, noise, mix, c_bias)]
+        logits, g, c, he, out_w, noise, mix, c_bias = floats
+        if any(t is not None and t.device.type != "cpu" for t in [*floats, cand_idx]):
             raise ValueError("the DDIM kernel runs on CPU tensors only")
         coef = [coefficients[k].to(torch.float32).contiguous() for k in ("sqrt_recip", "sqrt_recipm1", "sqrt_prev", "dir")]
         out = torch.empty(b, n, dtype=torch.float32)
@@ -121,13 +138,13 @@ class DdimKernel:
         bounds = [b * i // threads for i in range(threads + 1)]
 
         def run(lo: int, hi: int) -> int:
-            # Pointers into rows lo..hi of the per-row tensors; the banks and tables are shared.
-            rows_idx = None if cand_idx is None else cand_idx[lo:hi]
-            g_rows = g if cand_idx is not None else g[lo:hi]
-            c_rows = c if cand_idx is not None else c[lo:hi]
-            return self._function(hi - lo, n, s, d2, _ptr(logits[lo:hi]), _ptr(g_rows), _ptr(rows_idx, _I64_P),
-                                  _ptr(c_rows), _ptr(rows_idx, _I64_P), _ptr(he), _ptr(out_w), float(out_b),
-                                  *(_ptr(t) for t in coef), int(clip), _ptr(noise[lo:hi]), _ptr(out[lo:hi]))
+            # Pointers into rows lo..hi of the per-row tensors; banks and tables are shared.
+            banks = (g[lo:hi], c[lo:hi]) if cand_idx is None else (g, c)
+            rows = (None, None) if cand_idx is None else (cand_idx[lo:hi], None if mix is None else mix[lo:hi])
+            return self._function(hi - lo, n, s, d2, frames, _ptr(logits[lo:hi]), _ptr(banks[0]), _ptr(banks[1]),
+                                  _ptr(rows[0], _I64_P), _ptr(rows[1]), _ptr(c_bias), _ptr(he), _ptr(out_w),
+                                  float(out_b), *(_ptr(t) for t in coef), int(clip), _ptr(noise[lo:hi]),
+                                  _ptr(out[lo:hi]))
 
         if threads == 1:
             codes = [run(0, b)]

@@ -100,32 +100,63 @@ static void relu_dots(float *out, const float *h, const float *out_w, const floa
     }
 }
 
+/* rows[n] = bias + sum_t mix[n, t] bank[idx[n], t] for the K candidates of one query, into scratch. */
+static void mix_frames(float *scratch, const float **rows, const float *bank, const int64_t *idx, const float *mix,
+                       const float *bias, int64_t k, int64_t t_frames, int64_t d2) {
+    for (int64_t n = 0; n < k; ++n) {
+        float *dst = scratch + n * d2;
+        if (bias) memcpy(dst, bias, sizeof(float) * (size_t)d2);
+        else memset(dst, 0, sizeof(float) * (size_t)d2);
+        const float *src = bank + idx[n] * t_frames * d2;
+        for (int64_t t = 0; t < t_frames; ++t) {
+            const float p = mix[n * t_frames + t];
+            if (p == 0.0f) continue; /* masked frames: their weight is exactly 0 */
+            const float *row = src + t * d2;
+            int64_t j = 0;
+            for (; j + VW <= d2; j += VW) vstore(dst + j, vload(dst + j) + p * vload(row + j));
+            for (; j < d2; ++j) dst[j] += p * row[j];
+        }
+        rows[n] = dst;
+    }
+}
+
 /* Returns 0, or -1 when memory for the per-query scratch could not be allocated.
  *
  * logits (B, S, K); noise, out (B, K); he (S, D2); out_w (D2,); the four DDIM tables (S,).
- * g, c: (B K, D2) per (query, candidate) when *_idx is NULL, else banks (M, D2) indexed by the
- * (B, K) int64 *_idx. All float32, C-contiguous.
+ * The candidates' decoder terms g and c come from banks g_bank, c_bank (M, T, D2):
+ *   idx NULL:           T = 1 and candidate n of query b is bank row b K + n;
+ *   idx (B, K), no mix: T = 1 and it is bank row idx[b, n];
+ *   idx and mix (B, K, T): it is sum_t mix[b, n, t] bank[idx[b, n], t] (+ c_bias for c), the
+ *     frame-pooled form (the value path and the decoder are linear in the pooled feature).
+ * All float32 (indices int64), C-contiguous.
  */
-int diffusionret_ddim_rerank(int64_t b_rows, int64_t k, int64_t s_steps, int64_t d2, const float *logits,
-                             const float *g, const int64_t *g_idx, const float *c, const int64_t *c_idx,
-                             const float *he, const float *out_w, float out_b, const float *sqrt_recip,
-                             const float *sqrt_recipm1, const float *sqrt_prev, const float *dir, int clip,
-                             const float *noise, float *out) {
+int diffusionret_ddim_rerank(int64_t b_rows, int64_t k, int64_t s_steps, int64_t d2, int64_t t_frames,
+                             const float *logits, const float *g_bank, const float *c_bank, const int64_t *idx,
+                             const float *mix, const float *c_bias, const float *he, const float *out_w, float out_b,
+                             const float *sqrt_recip, const float *sqrt_recipm1, const float *sqrt_prev,
+                             const float *dir, int clip, const float *noise, float *out) {
     float *h = malloc(sizeof(float) * (size_t)d2);
     float *w = malloc(sizeof(float) * (size_t)k * 3);
     const float **rows = malloc(sizeof(float *) * (size_t)k * 2);
-    if (h == NULL || w == NULL || rows == NULL) {
-        free(h); free(w); free(rows);
+    float *scratch = mix ? malloc(sizeof(float) * (size_t)(2 * k * d2)) : NULL;
+    if (h == NULL || w == NULL || rows == NULL || (mix && scratch == NULL)) {
+        free(h); free(w); free(rows); free(scratch);
         return -1;
     }
     float *x = w + k, *dot = w + 2 * k;
     const float **g_rows = rows, **c_rows = rows + k;
     for (int64_t b = 0; b < b_rows; ++b) {
-        for (int64_t n = 0; n < k; ++n) {
-            g_rows[n] = g + d2 * (g_idx ? g_idx[b * k + n] : b * k + n);
-            c_rows[n] = c + d2 * (c_idx ? c_idx[b * k + n] : b * k + n);
-            x[n] = noise[b * k + n];
+        if (mix) {
+            mix_frames(scratch, g_rows, g_bank, idx + b * k, mix + b * k * t_frames, NULL, k, t_frames, d2);
+            mix_frames(scratch + k * d2, c_rows, c_bank, idx + b * k, mix + b * k * t_frames, c_bias, k, t_frames, d2);
+        } else {
+            for (int64_t n = 0; n < k; ++n) {
+                const int64_t row = idx ? idx[b * k + n] : b * k + n;
+                g_rows[n] = g_bank + d2 * row;
+                c_rows[n] = c_bank + d2 * row;
+            }
         }
+        memcpy(x, noise + b * k, sizeof(float) * (size_t)k);
         for (int64_t s = s_steps - 1; s >= 0; --s) {
             const float *lg = logits + (b * s_steps + s) * k;
             float top = -INFINITY, total = 0.0f;
@@ -154,6 +185,6 @@ int diffusionret_ddim_rerank(int64_t b_rows, int64_t k, int64_t s_steps, int64_t
         }
         memcpy(out + b * k, x, sizeof(float) * (size_t)k);
     }
-    free(h); free(w); free(rows);
+    free(h); free(w); free(rows); free(scratch);
     return 0;
 }

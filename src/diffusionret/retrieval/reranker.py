@@ -21,6 +21,13 @@ from diffusionret.native import load_ddim_kernel
 from diffusionret.rerank import Sampler, rerank_rows
 
 
+#: Text->video: map every candidate frame once when there are at least this many (query, candidate)
+#: pairs per video frame (pairs per video / T; mapping frames then costs at most half of mapping pairs).
+FRAME_BANK_MIN_RATIO = 2.0
+#: ... and when the per-frame bank (two (Nv, T, 2D) float32 tensors) fits in this many bytes.
+FRAME_BANK_BYTES = 1 << 30
+
+
 @dataclass(frozen=True)
 class RerankConfig:
     """How the top candidates of each query are re-ranked.
@@ -101,9 +108,22 @@ class Reranker:
             tables = denoise.tables
             return kernel.sample(denoise.logit_table, denoise.g, denoise.c, tables.he, tables.out_w,
                                  float(tables.out_b), coefficients, noise, cand_idx=denoise.cand_idx,
-                                 threads=torch.get_num_threads())
+                                 mix=denoise.mix, c_bias=denoise.c_bias, threads=torch.get_num_threads())
 
         return sample
+
+    def _use_candidate_frames(self, pairs: int, video: torch.Tensor) -> bool:
+        """Whether text->video re-ranking maps every candidate frame once (:meth:`T2VDenoiser.candidate_frames`).
+
+        Mapping the Nv T frames costs T / (pairs per video) of mapping every pair's pooled video,
+        so it pays when videos are candidates of many queries (evaluation: Nt K / Nv = 32 per video
+        against T = 12), not for a search query's 32 candidates. The per-pair terms are then formed
+        inside the compiled kernel (the PyTorch loop would have to materialise them), and the
+        per-frame bank must fit :data:`FRAME_BANK_BYTES`.
+        """
+        nv, t, d = video.shape
+        bank_bytes = 2 * nv * t * 2 * d * 4
+        return self._sample is not None and pairs >= FRAME_BANK_MIN_RATIO * nv * t and bank_bytes <= FRAME_BANK_BYTES
 
     @property
     def native(self) -> bool:
@@ -121,11 +141,19 @@ class Reranker:
         cfg = self.config
         cls, video = cls.float(), video.float()
         denoiser = self.model.diffusion_model
-        # Shared by all chunks; the value path is applied to every (query, candidate) pair.
-        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=sim.shape[0] * min(cfg.top_k, sim.shape[1]))
+        pairs = sim.shape[0] * min(cfg.top_k, sim.shape[1])
+        frames = None
+        if self._use_candidate_frames(pairs, video):
+            # Every frame through the linear maps once; pairs then mix T per-frame terms.
+            tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=video.shape[0] * video.shape[1])
+            frames = denoiser.candidate_frames(video, tables)
+        else:
+            # Shared by all chunks; the value path is applied to every (query, candidate) pair.
+            tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=pairs)
 
         def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
-            return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables)
+            return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables,
+                                    frames=frames, cand_idx=None if frames is None else idx)
 
         return rerank_rows(sim, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, generator=generator,
                            alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta,
