@@ -10,6 +10,7 @@ clips at 1 frame per second), L 32 with caption lengths from ``--lengths`` (defa
     python benchmarks/bench_eval.py --threads 1                          # N = 1000
     python benchmarks/bench_eval.py --threads 1 --sizes 128 1000 2000 5000
     python benchmarks/bench_eval.py --threads 1 --lengths uniform        # lengths uniform in 5..31
+    python benchmarks/bench_eval.py --threads 1 --compare 2              # + PyTorch loop vs kernel, alternating
 
 Each size runs once (after a small warm-up). Reported: wall time of the two stages, and the CPU time
 of the (single) computing thread, which other processes on the machine disturb less; both with the
@@ -27,6 +28,7 @@ from diffusionret.evaluation.evaluate import rerank_scores, similarity_matrix
 from diffusionret.evaluation.features import CorpusFeatures
 from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
+from diffusionret.retrieval import RerankConfig
 
 from _common import add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, load_text, machine, report
 
@@ -36,7 +38,7 @@ def build(dim: int, steps: int) -> DiffusionRet:
     torch.manual_seed(0)  # the model initialises from the global RNG
     clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
                       text_width=dim, text_layers=1, vocab_size=1000)
-    model = DiffusionRet(ModelConfig(clip=clip, stage="generation", temporal_layers=1, diffusion_steps=steps)).eval()
+    model = DiffusionRet(ModelConfig(clip=clip, denoisers=True, temporal_layers=1)).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger than the 0.02 init, so x0 (and the softmax bonus) varies across candidates
         for p in list(model.diffusion_model.parameters()) + list(model.diffusion_model_v.parameters()):
@@ -63,6 +65,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--chunk-size", type=int, default=128, help="eval.chunk_size (default 128, the config default)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="re-rank with the PyTorch DDIM loop instead of the compiled kernel")
+    parser.add_argument("--compare", type=int, default=0, metavar="R",
+                        help="then re-rank R more times per size, alternating the PyTorch loop and the kernel")
     add_lengths_arg(parser)
     add_thread_arg(parser)
     args = parser.parse_args()
@@ -71,25 +77,41 @@ def main() -> None:
     ctx = DistContext.single("cpu")
     print(f"machine: {machine()}")
 
-    def run(feats: CorpusFeatures) -> tuple[float, float, float, float]:
+    def rerank(sim: torch.Tensor, feats: CorpusFeatures, native: bool) -> tuple[float, float, torch.Tensor]:
+        """Wall and CPU seconds of re-ranking both directions, and the text->video result."""
+        config = RerankConfig(steps=args.steps, top_k=args.top_k, native=native)
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        t2v, v2t = rerank_scores(model, sim, feats, rerank=config, seed=42, ctx=ctx)
+        return time.perf_counter() - wall0, time.thread_time() - cpu0, torch.cat([t2v, v2t.T], dim=1)
+
+    def run(feats: CorpusFeatures) -> tuple[float, float, float, float, torch.Tensor]:
         """Wall and CPU seconds of the two stages (CPU time of this thread: the work itself, less
         sensitive than wall time to other processes taking the cores)."""
         wall0, cpu0 = time.perf_counter(), time.thread_time()
         sim = similarity_matrix(model, feats, chunk_size=args.chunk_size, ctx=ctx, progress=False)
         wall1, cpu1 = time.perf_counter(), time.thread_time()
-        rerank_scores(model, sim, feats, top_k=args.top_k, alpha=1.0, temp=1.0, seed=42, ctx=ctx)
-        wall2, cpu2 = time.perf_counter(), time.thread_time()
-        return wall1 - wall0, wall2 - wall1, cpu1 - cpu0, cpu2 - cpu1
+        rerank_s, rerank_cpu_s, _ = rerank(sim, feats, not args.no_native)
+        return wall1 - wall0, rerank_s, cpu1 - cpu0, rerank_cpu_s, sim
 
     run(features(64, args.words, args.frames, args.dim, args.lengths))  # warm-up: first-call allocations
     for n in args.sizes:
         feats = features(n, args.words, args.frames, args.dim, args.lengths)
         real = feats.text_mask.sum(1).float()
         load_before = load_text()
-        wti_s, rerank_s, wti_cpu_s, rerank_cpu_s = run(feats)
+        wti_s, rerank_s, wti_cpu_s, rerank_cpu_s, sim = run(feats)
         report("eval", n=n, lengths=args.lengths, mean_tokens=round(real.mean().item(), 3), wti_s=wti_s,
                rerank_s=rerank_s, total_s=wti_s + rerank_s, wti_cpu_s=wti_cpu_s, rerank_cpu_s=rerank_cpu_s,
-               total_cpu_s=wti_cpu_s + rerank_cpu_s, load_before=load_before, load_after=load_text())
+               total_cpu_s=wti_cpu_s + rerank_cpu_s, native=not args.no_native, load_before=load_before,
+               load_after=load_text())
+        for _ in range(args.compare):
+            # Alternating in one process, so that both see the same load: the PyTorch DDIM loop (the
+            # code before the compiled kernel) and the kernel, on the same WTI matrix.
+            load_before = load_text()
+            loop_s, loop_cpu_s, loop = rerank(sim, feats, native=False)
+            kernel_s, kernel_cpu_s, fast = rerank(sim, feats, native=True)
+            report("rerank_compare", n=n, pytorch_s=loop_s, pytorch_cpu_s=loop_cpu_s, native_s=kernel_s,
+                   native_cpu_s=kernel_cpu_s, cpu_ratio=loop_cpu_s / kernel_cpu_s,
+                   max_abs_diff=(fast - loop).abs().max().item(), load_before=load_before, load_after=load_text())
 
 
 if __name__ == "__main__":
