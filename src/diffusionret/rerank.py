@@ -19,7 +19,9 @@ from diffusionret.diffusion.gaussian import GaussianDiffusion
 #: Query rows per chunk on CPU. A chunk's two (rows, K, 2D) step tensors are re-read at every DDIM
 #: step; at 32 rows, K = 32, D = 512 they are 4 MiB each and stay in the last-level cache, which
 #: measured fastest on the 2-core CPU (64 rows: 5-20 % slower, out of cache; 16: per-op overhead,
-#: paid 50 times per chunk, dominates).
+#: paid 50 times per chunk, dominates). With the compiled DDIM kernel (diffusionret.native) the steps
+#: run per query and only the chunk's preparation depends on it: 32 also measured fastest there
+#: (64 and 128 rows: 30-40 % slower preparation, out of cache).
 DEFAULT_CHUNK_SIZE = 32
 #: On accelerators the per-step kernels are launch-bound at 32 rows; larger chunks fill the device
 #: (a guess, not a measurement: no accelerator was available when this was tuned).

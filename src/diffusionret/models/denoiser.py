@@ -14,6 +14,12 @@ timestep embedding, and the value path and the decoder's first layer are linear,
 * a DDIM step is then a softmax, one (N,)x(N, 2D) product per query, one pass over a (B, N, 2D)
   tensor (the ReLU) and one matrix-vector product: O(N * D) per query, no D x D products.
 
+For text->video evaluation, where each video is a candidate of many queries,
+:meth:`T2VDenoiser.candidate_frames` maps every frame once instead of every pair's pooled video
+(pooling is a weighted sum of frames, and both maps after it are linear); the pairs then keep only
+their T pooling weights. The steps themselves can run in the compiled kernel of
+:mod:`diffusionret.native` (same arithmetic, one query at a time).
+
 It equals :meth:`forward` up to float re-association (tests check 1e-5).
 """
 
