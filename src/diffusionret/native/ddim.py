@@ -201,6 +201,9 @@ def load_ddim_kernel(directory: Path | None = None) -> DdimKernel | None:
             log.info("building the native DDIM kernel with %s into %s", compiler, target)
             _build(source, compiler, target)
         library = ctypes.CDLL(str(target))
+    except subprocess.TimeoutExpired as exc:  # a slow (loaded) machine, not a broken build: retry next time
+        log.warning("native DDIM kernel not built in time (%s); re-ranking uses the PyTorch DDIM loop", exc)
+        return None
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("native DDIM kernel unavailable (%s); re-ranking uses the PyTorch DDIM loop", exc)
         try:
