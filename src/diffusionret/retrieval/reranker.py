@@ -93,11 +93,15 @@ class Reranker:
         self.config = config or RerankConfig()
         device = next(model.parameters()).device
         self.diffusion = (diffusion or self.config.diffusion()).to(device)
-        self._sample = self._native_sampler(device)
+        self._sample = self._native_sampler(device, next(model.parameters()).dtype)
 
-    def _native_sampler(self, device: torch.device) -> Sampler | None:
-        """The compiled DDIM loop as a :func:`rerank_rows` sampler, or None where it does not apply."""
-        if not self.config.native or self.config.eta != 0 or device.type != "cpu":
+    def _native_sampler(self, device: torch.device, dtype: torch.dtype) -> Sampler | None:
+        """The compiled DDIM loop as a :func:`rerank_rows` sampler, or None where it does not apply.
+
+        The kernel computes in float32: a model held in another precision keeps the PyTorch loop,
+        which computes in the model's own.
+        """
+        if not self.config.native or self.config.eta != 0 or device.type != "cpu" or dtype != torch.float32:
             return None
         kernel = load_ddim_kernel()
         if kernel is None:
