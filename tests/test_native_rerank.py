@@ -151,3 +151,21 @@ def test_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.delenv(native.ENV_SWITCH)
     # Stochastic DDIM (eta > 0) always uses the PyTorch loop, which draws the step noise.
     assert not Reranker(model, RerankConfig(eta=0.5)).native
+
+
+def test_t2v_prepare_with_candidate_frames_equals_forward():
+    """Pooling moved after the linear maps (a per-frame bank mixed per pair) still computes the network."""
+    g = torch.Generator().manual_seed(3)
+    b, n, m, frames, d = 4, 5, 8, 3, 16
+    module = _denoiser(T2VDenoiser, d, 3)
+    bank, bank_mask = torch.randn(m, frames, d, generator=g), (torch.rand(m, frames, generator=g) > 0.3).long()
+    idx = torch.stack([torch.randperm(m, generator=g)[:n] for _ in range(b)])
+    text, x, t = torch.randn(b, d, generator=g), torch.randn(b, n, generator=g), torch.tensor([0, 9, 4, 4])
+    tables = module.step_tables(10)
+    prepared = module.prepare(text, bank[idx], bank_mask[idx], tables, frames=module.candidate_frames(bank, tables),
+                              cand_idx=idx)
+    with torch.no_grad():
+        expected = module(x, t, text, bank[idx], bank_mask[idx])
+    torch.testing.assert_close(prepared(x, t), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cand_idx"):
+        module.prepare(text, bank[idx], bank_mask[idx], tables, frames=module.candidate_frames(bank, tables))
