@@ -15,9 +15,12 @@ import platform
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusionret.models.diffusionret import DiffusionRet
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +66,21 @@ def caption_lengths(n: int, distribution: str, max_words: int = 32,
     if distribution == "uniform":
         return torch.randint(5, 32, (n,), generator=generator).clamp(max=max_words)
     raise ValueError(f"unknown caption length distribution {distribution!r} (msrvtt or uniform)")
+
+
+def head_model(dim: int, *, denoisers: bool, text_layers: int = 1, vocab_size: int = 1000,
+               generator: torch.Generator | None = None) -> "DiffusionRet":
+    """A model whose WTI head (and denoisers) have full width ``dim`` on a token CLIP (eval mode).
+
+    The benchmarks time the head, the re-ranking or the text tower; a 32-pixel, one-layer vision
+    tower keeps construction cheap. Initialised from ``generator`` (default: the global RNG).
+    """
+    from diffusionret.models.config import ClipConfig, ModelConfig
+    from diffusionret.models.diffusionret import DiffusionRet
+
+    clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
+                      text_width=dim, text_layers=text_layers, vocab_size=vocab_size)
+    return DiffusionRet(ModelConfig(clip=clip, denoisers=denoisers, temporal_layers=1), generator=generator).eval()
 
 
 def add_lengths_arg(parser: argparse.ArgumentParser) -> None:

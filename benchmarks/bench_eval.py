@@ -26,19 +26,16 @@ import torch
 from diffusionret.distributed import DistContext
 from diffusionret.evaluation.evaluate import rerank_scores, similarity_matrix
 from diffusionret.evaluation.features import CorpusFeatures
-from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.retrieval import RerankConfig
 
-from _common import add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, load_text, machine, report
+from _common import head_model, add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, load_text, machine, report
 
 
 def build(dim: int, steps: int) -> DiffusionRet:
     """The head and denoisers at full width on a tiny CLIP (only the head is used); the same weights every run."""
     torch.manual_seed(0)  # the model initialises from the global RNG
-    clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
-                      text_width=dim, text_layers=1, vocab_size=1000)
-    model = DiffusionRet(ModelConfig(clip=clip, denoisers=True, temporal_layers=1)).eval()
+    model = head_model(dim, denoisers=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger than the 0.02 init, so x0 (and the softmax bonus) varies across candidates
         for p in list(model.diffusion_model.parameters()) + list(model.diffusion_model_v.parameters()):

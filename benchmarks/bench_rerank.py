@@ -30,12 +30,11 @@ import time
 
 import torch
 from diffusionret.diffusion.gaussian import GaussianDiffusion
-from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.rerank import DEFAULT_CHUNK_SIZE
 from diffusionret.retrieval import RerankConfig, Reranker
 
-from _common import add_thread_arg, apply_threads, machine, report
+from _common import head_model, add_thread_arg, apply_threads, machine, report
 
 
 @torch.no_grad()
@@ -86,9 +85,7 @@ def main() -> None:
     torch.manual_seed(0)
     n, d, k = args.queries, args.dim, args.top_k
     # Only the head matters here; a tiny CLIP keeps construction cheap.
-    clip = ClipConfig(embed_dim=d, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16, text_width=d,
-                      text_layers=1, vocab_size=1000)
-    model = DiffusionRet(ModelConfig(clip=clip, denoisers=True, temporal_layers=1))
+    model = head_model(d, denoisers=True)
     reranker = Reranker(model, RerankConfig(steps=args.steps, top_k=args.top_k, chunk_size=args.chunk_size))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger than the 0.02 init, so x0 (and the softmax bonus) varies across candidates

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     CACHE_DIR,
+    head_model,
     add_thread_arg,
     apply_threads,
     machine,
@@ -80,7 +81,7 @@ from diffusionret.index.first_stage import (
 from diffusionret.index.identity import model_fingerprint
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.index.store import IndexInfo, VideoIndex
-from diffusionret.models.config import ClipConfig, DiffusionSchedule, ModelConfig
+from diffusionret.models.config import DiffusionSchedule
 from diffusionret.models.diffusionret import DiffusionRet
 
 _SUBJECTS = ["a man", "a woman", "a child", "two people", "a dog", "a cat", "a chef", "a group of friends", "a player",
@@ -103,11 +104,8 @@ def queries(count: int, seed: int = 0) -> list[str]:
 
 def search_model(dim: int, text_layers: int) -> DiffusionRet:
     """A generation-stage model with a ViT-B/32-sized text tower and a token vision tower (unused by search)."""
-    clip = ClipConfig(embed_dim=dim, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16,
-                      text_width=dim, text_layers=text_layers)
-    model = DiffusionRet(ModelConfig(clip=clip, denoisers=True, temporal_layers=1),
-                         generator=torch.Generator().manual_seed(0))
-    return model.eval()
+    return head_model(dim, denoisers=True, text_layers=text_layers, vocab_size=49408,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def feature_files(n: int, frames: int, dim: int, cache: Path, seed: int = 0) -> Path:

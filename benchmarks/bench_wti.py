@@ -28,11 +28,10 @@ import subprocess
 import sys
 
 import torch
-from diffusionret.models.config import ClipConfig, ModelConfig
 from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.models.similarity import default_chunk_size
 
-from _common import (PeakRSS, add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, machine, matmul_gflops,
+from _common import (head_model, PeakRSS, add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, machine, matmul_gflops,
                      report, timeit)
 
 
@@ -63,9 +62,7 @@ def main() -> None:
     apply_threads(args)
     torch.manual_seed(0)
     d, L, T = args.dim, args.words, args.frames
-    clip = ClipConfig(embed_dim=d, image_size=32, vision_width=64, vision_layers=1, vision_patch_size=16, text_width=d,
-                      text_layers=1, vocab_size=1000)
-    model = DiffusionRet(ModelConfig(clip=clip, temporal_layers=1)).eval()
+    model = head_model(d, denoisers=False)
     chunk = args.chunk or default_chunk_size(L, T)
     if args.probe_memory:
         return probe(model, args)
