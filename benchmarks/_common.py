@@ -116,6 +116,15 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def parse_bench_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Add ``--threads``, parse, set torch's thread count and seed torch with 0: every benchmark's start."""
+    add_thread_arg(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args)
+    torch.manual_seed(0)
+    return args
+
+
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     """Best wall time in seconds over ``repeat`` runs (after ``warmup`` runs)."""
     for _ in range(warmup):

@@ -34,7 +34,7 @@ from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.rerank import DEFAULT_CHUNK_SIZE
 from diffusionret.retrieval import RerankConfig, Reranker
 
-from _common import head_model, add_thread_arg, apply_threads, machine, report
+from _common import head_model, parse_bench_args, machine, report
 
 
 @torch.no_grad()
@@ -79,10 +79,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help=f"query rows per denoiser batch in diffusionret's re-ranking (default {DEFAULT_CHUNK_SIZE}, "
                              "the library's CPU default)")
-    add_thread_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args)
-    torch.manual_seed(0)
+    args = parse_bench_args(parser)
     n, d, k = args.queries, args.dim, args.top_k
     # Only the head matters here; a tiny CLIP keeps construction cheap.
     model = head_model(d, denoisers=True)

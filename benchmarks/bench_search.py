@@ -55,8 +55,7 @@ import torch.nn.functional as F
 from _common import (
     CACHE_DIR,
     head_model,
-    add_thread_arg,
-    apply_threads,
+    parse_bench_args,
     machine,
     percentile,
     report,
@@ -322,10 +321,7 @@ def main() -> None:
     parser.add_argument("--mmap-above", type=int, default=200_000,
                         help="memory-map the frame features of larger indexes instead of loading them")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")
-    add_thread_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args)
-    torch.manual_seed(0)
+    args = parse_bench_args(parser)
     model = search_model(args.dim, args.text_layers)
     diffusion = DiffusionSchedule(args.steps)  # the re-ranking's DDIM steps
     model_id = model_fingerprint(model)

@@ -34,7 +34,7 @@ from diffusionret.training.stage1_contrastive import ContrastiveObjective, prepa
 from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.training.stage2_diffusion import GenerationObjective, prepare_stage2_model
 
-from _common import add_thread_arg, apply_threads, machine, report
+from _common import parse_bench_args, machine, report
 
 
 def random_batch(batch: int, frames: int, words: int, image: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -99,10 +99,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per stage (after --warmup)")
     parser.add_argument("--warmup", type=int, default=3)
-    add_thread_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args)
-    torch.manual_seed(0)
+    args = parse_bench_args(parser)
     image = ModelConfig.tiny().clip.image_size
     print(f"machine: {machine()}")
     print(f"tiny config: {image}px frames, batch {args.batch}, T={args.frames}, L={args.words}")

@@ -31,7 +31,7 @@ import torch
 from diffusionret.models.diffusionret import DiffusionRet
 from diffusionret.models.similarity import default_chunk_size
 
-from _common import (head_model, PeakRSS, add_lengths_arg, add_thread_arg, apply_threads, caption_lengths, machine, matmul_gflops,
+from _common import (head_model, PeakRSS, add_lengths_arg, parse_bench_args, caption_lengths, machine, matmul_gflops,
                      report, timeit)
 
 
@@ -57,10 +57,7 @@ def main() -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip the memory runs at 2x texts and 2x videos")
     parser.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)  # internal: one memory run
     add_lengths_arg(parser)
-    add_thread_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args)
-    torch.manual_seed(0)
+    args = parse_bench_args(parser)
     d, L, T = args.dim, args.words, args.frames
     model = head_model(d, denoisers=False)
     chunk = args.chunk or default_chunk_size(L, T)
