@@ -76,22 +76,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"{where}: expected a boolean, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
+        # bool is an int to Python, and 2.5 would silently become 2: both are errors for an int field.
+        if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected {what}, got {value!r}")
         try:
-            return int(value)
+            return tp(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {what}, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
