@@ -131,16 +131,26 @@ def test_ivf_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None
     assert index.configure_first_stage(FirstStageConfig()).describe()["method"] == "exact"
 
 
-def test_stale_ivf_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
+def _update_replaces_the_ann_file(tmp_path: Path, ann: AnnBuildConfig, kind: str):
+    """Build with ``ann``, add 3 videos and update: the update's file replaces the old one.
+
+    Returns ``(root, updated index, old file, its bytes, new file)``.
+    """
     require_faiss()
-    root = _build(tmp_path, ann=ON)
-    (old_file,) = ivf_files(root)
+    root = _build(tmp_path, ann=ann)
+    (old_file,) = ann_files(root)
     old_bytes = old_file.read_bytes()
     make_videos(tmp_path / "videos" / "more", 3, start=200)
-    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=ON)
+    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=ann)
     index = VideoIndex.load(root)
-    (new_file,) = ivf_files(root)  # the stale file was deleted by the update
-    assert new_file != old_file and new_file == ivf_path(root, index.content_fingerprint)
+    (new_file,) = ann_files(root)  # the stale file was deleted by the update
+    assert new_file != old_file and new_file == ann_path(root, kind, index.content_fingerprint)
+    return root, index, old_file, old_bytes, new_file
+
+
+def test_stale_ivf_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
+    root, index, old_file, old_bytes, new_file = _update_replaces_the_ann_file(tmp_path, ON, "ivf")
+    assert new_file == ivf_path(root, index.content_fingerprint)
 
     # A stale file (e.g. restored from a backup of the old contents) is never picked up.
     old_file.write_bytes(old_bytes)
@@ -244,15 +254,7 @@ def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
 
 
 def test_stale_pq_file_is_replaced_by_update_and_never_used(tmp_path: Path) -> None:
-    require_faiss()
-    root = _build(tmp_path, ann=PQ_ON)
-    (old_file,) = ann_files(root)
-    old_bytes = old_file.read_bytes()
-    make_videos(tmp_path / "videos" / "more", 3, start=200)
-    update_index(root, SyntheticExtractor(frames=5, dim=24), shard_size=6, progress=False, ann=PQ_ON)
-    index = VideoIndex.load(root)
-    (new_file,) = ann_files(root)  # the stale file was deleted by the update
-    assert new_file != old_file and new_file == ann_path(root, "pq", index.content_fingerprint)
+    root, index, old_file, old_bytes, new_file = _update_replaces_the_ann_file(tmp_path, PQ_ON, "pq")
     old_file.write_bytes(old_bytes)  # a stale file (e.g. restored from a backup) is never used
     config = FirstStageConfig(large_index=0)
     assert index.configure_first_stage(config).describe()["videos"] == len(index) == 40
