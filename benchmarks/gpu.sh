@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # GPU readiness benchmark: a ViT-B/32-sized, randomly initialised DiffusionRet through training steps of
 # both stages (fp32 vs bf16 autocast) and an MSR-VTT-scale evaluation (1,000 x 1,000, re-ranking included);
-# prints throughput and peak GPU memory. See benchmarks/gpu_bench.py for what is measured.
+# prints throughput and peak GPU memory. See benchmarks/gpu_bench.py for what is measured. Then the
+# stage-2 epoch time online vs from the feature cache at ViT-B/32 shapes (benchmarks/bench_stage2.py).
 #
 #   bash benchmarks/gpu.sh                      # defaults: batch 32, 10 timed steps per configuration
 #   bash benchmarks/gpu.sh --batch 64           # any gpu_bench.py option
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh
 #
-# Finishes in under 8 minutes: gpu_bench.py skips parts that would start after 420 s, and this script
-# stops it at 470 s whatever happens. Without a CUDA device it refuses (exit status 2).
+# Finishes in under 10 minutes: gpu_bench.py skips parts that would start after 420 s, and this script
+# stops it at 470 s and bench_stage2.py at 100 s whatever happens. Without a CUDA device it refuses
+# (exit status 2).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +31,10 @@ cd "$here"
 start=$(date +%s)
 status=0
 timeout --kill-after=10 470 "$python" gpu_bench.py "$@" || status=$?
+stage2_status=0
+timeout --kill-after=10 100 "$python" bench_stage2.py --device cuda --online-batch 32 --threads-list 0 \
+    --steps 3 --encode-videos 32 || stage2_status=$?
+echo "gpu.sh: bench_stage2.py exit status $stage2_status"
 echo "gpu.sh: finished in $(( $(date +%s) - start )) s (exit status $status)"
 if [ "$status" -eq 124 ]; then
     echo "gpu.sh: stopped at the 470 s limit; rerun with fewer --steps or a smaller --eval-size" >&2

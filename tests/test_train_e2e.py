@@ -124,3 +124,21 @@ def test_extract_command(smoke_runs: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert feats.num_captions == 2 and feats.num_videos == 2 and feats.video_ids == ["v8", "v9"]
     assert feats.tokens.shape == (2, 16, 64) and feats.video.shape == (2, 3, 64)
     assert feats.caption_to_video.tolist() == [0, 1] and feats.meta["split"] == "val"
+
+
+def test_stage2_from_the_feature_cache_trains_like_stage2_online(smoke_runs: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.feature_cache: auto`` (the smoke config: no augmentation) encoded the training split once;
+    the same run encoding every step (``off``) logs the same losses, step by step."""
+    monkeypatch.setenv("DIFFUSIONRET_SMOKE", str(smoke_runs))
+    cached = smoke_runs / "runs" / "stage2"
+    assert (cached / "feature_cache" / "train.safetensors").is_file()
+    online = smoke_runs / "runs" / "stage2_online"
+    assert main(["train", "--config", str(SMOKE2), f"output_dir={online}", "train.feature_cache=off",
+                 "eval.test_after_training=false"]) == 0
+    assert not (online / "feature_cache").exists()
+    steps = {run: [r for r in _records(run) if r["kind"] == "train"] for run in (cached, online)}
+    assert [r["step"] for r in steps[cached]] == [r["step"] for r in steps[online]] == [1, 2, 3, 4]
+    for key in ("loss", "gen_t2v", "gen_v2t", "disc_loss", "num_negatives"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in steps[cached]]),
+                                   torch.tensor([r[key] for r in steps[online]]), rtol=1e-5, atol=1e-6, msg=key)

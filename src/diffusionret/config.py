@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from diffusionret.config_utils import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from diffusionret.data.config import DataConfig
@@ -140,6 +140,15 @@ class TrainConfig:
         checkpoint_every: also write ``last.pt`` every this many steps (``null``: every epoch only).
         keep_epoch_checkpoints: keep ``epoch_<k>.pt`` for every epoch besides ``last.pt``.
         find_unused_parameters: DDP option, for model variants with parameters a step does not use.
+        feature_cache: generation stage only: ``on`` encodes the training split once with the frozen
+            model into a memory-mapped feature file and trains the denoisers from it (the same
+            losses and gradients as encoding every step, much faster); ``off`` encodes every step;
+            ``auto`` = ``on`` when the training data is deterministic (``data.augment: none``).
+        feature_cache_dir: folder of the cache (``train.safetensors`` and, while encoding, its
+            shards); default ``<output_dir>/feature_cache``. Must be shared by all ranks. A cache
+            made by another model or other input settings is detected and re-encoded.
+        feature_cache_dtype: storage dtype of the cached features: ``float32`` (training is then the
+            same as without the cache) or ``float16`` (half the disk and page cache; not bit-equal).
     """
 
     epochs: int = 5
@@ -152,8 +161,14 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None
     keep_epoch_checkpoints: bool = False
     find_unused_parameters: bool = False
+    # ``bool`` too: YAML 1.1 reads an unquoted on/off as true/false; normalised to "on"/"off" below.
+    feature_cache: Union[Literal["auto", "on", "off"], bool] = "auto"
+    feature_cache_dir: Optional[Path] = None
+    feature_cache_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self) -> None:
+        if isinstance(self.feature_cache, bool):
+            object.__setattr__(self, "feature_cache", "on" if self.feature_cache else "off")
         if self.epochs <= 0 or self.log_every <= 0:
             raise ValueError("epochs and log_every must be positive")
         if self.max_steps is not None and self.max_steps <= 0:
@@ -177,6 +192,9 @@ class DiffusionConfig:
             global batch offers.
         negative_label: value of the negatives in x0 (``--neg``: 0 or -1).
         loss_temp: CE temperature of the generation loss (``--d_temp`` 100).
+        negatives: where the hard negatives come from: ``batch`` (the reference: the global batch)
+            or ``dataset`` (the whole training split, by WTI similarity over the cached features;
+            needs the feature cache). Never the query's own video nor a video with the same caption.
     """
 
     steps: int = 50
@@ -185,6 +203,7 @@ class DiffusionConfig:
     num_negatives: int = 127
     negative_label: Literal[0, -1] = 0
     loss_temp: float = 100.0
+    negatives: Literal["batch", "dataset"] = "batch"
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.num_negatives <= 0 or self.loss_temp <= 0 or self.denoiser_temp <= 0:
@@ -277,6 +296,25 @@ class RunConfig:
                              f"{self.data.dataset!r} would validate on its test split. Set data.val_split to a "
                              f"real validation split, or eval.model_selection to 'last' (final epoch) or "
                              f"'test' (the reference's test-set selection)")
+        cache = self.train.feature_cache
+        if cache == "on" and self.stage != "generation":
+            raise ValueError("train.feature_cache 'on' applies to stage 'generation' only (stage 1 trains the "
+                             "encoders, whose features change every step); use 'auto' or 'off'")
+        if cache == "on" and self.data.augment != "none":
+            raise ValueError(f"train.feature_cache 'on' with data.augment {self.data.augment!r}: a cache holds one "
+                             "deterministic view per sample, so augmentation would be lost; set data.augment "
+                             "to 'none' or train.feature_cache to 'auto'/'off'")
+        if self.diffusion.negatives == "dataset" and not self.uses_feature_cache():
+            raise ValueError("diffusion.negatives 'dataset' mines negatives over the cached features of the whole "
+                             "training split: it needs stage 'generation', train.feature_cache 'on'/'auto' and "
+                             "data.augment 'none'")
+
+    def uses_feature_cache(self) -> bool:
+        """Whether training runs from the feature cache (``train.feature_cache`` resolved)."""
+        if self.stage != "generation" or self.train.feature_cache == "off":
+            return False
+        # ``auto``: only a deterministic pipeline gives the same features every epoch.
+        return self.data.augment == "none"
 
     def model_config(self) -> ModelConfig:
         """The architecture a fresh model of this run gets (denoisers for stage 2, their temperature)."""

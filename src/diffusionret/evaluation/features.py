@@ -49,6 +49,11 @@ class CorpusFeatures:
         video_ids: (Nv,) ids of the encoded videos.
         missing_video_ids: videos of the split that could not be read (not in ``video``).
         meta: provenance (model fingerprint, dataset, split, data settings), checked on re-use.
+        text_index: (Nt,) int64 dataset index of every caption row (``None`` in files written before
+            it existed: then rows are the dataset's captions in order, less those of missing videos).
+
+    Loaded with ``mmap=True`` the tensors are memory maps of the file (see
+    :mod:`~diffusionret.evaluation.safetensors_mmap`): rows are read from disk when indexed.
     """
 
     tokens: torch.Tensor
@@ -60,6 +65,7 @@ class CorpusFeatures:
     video_ids: list[str]
     missing_video_ids: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    text_index: torch.Tensor | None = None
 
     @property
     def num_captions(self) -> int:
@@ -71,8 +77,9 @@ class CorpusFeatures:
 
     def to(self, device: torch.device | str) -> "CorpusFeatures":
         moved = {name: getattr(self, name).to(device) for name in _TENSORS}
+        index = self.text_index.to(device) if self.text_index is not None else None
         return CorpusFeatures(**moved, video_ids=self.video_ids, missing_video_ids=self.missing_video_ids,
-                              meta=dict(self.meta))
+                              meta=dict(self.meta), text_index=index)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one ``.safetensors`` file (tensors + JSON metadata), atomically."""
@@ -80,42 +87,68 @@ class CorpusFeatures:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {
-            "format": FEATURES_FORMAT,
-            "format_version": FEATURES_VERSION,
-            "video_ids": json.dumps(self.video_ids),
-            "missing_video_ids": json.dumps(self.missing_video_ids),
-            "meta": json.dumps(self.meta, sort_keys=True),
-        }
+        metadata = features_metadata(self.video_ids, self.missing_video_ids, self.meta)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        if self.text_index is not None:
+            tensors["text_index"] = self.text_index.detach().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         logger.info("features written: %s (%d captions, %d videos)", path, self.num_captions, self.num_videos)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CorpusFeatures":
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> "CorpusFeatures":
+        """Read a file written by :meth:`save` (or by the training feature cache).
+
+        Args:
+            path: the ``.safetensors`` file.
+            mmap: map the tensors instead of reading them: resident memory then grows only with the
+                rows used (training on a cache larger than RAM). Half-precision files stay half here.
+        """
         from safetensors.torch import load_file
 
+        from diffusionret.evaluation.safetensors_mmap import mmap_tensors
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"features file not found: {path}")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        if metadata.get("format") != FEATURES_FORMAT:
-            raise ValueError(f"{path}: not a diffusionret features file")
-        if metadata.get("format_version") != FEATURES_VERSION:
-            raise ValueError(f"{path}: features version {metadata.get('format_version')} is not supported")
-        tensors = load_file(str(path))
+        metadata = read_features_metadata(path)
+        tensors = mmap_tensors(path) if mmap else load_file(str(path))
         return cls(**{name: tensors[name] for name in _TENSORS},
                    video_ids=json.loads(metadata["video_ids"]),
                    missing_video_ids=json.loads(metadata["missing_video_ids"]),
-                   meta=json.loads(metadata["meta"]))
+                   meta=json.loads(metadata["meta"]), text_index=tensors.get("text_index"))
 
 
 _TENSORS = ("tokens", "text_mask", "cls", "video", "frame_mask", "caption_to_video")
+
+
+def features_metadata(video_ids: list[str], missing_video_ids: list[str], meta: Mapping[str, Any]) -> dict[str, str]:
+    """The string metadata of a features file (format tag, ids, provenance)."""
+    return {
+        "format": FEATURES_FORMAT,
+        "format_version": FEATURES_VERSION,
+        "video_ids": json.dumps(list(video_ids)),
+        "missing_video_ids": json.dumps(list(missing_video_ids)),
+        "meta": json.dumps(dict(meta), sort_keys=True),
+    }
+
+
+def read_features_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a features file, checked to be one (format and version).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file.
+    """
+    from diffusionret.evaluation.safetensors_mmap import read_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path}")
+    _tensors, metadata, _start = read_header(path)
+    if metadata.get("format") != FEATURES_FORMAT:
+        raise ValueError(f"{path}: not a diffusionret features file")
+    if metadata.get("format_version") != FEATURES_VERSION:
+        raise ValueError(f"{path}: features version {metadata.get('format_version')} is not supported")
+    return metadata
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -260,4 +293,5 @@ def _assemble(dataset: Any, text: dict[str, torch.Tensor], video: dict[str, torc
         video_ids=[all_ids[j] for j in video_index[order].tolist()],
         missing_video_ids=missing,
         meta=dict(meta),
+        text_index=text_index[rows],
     )

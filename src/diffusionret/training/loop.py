@@ -79,7 +79,7 @@ class _Run:
     ema: ModelEMA | None
     generators: dict[str, torch.Generator]
     sampler: TrainSampler
-    loader: DataLoader
+    loader: DataLoader            # or a CachedBatches over the feature cache (generation stage)
     train_set: Any
     total_steps: int
     amp_dtype: torch.dtype | None
@@ -148,20 +148,54 @@ def _build_model(cfg: Any, ctx: DistContext, payload: dict[str, Any] | None) -> 
     return model.to(ctx.device)
 
 
-def _build_objective(cfg: Any, model: nn.Module, ctx: DistContext) -> tuple[nn.Module, dict[str, torch.Generator]]:
+def _build_objective(cfg: Any, model: nn.Module, ctx: DistContext, cache: Any = None,
+                     train_set: Any = None) -> tuple[nn.Module, dict[str, torch.Generator]]:
     from diffusionret.diffusion.gaussian import GaussianDiffusion
     from diffusionret.training.stage1_contrastive import ContrastiveObjective
     from diffusionret.training.stage2_diffusion import GenerationObjective
 
     if cfg.stage == "discrimination":
         return ContrastiveObjective(model, ctx), {}
+    d = cfg.diffusion
+    negatives = None
+    if d.negatives == "dataset":
+        from diffusionret.training.dataset_negatives import build_dataset_negatives
+
+        index = cache.features.text_index
+        rows = index.tolist() if index is not None else range(cache.features.num_captions)
+        captions = [train_set.records[i].caption for i in rows]
+        negatives = build_dataset_negatives(model, cache, captions, d.num_negatives, ctx=ctx,
+                                            chunk_size=cfg.eval.chunk_size)
     # Per-rank stream: every rank draws t and noise for its own queries.
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1_000_003 * (ctx.rank + 1))
-    d = cfg.diffusion
     objective = GenerationObjective(model, ctx, num_negatives=d.num_negatives, negative_label=d.negative_label,
                                     loss_temp=d.loss_temp, generator=gen,
-                                    diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device))
+                                    diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device),
+                                    dataset_negatives=negatives)
     return objective, {"stage2": gen}
+
+
+def _feature_cache(cfg: Any, ctx: DistContext, run_dir: Path, model: nn.Module, train_set: Any) -> Any:
+    """Encode the training split once (or find it encoded) and memory-map it (generation stage)."""
+    from diffusionret.training.feature_cache import (CacheSpec, TrainFeatureCache, cache_fingerprint,
+                                                     ensure_feature_cache, input_settings)
+
+    data = cfg.data
+    amp_dtype = resolve_amp_dtype(cfg.train.precision, ctx.device)
+    encode_dtype = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32"
+    inputs = {**input_settings(cfg.input_config()), "dataset": data.dataset, "split": data.reader_split("train"),
+              "anno_path": str(data.anno_path), "video_path": str(data.video_path),
+              "exclude_ids": list(data.exclude_ids), "num_samples": len(train_set)}
+    fingerprint = cache_fingerprint(model, inputs, encode_dtype=encode_dtype, store_dtype=cfg.train.feature_cache_dtype)
+    directory = Path(cfg.train.feature_cache_dir) if cfg.train.feature_cache_dir is not None else run_dir / "feature_cache"
+    spec = CacheSpec(directory=directory, fingerprint=fingerprint, meta=inputs, batch_size=data.batch_size_val,
+                     num_workers=data.num_workers, amp_dtype=amp_dtype, store_dtype=cfg.train.feature_cache_dtype)
+    started = time.monotonic()
+    path = ensure_feature_cache(model, train_set, spec, ctx)
+    cache = TrainFeatureCache(path, len(train_set))
+    logger.info("feature cache ready in %.1f s: %s (%d captions, %d videos); training from the cache",
+                time.monotonic() - started, path, cache.features.num_captions, cache.features.num_videos)
+    return cache
 
 
 def _wrap_ddp(objective: nn.Module, cfg: Any, ctx: DistContext) -> nn.Module:
@@ -212,9 +246,18 @@ def _setup(cfg: Any, ctx: DistContext, resume: bool | str | Path) -> _Run:
     # Same seed on every rank for the model's random parts (DDP also broadcasts rank 0's weights).
     seed_everything(cfg.seed)
     model = _build_model(cfg, ctx, payload)
-    objective, generators = _build_objective(cfg, model, ctx)
-    wrapped = _wrap_ddp(objective, cfg, ctx)
     train_set, sampler, loader = _train_loader(cfg, ctx, run_dir)
+    cache = None
+    if cfg.uses_feature_cache():
+        from diffusionret.training.feature_cache import CachedBatches
+
+        cache = _feature_cache(cfg, ctx, run_dir, model, train_set)
+        loader = CachedBatches(cache, sampler)  # type: ignore[assignment]
+    elif cfg.stage == "generation":
+        logger.info("generation stage without the feature cache (train.feature_cache %s, data.augment %s): "
+                    "the frozen encoders run at every step", cfg.train.feature_cache, cfg.data.augment)
+    objective, generators = _build_objective(cfg, model, ctx, cache, train_set)
+    wrapped = _wrap_ddp(objective, cfg, ctx)
     steps = sampler.steps_per_epoch * cfg.train.epochs
     total = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     o = cfg.optim
@@ -275,7 +318,12 @@ def _autocast(run: _Run) -> contextlib.AbstractContextManager:
 def _train_step(run: _Run, batch: Any) -> dict[str, float]:
     from diffusionret.training.stage1_contrastive import stage1_batch_args
 
-    args = stage1_batch_args(batch, run.ctx.device)  # both stages take the same inputs
+    from diffusionret.training.feature_cache import CachedBatch
+
+    if isinstance(batch, CachedBatch):
+        args = batch.args(run.ctx.device)
+    else:
+        args = stage1_batch_args(batch, run.ctx.device)  # both stages take the same inputs
     with _autocast(run):
         out = run.objective(**args)
     loss = out["loss"]
