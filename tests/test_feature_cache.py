@@ -380,6 +380,9 @@ def test_config_resolves_and_validates_the_cache(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ValueError, match="negatives 'dataset'"):
         _run_config(train=TrainConfig(feature_cache="off"), diffusion=DiffusionConfig(negatives="dataset"))
     assert _run_config(diffusion=DiffusionConfig(negatives="dataset")).diffusion.negatives == "dataset"
+    stage1 = RunConfig(stage="discrimination", output_dir=Path("o"), data=_run_config().data,
+                       eval=EvalConfig(model_selection="last"), diffusion=DiffusionConfig(negatives="dataset"))
+    assert not stage1.uses_feature_cache()  # the diffusion section does not concern stage 1
     # Unquoted on/off in YAML arrive as booleans.
     from diffusionret.config import load_run_config
 

@@ -304,10 +304,9 @@ class RunConfig:
             raise ValueError(f"train.feature_cache 'on' with data.augment {self.data.augment!r}: a cache holds one "
                              "deterministic view per sample, so augmentation would be lost; set data.augment "
                              "to 'none' or train.feature_cache to 'auto'/'off'")
-        if self.diffusion.negatives == "dataset" and not self.uses_feature_cache():
+        if self.stage == "generation" and self.diffusion.negatives == "dataset" and not self.uses_feature_cache():
             raise ValueError("diffusion.negatives 'dataset' mines negatives over the cached features of the whole "
-                             "training split: it needs stage 'generation', train.feature_cache 'on'/'auto' and "
-                             "data.augment 'none'")
+                             "training split: it needs train.feature_cache 'on'/'auto' and data.augment 'none'")
 
     def uses_feature_cache(self) -> bool:
         """Whether training runs from the feature cache (``train.feature_cache`` resolved)."""
