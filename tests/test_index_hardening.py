@@ -51,7 +51,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffusionret.models.config import ModelConfig
     from diffusionret.models.factory import build_model
 
-    model = build_model(ModelConfig.tiny(stage="generation"), generator=torch.Generator().manual_seed(0))
+    model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
     return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
