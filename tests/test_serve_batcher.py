@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import CancelledError
 
@@ -149,3 +150,79 @@ def test_config_validation() -> None:
         BatchConfig(max_batch=0)
     with pytest.raises(ValueError):
         BatchConfig(max_wait_s=-1)
+
+
+class _Backend:
+    """A backend whose batched search blocks on the query "hang" until released."""
+
+    def __init__(self) -> None:
+        self.release, self.entered = threading.Event(), threading.Event()
+        self.batches: list[list[str]] = []
+
+    def search(self, query: str, k: int = 10) -> list[str]:
+        return self.search_batch([query], [k])[0]
+
+    def search_batch(self, queries: list[str], ks: list[int]) -> list[list[str]]:
+        self.batches.append(list(queries))
+        if "hang" in queries:
+            self.entered.set()
+            assert self.release.wait(timeout=60)
+        return [[q] * k for q, k in zip(queries, ks, strict=True)]
+
+
+def test_a_request_timing_out_in_the_queue_frees_its_slot_at_once() -> None:
+    from diffusionret.serve.app import ApiError, InferenceGate
+
+    backend = _Backend()
+    batcher = SearchBatcher(backend.search_batch, BatchConfig(max_batch=4, max_wait_s=0.0), start="on_submit")
+    gate = InferenceGate(1, 8, timeout_s=0.2, batcher=batcher)
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(gate.search(backend, "hang", 1))
+        assert await asyncio.get_running_loop().run_in_executor(None, backend.entered.wait, 60)
+        with pytest.raises(ApiError) as queued:
+            await gate.search(backend, "queued", 2)  # waits behind the hung batch, then times out
+        assert queued.value.status == 504
+        with pytest.raises(ApiError) as hung:
+            await running
+        assert hung.value.status == 504
+        for _ in range(100):  # the cancellation reaches the event loop on its next iterations
+            await asyncio.sleep(0)
+        # The queued request left the queue and its slot; the running one keeps its slot (stuck).
+        assert (gate.pending, gate.stuck, batcher.queued) == (1, 1, 0)
+        backend.release.set()
+        for _ in range(600):
+            if gate.pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (gate.pending, gate.stuck) == (0, 0)
+        assert await gate.search(backend, "next", 3) == ["next"] * 3
+        assert backend.batches == [["hang"], ["next"]]  # "queued" never ran
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.release.set()
+        gate.shutdown()
+    assert all(not t.is_alive() for t in batcher._threads)
+
+
+def test_the_app_batches_through_the_backend_and_shuts_the_batcher_down() -> None:
+    from fastapi.testclient import TestClient
+
+    from diffusionret.serve.app import ServeConfig, create_app
+
+    backend = _Backend()
+    backend.index = []  # type: ignore[attr-defined]
+    app = create_app(backend, ServeConfig(batch_max_size=8, batch_max_wait_ms=0.0))  # type: ignore[arg-type]
+    batcher = app.state.gate.batcher
+    assert batcher is not None and batcher.config == BatchConfig(8, 0.0)
+    assert create_app(backend, ServeConfig(batch_max_size=1)).state.gate.batcher is None  # type: ignore[arg-type]
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert app.state.gate.search is not None
+        hits = asyncio.run(app.state.gate.search(backend, "x", 2))
+        assert hits == ["x", "x"] and backend.batches == [["x"]]
+        del client
+    assert all(not t.is_alive() for t in batcher._threads)
+    with pytest.raises(BatcherClosed):
+        batcher.submit("late", 1)

@@ -201,7 +201,8 @@ class InferenceGate:
         except BatcherClosed as exc:
             self.pending -= 1
             raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "1"}) from None
-        return await self._finish(asyncio.wrap_future(queued), cancel=queued.cancel)
+        batcher = self.batcher
+        return await self._finish(asyncio.wrap_future(queued), cancel=lambda: batcher.withdraw(queued))
 
     def _admit(self) -> None:
         if self.pending >= self._max_pending:

@@ -7,7 +7,7 @@ call and one re-ranking call, :meth:`~diffusionret.index.searcher.Searcher.searc
 A request enqueues ``(query, k)`` and gets a :class:`concurrent.futures.Future`. Each worker thread
 waits for a first request, then collects more until ``max_batch`` are queued or ``max_wait_s`` has
 passed since the first one arrived, runs one batched search and resolves the futures. A request
-cancelled while still queued (its client timed out) is dropped from the queue. :meth:`close` fails
+withdrawn while still queued (:meth:`SearchBatcher.withdraw`: its client timed out) leaves the queue. :meth:`close` fails
 the queued requests with :class:`BatcherClosed` and joins the threads.
 """
 
@@ -117,6 +117,15 @@ class SearchBatcher:
         if self._start_on_submit:
             self.start()
         return future
+
+    def withdraw(self, future: Future) -> bool:
+        """Take a request that has not started out of the queue and cancel it; ``False`` once it runs."""
+        with self._condition:
+            for request in self._queue:
+                if request.future is future:
+                    self._queue.remove(request)
+                    return future.cancel()
+        return False
 
     @property
     def queued(self) -> int:
