@@ -446,11 +446,16 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
         return record_json(_lookup(backend, video_id), index)
 
     @app.get("/api/info", tags=["service"], dependencies=[Depends(auth)], summary="What is being served")
-    def info() -> dict[str, Any]:
+    def info(request: Request) -> dict[str, Any]:
         described = backend.describe()
         if not config.show_paths and described.get("model_path"):
             described["model_path"] = Path(described["model_path"]).name
-        return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars}
+        batcher = request.app.state.gate.batcher
+        batching = {"max_size": 1}
+        if batcher is not None:
+            batching = {"max_size": batcher.config.max_batch, "max_wait_ms": batcher.config.max_wait_s * 1000.0,
+                        "batches": batcher.batches, "queries": batcher.batched_queries}
+        return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars, "batching": batching}
 
 
 def _add_file_routes(app: FastAPI, backend: SearchBackend, auth: Callable[[Request], None]) -> None:

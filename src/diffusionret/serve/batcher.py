@@ -91,7 +91,8 @@ class SearchBatcher:
         self._closed = False
         self._threads = [threading.Thread(target=self._run, name=f"diffusionret-batch-{i}", daemon=True)
                          for i in range(workers)]
-        self.batches = 0  # batches run (for tests and logs)
+        self.batches = 0  # batches run, and the queries in them (the mean batch size, for /api/info)
+        self.batched_queries = 0
         self._start_on_submit = start == "on_submit"
         self._started = False
         if start == "now":
@@ -164,6 +165,7 @@ class SearchBatcher:
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             self.batches += 1
+            self.batched_queries += len(batch)
             try:
                 results = self._search([r.query for r in batch], [r.k for r in batch])
                 if len(results) != len(batch):
