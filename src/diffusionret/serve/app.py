@@ -32,6 +32,10 @@ Safety:
       ``Retry-After``, so a burst neither crashes the server nor grows memory without bound. A
       search that takes longer than ``search_timeout_s`` is answered ``504``; its thread keeps its
       slot until it ends, and ``/healthz`` reports ``degraded`` meanwhile.
+    * Searches that arrive together run as one batch (``batch_max_size``, ``batch_max_wait_ms``;
+      :mod:`diffusionret.serve.batcher`) through the backend's ``search_batch``, on one index
+      snapshot. A request that times out while still queued leaves the queue and frees its slot at
+      once; one whose batch is running is stuck as above. On shutdown, queued requests get ``503``.
     * Every error is a JSON object ``{"error": <code>, "detail": <message>}``.
 """
 
