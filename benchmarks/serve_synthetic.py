@@ -1,6 +1,6 @@
 """Serve the synthetic search index of ``bench_search.py`` over HTTP, for ``load_test.py``.
 
-    python benchmarks/serve_synthetic.py --videos 1000000 --port 8123 [--batch-max-size 16 --batch-max-wait-ms 5]
+    python benchmarks/serve_synthetic.py --videos 1000000 --port 8123 [--batch-max-size 16 --batch-max-wait-ms 0]
     python benchmarks/load_test.py --spawn-synthetic 1000000 --concurrency 8 --serve-args "--batch-max-size 1"
 
 The index, model and cascade are exactly those of ``bench_search.py`` (ViT-B/32-sized text tower,
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--max-pending", type=int, default=64)
     parser.add_argument("--batch-max-size", type=int, default=16)
-    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-max-wait-ms", type=float, default=0.0)
     parser.add_argument("--search-timeout", type=float, default=60.0)
     parser.add_argument("--mmap-above", type=int, default=200_000)
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")

@@ -16,10 +16,11 @@ thread that is descheduled stalls every op, and such code measured 5-15x slower 
 than with 1 (BENCHMARKS.md). One thread per search gives stable tail latency; ``--workers`` runs
 that many searches at once (e.g. ``--workers 2`` on two cores).
 
-Batching: searches that arrive within ``--batch-max-wait-ms`` of each other (up to
-``--batch-max-size``) run as one batch: the text tower reads its weights once for all of them, and
-the first stage and the re-ranking run once per batch. Each query gets the result it gets alone.
-Under concurrent load this multiplies the throughput; a lone query waits at most the wait bound.
+Batching: the searches queued when a worker becomes free (up to ``--batch-max-size``; with
+``--batch-max-wait-ms`` the first also waits that long for others) run as one batch: the text
+tower reads its weights once for all of them, and the first stage and the re-ranking run once per
+batch. Each query gets the result it gets alone. Under concurrent load this raises the throughput
+1.6-2x (BENCHMARKS.md); a lone query does not wait.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-max-size", type=int, default=16, metavar="N",
                         help="run searches that arrive together as one batch of at most N queries (one text-tower "
                              "pass, one first stage, one re-ranking call; same results); 1: no batching (default: 16)")
-    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0, metavar="MS",
-                        help="longest time the first search of a batch waits for others (default: 5)")
+    parser.add_argument("--batch-max-wait-ms", type=float, default=0.0, metavar="MS",
+                        help="longest time the first search of a batch waits for others (default: 0: a batch is "
+                             "what is queued when a worker is free; e.g. 5 for bursts reaching an idle server)")
     parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="close connections that send no complete request headers this long (default: 10)")
     parser.add_argument("--keep-alive", type=int, default=5, metavar="SECONDS",

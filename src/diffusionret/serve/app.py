@@ -151,7 +151,7 @@ class ServeConfig:
     show_paths: bool = False
     docs: bool = False
     batch_max_size: int = 16
-    batch_max_wait_ms: float = 5.0
+    batch_max_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
