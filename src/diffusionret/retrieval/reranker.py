@@ -193,10 +193,20 @@ class Reranker:
 
         def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
             flat = idx + offsets[rows, None]  # (rows, K) candidate columns -> rows of video
-            return denoiser.prepare(cls[rows], gather_rows(video, flat), gather_rows(frame_mask, flat), tables)
+            # Prepared query by query: a one-row product (the query's projections) runs another BLAS
+            # kernel than a B-row one and can round differently, and a query's result must not
+            # depend on its batch. The DDIM steps then run once for all rows.
+            parts = [denoiser.prepare(cls[r:r + 1], gather_rows(video, flat[j:j + 1]),
+                                      gather_rows(frame_mask, flat[j:j + 1]), tables)
+                     for j, r in enumerate(rows.tolist())]
+            if len(parts) == 1:
+                return parts[0]
+            return PreparedDenoiser(tables=tables, logit_table=torch.cat([part.logit_table for part in parts]),
+                                    g=torch.cat([part.g for part in parts]), c=torch.cat([part.c for part in parts]))
 
+        # The compiled sampler (when loaded) runs the steps query by query, as for one query alone.
         return rerank_rows(sim, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, alpha=cfg.alpha,
-                           temp=cfg.temperature, chunk_size=cfg.chunk_size)
+                           temp=cfg.temperature, chunk_size=cfg.chunk_size, sample=self._sample)
 
     def v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
             noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
