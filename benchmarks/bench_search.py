@@ -39,6 +39,9 @@ Printed per size:
 * ``search``: p50/p90/p99/mean/max latency over ``--queries`` distinct queries (after 5 warm-up
   queries), and the median time of each cascade stage over ``--stage-queries`` further queries
   (measured separately, by calling the same functions the searcher calls, in the same order).
+* ``search_batch_cpu`` (with ``--batch-sizes``): CPU ms per query of a batched search of b
+  queries (:meth:`Searcher.search_batch`, as ``serve`` runs concurrent requests) and of b single
+  searches, for each b.
 * ``search_exact``: for large sizes, the same latency with the fp16 exact first stage (no FAISS).
 """
 
@@ -287,6 +290,28 @@ def latency(searcher: Searcher, texts: list[str], k: int, warmup: int = 5) -> di
             "p99_ms": percentile(latencies, 99), "mean_ms": sum(latencies) / len(latencies), "max_ms": max(latencies)}
 
 
+def batch_cpu(searcher: Searcher, texts: list[str], sizes: list[int], k: int, rounds: int = 3) -> dict[str, float]:
+    """CPU ms per query (``time.process_time``, so other load on the machine counts less than in
+    wall time) of ``search_batch`` over b queries, against b single searches, for each b in ``sizes``;
+    the median of ``rounds`` rounds, each on fresh queries."""
+    out: dict[str, float] = {}
+    for b in sizes:
+        single, batched = [], []
+        for r in range(rounds):
+            chunk = texts[(r * b) % len(texts):][:b] or texts[:b]
+            t0 = time.process_time()
+            alone = [searcher.search(t, k=k) for t in chunk]
+            t1 = time.process_time()
+            together = searcher.search_batch(chunk, k)
+            t2 = time.process_time()
+            single.append((t1 - t0) * 1e3 / len(chunk))
+            batched.append((t2 - t1) * 1e3 / len(chunk))
+            assert [[h.id for h in hits] for hits in together] == [[h.id for h in hits] for hits in alone]
+        out[f"cpu_ms_per_query_single_b{b}"] = percentile(single, 50)
+        out[f"cpu_ms_per_query_batch_b{b}"] = percentile(batched, 50)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -320,6 +345,9 @@ def main() -> None:
                         help="build (and time) the ANN indexes even if cached")
     parser.add_argument("--mmap-above", type=int, default=200_000,
                         help="memory-map the frame features of larger indexes instead of loading them")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                        help="also report the CPU ms per query of Searcher.search_batch at these batch sizes "
+                             "against single searches (e.g. 1 4 8 16)")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")
     args = parse_bench_args(parser)
     model = search_model(args.dim, args.text_layers)
@@ -364,6 +392,8 @@ def main() -> None:
         stages = stage_times(searcher, staged, args.k)
         report("search", videos=n, **measured, **stages, frames_memory_mapped=n > args.mmap_above, setup_s=setup_s,
                rss_gib=rss_bytes() / 2**30)
+        if args.batch_sizes:
+            report("search_batch_cpu", videos=n, **batch_cpu(searcher, timed, args.batch_sizes, args.k))
         if args.exact_queries and large and searcher.first_stage.name != "exact":
             exact_searcher = Searcher(model, index, exact, model_id=model_id, diffusion=diffusion)
             report("search_exact", videos=n, first_stage=exact_searcher.first_stage.describe(),

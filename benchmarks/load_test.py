@@ -4,6 +4,7 @@ Either point it at a running server or let it start one (``diffusionret serve`` 
 free loopback port, stopped afterwards)::
 
     python benchmarks/load_test.py --spawn INDEX_DIR [--model CKPT]          # start, load, stop
+    python benchmarks/load_test.py --spawn-synthetic 1000000 --concurrency 8   # bench_search.py's synthetic index
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --token-file T
 
 Bounded: a fixed number of requests (``--requests``), a fixed number in flight (``--concurrency``)
@@ -98,13 +99,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_server(index: str, model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def spawn_server(index: str | None, model: str | None, extra: list[str],
+                 synthetic: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "diffusionret", "--log-level", "WARNING", "serve", index, "--host", "127.0.0.1",
-               "--port", str(port), *(["--model", model] if model else []), *extra]
+    if synthetic is not None:
+        command = [sys.executable, str(Path(__file__).with_name("serve_synthetic.py")), "--videos", str(synthetic),
+                   "--port", str(port), *extra]
+    else:
+        command = [sys.executable, "-m", "diffusionret", "--log-level", "WARNING", "serve", str(index), "--host",
+                   "127.0.0.1", "--port", str(port), *(["--model", model] if model else []), *extra]
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # a 1M synthetic index loads in minutes on a busy machine
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")
@@ -114,7 +120,7 @@ def spawn_server(index: str, model: str | None, extra: list[str]) -> tuple[subpr
         except httpx.HTTPError:
             time.sleep(0.2)
     process.terminate()
-    raise SystemExit("server did not become healthy in 300 s")
+    raise SystemExit("server did not become healthy in 900 s")
 
 
 def main() -> None:
@@ -122,6 +128,8 @@ def main() -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server (loopback only)")
     target.add_argument("--spawn", metavar="INDEX_DIR", help="start `diffusionret serve INDEX_DIR` for the test")
+    target.add_argument("--spawn-synthetic", type=int, metavar="VIDEOS",
+                        help="start benchmarks/serve_synthetic.py (bench_search.py's synthetic index of VIDEOS videos)")
     parser.add_argument("--model", help="with --spawn: model checkpoint (default: the index's)")
     parser.add_argument("--serve-args", default="", help="with --spawn: extra `serve` options, e.g. '--rerank 8'")
     parser.add_argument("--requests", type=int, default=200, help="searches to send")
@@ -140,11 +148,12 @@ def main() -> None:
         queries = [q.strip() for q in args.queries.read_text().splitlines() if q.strip()] or DEFAULT_QUERIES
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("DIFFUSIONRET_TOKEN")
     process = None
-    if args.spawn:
-        process, url = spawn_server(args.spawn, args.model, args.serve_args.split())
+    if args.spawn or args.spawn_synthetic:
+        process, url = spawn_server(args.spawn, args.model, args.serve_args.split(), synthetic=args.spawn_synthetic)
     else:
         url = args.url.rstrip("/")
     require_loopback(url)
+    load_before = os.getloadavg()[0]
     try:
         result = asyncio.run(run_load(url, queries, requests=args.requests, concurrency=args.concurrency, k=args.k,
                                       token=token, max_seconds=args.max_seconds, timeout=args.timeout))
@@ -158,7 +167,8 @@ def main() -> None:
     shed = statuses.get("503", 0)
     errors = sum(n for key, n in statuses.items() if key not in ("200", "503"))
     values = {"requests": args.requests, "concurrency": args.concurrency, "ok": ok, "shed_503": shed,
-              "errors": errors, "throughput_rps": ok / result["elapsed"] if result["elapsed"] else 0.0}
+              "errors": errors, "throughput_rps": ok / result["elapsed"] if result["elapsed"] else 0.0,
+              "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]}
     if latencies:
         values.update(p50_ms=percentile(latencies, 50), p90_ms=percentile(latencies, 90),
                       p99_ms=percentile(latencies, 99), max_ms=max(latencies), mean_ms=statistics.fmean(latencies))

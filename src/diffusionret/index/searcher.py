@@ -170,27 +170,37 @@ class Searcher:
         return self.search_batch([query], k)[0]
 
     @torch.no_grad()
-    def search_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
-        """The top ``k`` moments for each of several queries (results are independent of batching).
+    def search_batch(self, queries: Sequence[str], k: int | Sequence[int] = 10) -> list[list[Hit]]:
+        """The top ``k`` moments for each of several queries, in one pass of each stage.
 
-        Every first-stage candidate goes through the cascade; the ranked candidates (segments, or
-        whole videos in an index without segments) then become moments, at most
-        ``config.per_video`` per video, each hit with its ``start``/``end`` in seconds.
+        One text-tower pass over all queries (trimmed to the longest + 1: exact, the tower is
+        causal), one first-stage call, one gather and one re-ranking call (each query with its own
+        seeded noise). A query's hits are those :meth:`search` gives it alone. Every first-stage
+        candidate goes through the cascade; the ranked candidates (segments, or whole videos in an
+        index without segments) then become moments, at most ``config.per_video`` per video, each
+        hit with its ``start``/``end`` in seconds.
+
+        Args:
+            queries: B texts.
+            k: hits per query: one number, or B numbers (a serving batch mixes requests).
         """
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
         if isinstance(queries, str) or not queries:
             raise ValueError("queries must be a non-empty sequence of strings")
+        ks = [k] * len(queries) if isinstance(k, int) else list(k)
+        if len(ks) != len(queries):
+            raise ValueError(f"got {len(ks)} values of k for {len(queries)} queries")
+        if any(x <= 0 for x in ks):
+            raise ValueError(f"k must be positive, got {k}")
         if len(self.index) == 0:
             return [[] for _ in queries]
         tokens, mask, cls = self.encode_queries(queries)
         # Every candidate comes back ranked: several segments of one video may merge into one moment,
         # so the top k moments can need more than k segments.
-        n = max(k, self.config.candidates)
-        ranked = retrieve(self.model, tokens, mask, cls, self._store, k=n, candidates=n, reranker=self.reranker,
-                          seed=self.config.seed)
+        ns = [max(x, self.config.candidates) for x in ks]
+        ranked = retrieve(self.model, tokens, mask, cls, self._store, k=ns, candidates=self.config.candidates,
+                          reranker=self.reranker, seed=self.config.seed)
         moments = MomentConfig(self.config.per_video, self.config.merge_margin)
-        return [moment_hits(hits, moments, k) for hits in ranked]
+        return [moment_hits(hits, moments, x) for hits, x in zip(ranked, ks, strict=True)]
 
 
 class _IndexCandidates:

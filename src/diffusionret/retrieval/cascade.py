@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from diffusionret.rerank import draw_noise
 from diffusionret.retrieval.reranker import Reranker
 
 Tokenizer = Callable[..., tuple[Tensor, Tensor]]
@@ -168,35 +169,108 @@ def encode_queries(model: nn.Module, queries: Sequence[str], max_words: int, *, 
 
 
 @torch.no_grad()
-def retrieve(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, store: CandidateStore, *, k: int,
-             candidates: int, reranker: Reranker | None = None, seed: int = 0,
+def retrieve(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, store: CandidateStore, *,
+             k: int | Sequence[int], candidates: int, reranker: Reranker | None = None, seed: int = 0,
              generator: torch.Generator | None = None) -> list[list[Hit]]:
     """The top ``k`` candidates of ``store`` for each encoded query (module docstring).
 
+    The queries are processed together: one first-stage call per distinct candidate count, one
+    gather, and one re-ranking call for all of them. Each query's result is the one it gets alone.
+
     Args:
         tokens: (B, L, D), mask: (B, L), cls: (B, D): encoded queries (:func:`encode_queries`).
-        candidates: first-stage candidates per query scored by WTI (raised to ``k``).
+        k: hits per query: one number for all, or one per query.
+        candidates: first-stage candidates per query scored by WTI (raised to the query's ``k``).
         reranker: re-ranks the top ``reranker.config.top_k`` WTI candidates; ``None`` or
             ``top_k = 0``: the WTI ranking.
         seed: the re-ranking noise of every query comes from a fresh generator seeded with it (on the
             model's device), so a query's result does not depend on the others in the batch.
-        generator: instead, draw every query's noise from this generator, in query order.
+        generator: instead, draw every query's noise from this generator, in query order (the
+            queries are then re-ranked one at a time).
 
     Returns:
         One list of hits per query, best first.
     """
-    if k <= 0:
+    count = cls.shape[0]
+    ks = [k] * count if isinstance(k, int) else [int(x) for x in k]
+    if len(ks) != count:
+        raise ValueError(f"got {len(ks)} values of k for {count} queries")
+    if any(x <= 0 for x in ks):
         raise ValueError(f"k must be positive, got {k}")
     if len(store) == 0:
-        return [[] for _ in range(cls.shape[0])]
+        return [[] for _ in range(count)]
     device = next(model.parameters()).device
-    coarse, rows = store.first_stage(torch.nn.functional.normalize(cls.float(), dim=-1).cpu(), max(candidates, k))
-    return [
-        _second_stage(model, tokens[i:i + 1], mask[i:i + 1], cls[i:i + 1], None if coarse is None else coarse[i],
-                      rows[i], store, k=k, reranker=reranker, device=device,
-                      generator=generator or torch.Generator(device=device).manual_seed(seed))
-        for i in range(cls.shape[0])
-    ]
+    query = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
+    # Queries asking for more than `candidates` hits get more candidates: group by the count, so
+    # each query's first stage and WTI see exactly the candidates they would alone.
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(ks):
+        groups.setdefault(max(candidates, x), []).append(i)
+    results: list[list[Hit]] = [[] for _ in range(count)]
+    for n, members in groups.items():
+        picked = torch.tensor(members)
+        coarse, rows = store.first_stage(query[picked], n)
+        batched = (generator is None and reranker is not None and reranker.config.top_k > 0
+                   and reranker.config.eta == 0 and len(members) > 1)
+        if batched:
+            hits = _second_stage_batch(model, tokens[picked], mask[picked], cls[picked], coarse, rows, store,
+                                       ks=[ks[i] for i in members], reranker=reranker, device=device, seed=seed)
+        else:
+            hits = [_second_stage(model, tokens[i:i + 1], mask[i:i + 1], cls[i:i + 1],
+                                  None if coarse is None else coarse[j], rows[j], store, k=ks[i], reranker=reranker,
+                                  device=device, generator=generator or torch.Generator(device=device).manual_seed(seed))
+                    for j, i in enumerate(members)]
+        for i, result in zip(members, hits, strict=True):
+            results[i] = result
+    return results
+
+
+def _candidates(model: nn.Module, tokens: Tensor, mask: Tensor, rows: Tensor, store: CandidateStore,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One query's candidate features and WTI scores.
+
+    Args:
+        tokens: (1, L, D); mask: (1, L); rows: (N,) store rows.
+    Returns:
+        video (N, T, D), frame_mask (N, T) on ``device`` and wti (1, N) float32.
+    """
+    video, frame_mask = store.gather(rows)
+    video, frame_mask = video.to(device), frame_mask.to(device)
+    weights = store.gather_weights(rows)  # stored at build time; None: the model computes them
+    if weights is not None:
+        weights = weights.to(device)
+    wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights, trim=True).float()  # (1, N)
+    return video, frame_mask, wti
+
+
+def _second_stage_batch(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, coarse: Tensor | None,
+                        rows: Tensor, store: CandidateStore, *, ks: list[int], reranker: Reranker,
+                        device: torch.device, seed: int) -> list[list[Hit]]:
+    """:func:`_second_stage` of B queries with one re-ranking call (deterministic sampler only).
+
+    Args:
+        tokens: (B, L, D); mask: (B, L); cls: (B, D); coarse: (B, N) or None; rows: (B, N) store rows.
+    """
+    b, n = rows.shape
+    video, frame_mask = store.gather(rows.reshape(-1))  # (B * N, T, D): one gather for the batch
+    video, frame_mask = video.to(device), frame_mask.to(device)
+    wtis = []
+    for i in range(b):
+        own = slice(i * n, (i + 1) * n)
+        # Per query: a query whose rows all have stored weights uses them, as it does alone.
+        weights = store.gather_weights(rows[i])
+        if weights is not None:
+            weights = weights.to(device)
+        wtis.append(model.similarity(tokens[i:i + 1], mask[i:i + 1], video[own], frame_mask[own],
+                                     frame_weights=weights, trim=True).float())
+    wti = torch.cat(wtis)  # (B, N)
+    top_k = min(reranker.config.top_k, wti.shape[1])
+    # Each query's own noise: a fresh generator seeded as when it runs alone.
+    noise = torch.cat([draw_noise(1, top_k, torch.Generator(device=device).manual_seed(seed), device)
+                       for _ in range(wti.shape[0])])
+    final = reranker.t2v_rows(wti, cls, video, frame_mask, noise=noise)
+    return [_hits(final[i].cpu(), wti[i].cpu(), None if coarse is None else coarse[i], rows[i], store, k=ks[i],
+                  top_k=top_k) for i in range(wti.shape[0])]
 
 
 def _second_stage(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, coarse: Tensor | None, rows: Tensor,
@@ -207,17 +281,17 @@ def _second_stage(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, c
     Args:
         tokens: (1, L, D); mask: (1, L); cls: (1, D); coarse: (N,) first-stage scores or None; rows: (N,) store rows.
     """
-    video, frame_mask = store.gather(rows)
-    video, frame_mask = video.to(device), frame_mask.to(device)
-    weights = store.gather_weights(rows)  # stored at build time; None: the model computes them
-    if weights is not None:
-        weights = weights.to(device)
-    wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights, trim=True).float()  # (1, N)
+    video, frame_mask, wti = _candidates(model, tokens, mask, rows, store, device)
     final = wti
     top_k = 0 if reranker is None else min(reranker.config.top_k, wti.shape[1])
     if top_k > 0:
         final = reranker.t2v(wti, cls, video, frame_mask, generator=generator)
-    final, wti = final[0].cpu(), wti[0].cpu()
+    return _hits(final[0].cpu(), wti[0].cpu(), coarse, rows, store, k=k, top_k=top_k)
+
+
+def _hits(final: Tensor, wti: Tensor, coarse: Tensor | None, rows: Tensor, store: CandidateStore, *, k: int,
+          top_k: int) -> list[Hit]:
+    """The top ``k`` hits of one query: final (N,) and wti (N,) scores, coarse (N,) or None, rows (N,)."""
     # Stable sorts: equal scores keep first-stage order, so results are deterministic.
     wti_order = torch.sort(wti, descending=True, stable=True).indices
     wti_rank = torch.empty_like(wti_order)

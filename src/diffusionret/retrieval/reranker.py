@@ -163,6 +163,51 @@ class Reranker:
                            alpha=cfg.alpha, temp=cfg.temperature, chunk_size=cfg.chunk_size, eta=cfg.eta,
                            sample=self._sample)
 
+    def t2v_rows(self, sim: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
+                 noise: torch.Tensor) -> torch.Tensor:
+        """Re-rank text->video rows that each have their own candidates (a batch of search queries).
+
+        Args:
+            sim: (B, N) scores of each query's N candidates; cls: (B, D).
+            video: (B * N, T, D) and frame_mask (B * N, T): query i's candidates are rows
+                ``i * N .. (i + 1) * N - 1``, in the column order of ``sim``.
+            noise: (B, min(top_k, N)) initial x_T per query (one query's draw per row).
+
+        Returns:
+            (B, N): row i equals :meth:`t2v` of query i alone with its candidates and noise row.
+        """
+        b, n = sim.shape
+        if cls.shape[0] != b or video.shape[0] != b * n or frame_mask.shape[0] != b * n:
+            raise ValueError(f"sim {tuple(sim.shape)} does not match cls {tuple(cls.shape)}, video "
+                             f"{tuple(video.shape)} and frame_mask {tuple(frame_mask.shape)}")
+        if self.config.eta > 0:
+            # Stochastic steps draw from one generator: a batch could not reproduce each query's draws.
+            raise ValueError("t2v_rows needs the deterministic sampler (eta = 0)")
+        cfg = self.config
+        cls, video = cls.float(), video.float()
+        denoiser = self.model.diffusion_model
+        # The tables of one query alone (value_rows: its own K rows), so each row's arithmetic, and
+        # so its result, does not depend on the batch.
+        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=min(cfg.top_k, n))
+        offsets = torch.arange(b, device=sim.device) * n
+
+        def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
+            flat = idx + offsets[rows, None]  # (rows, K) candidate columns -> rows of video
+            # Prepared query by query: a one-row product (the query's projections) runs another BLAS
+            # kernel than a B-row one and can round differently, and a query's result must not
+            # depend on its batch. The DDIM steps then run once for all rows.
+            parts = [denoiser.prepare(cls[r:r + 1], gather_rows(video, flat[j:j + 1]),
+                                      gather_rows(frame_mask, flat[j:j + 1]), tables)
+                     for j, r in enumerate(rows.tolist())]
+            if len(parts) == 1:
+                return parts[0]
+            return PreparedDenoiser(tables=tables, logit_table=torch.cat([part.logit_table for part in parts]),
+                                    g=torch.cat([part.g for part in parts]), c=torch.cat([part.c for part in parts]))
+
+        # The compiled sampler (when loaded) runs the steps query by query, as for one query alone.
+        return rerank_rows(sim, prepare, self.diffusion, top_k=cfg.top_k, noise=noise, alpha=cfg.alpha,
+                           temp=cfg.temperature, chunk_size=cfg.chunk_size, sample=self._sample)
+
     def v2t(self, sim_v2t: torch.Tensor, cls: torch.Tensor, video: torch.Tensor, frame_mask: torch.Tensor, *,
             noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Re-rank video->text rows: sim_v2t (Nv, Nt), cls (Nt, D), video (Nv, T, D), frame_mask (Nv, T) -> (Nv, Nt).

@@ -32,6 +32,10 @@ Safety:
       ``Retry-After``, so a burst neither crashes the server nor grows memory without bound. A
       search that takes longer than ``search_timeout_s`` is answered ``504``; its thread keeps its
       slot until it ends, and ``/healthz`` reports ``degraded`` meanwhile.
+    * Searches that arrive together run as one batch (``batch_max_size``, ``batch_max_wait_ms``;
+      :mod:`diffusionret.serve.batcher`) through the backend's ``search_batch``, on one index
+      snapshot. A request that times out while still queued leaves the queue and frees its slot at
+      once; one whose batch is running is stuck as above. On shutdown, queued requests get ``503``.
     * Every error is a JSON object ``{"error": <code>, "detail": <message>}``.
 """
 
@@ -60,6 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.searcher import SearchHit
+from diffusionret.serve.batcher import BatchConfig, BatcherClosed, SearchBatcher, loop_search_batch
 from diffusionret.serve.errors import ApiError
 from diffusionret.serve.media import DescriptorResponse, check_range, if_range_matches, open_indexed, validators
 from diffusionret.serve.paths import public_path, source_roots
@@ -101,6 +106,9 @@ class SearchBackend(Protocol):
 
     def search(self, query: str, k: int = 10) -> Sequence[SearchHit]: ...
 
+    # Optional: ``search_batch(queries, ks) -> one hit list per query`` (batched serving uses it
+    # when present, else it calls ``search`` once per query).
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -122,6 +130,10 @@ class ServeConfig:
         auth_failures_per_minute, auth_failure_burst: failed authentications a client address may
             make at once (burst), then per minute; more get ``429``.
         search_timeout_s: a search running longer is answered ``504`` (``None``: no limit).
+        batch_max_size, batch_max_wait_ms: searches that arrive together run as one batch of at
+            most this many queries; the first waits at most this long for others
+            (:mod:`diffusionret.serve.batcher`). ``batch_max_size`` 1: no batching, each search
+            runs alone on a worker thread.
         show_paths: answer absolute file and model paths (default: relative to the index's sources).
         docs: serve the interactive ``/docs`` page (it loads scripts from a CDN).
     """
@@ -138,6 +150,8 @@ class ServeConfig:
     search_timeout_s: float | None = 30.0
     show_paths: bool = False
     docs: bool = False
+    batch_max_size: int = 16
+    batch_max_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -147,6 +161,9 @@ class ServeConfig:
                      "auth_failures_per_minute", "auth_failure_burst"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_max_size < 1 or self.batch_max_wait_ms < 0:
+            raise ValueError(f"batch_max_size must be >= 1 and batch_max_wait_ms >= 0, got {self.batch_max_size} "
+                             f"and {self.batch_max_wait_ms}")
         if self.search_timeout_s is not None and self.search_timeout_s <= 0:
             raise ValueError(f"search_timeout_s must be positive or None, got {self.search_timeout_s}")
         if not self.allowed_hosts:
@@ -158,22 +175,45 @@ class InferenceGate:
 
     A call counts as in flight until its thread returns, not until its request is answered: a
     search that timed out (``timeout_s``) still holds a thread, so it keeps its slot and is counted
-    in :attr:`stuck` until it ends. The counters are only touched from the event loop thread (the
-    futures' done callbacks run there too), so they need no lock.
+    in :attr:`stuck` until it ends. With a :class:`~diffusionret.serve.batcher.SearchBatcher`,
+    searches go through it instead; a request that times out while still queued is taken out of
+    the queue and frees its slot at once. The counters are only touched from the event loop thread
+    (the futures' done callbacks run there too), so they need no lock.
     """
 
-    def __init__(self, workers: int, max_pending: int, timeout_s: float | None = None) -> None:
+    def __init__(self, workers: int, max_pending: int, timeout_s: float | None = None,
+                 batcher: SearchBatcher | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffusionret-search")
         self._max_pending = max_pending
         self._timeout_s = timeout_s
+        self.batcher = batcher
         self.pending = 0
         self.stuck = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        self._admit()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._finish(future, cancel=lambda: False)  # an executor thread cannot be stopped
+
+    async def search(self, backend: SearchBackend, query: str, k: int) -> Sequence[SearchHit]:
+        """``backend.search(query, k)``, batched with other requests when the gate has a batcher."""
+        if self.batcher is None:
+            return await self.run(backend.search, query, k)
+        self._admit()
+        try:
+            queued = self.batcher.submit(query, k)
+        except BatcherClosed as exc:
+            self.pending -= 1
+            raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "1"}) from None
+        batcher = self.batcher
+        return await self._finish(asyncio.wrap_future(queued), cancel=lambda: batcher.withdraw(queued))
+
+    def _admit(self) -> None:
         if self.pending >= self._max_pending:
             raise ApiError(503, "busy", "too many searches in progress; retry shortly", {"Retry-After": "1"})
         self.pending += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _finish(self, future: asyncio.Future, cancel: Callable[[], bool]) -> Any:
         abandoned = False
 
         def finished(_: asyncio.Future) -> None:
@@ -184,16 +224,25 @@ class InferenceGate:
         future.add_done_callback(finished)
         try:
             # shield: a timeout or a client that goes away must not cancel the future, whose done
-            # callback releases the slot when the thread really ends.
+            # callback releases the slot when the work really ends.
             return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
         except asyncio.TimeoutError:
-            abandoned = True
-            self.stuck += 1
-            logger.warning("a search ran longer than %.1f s; answered 504, its thread is still busy", self._timeout_s)
+            if cancel():  # still queued: it will never run, and its done callback frees the slot
+                logger.warning("a search waited longer than %.1f s in the queue; answered 504", self._timeout_s)
+            else:
+                abandoned = True
+                self.stuck += 1
+                logger.warning("a search ran longer than %.1f s; answered 504, its thread is still busy",
+                               self._timeout_s)
             raise ApiError(504, "search_timeout", f"the search took longer than {self._timeout_s:g} s",
                            {"Retry-After": "5"}) from None
+        except BatcherClosed as exc:
+            raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "1"}) from None
 
     def shutdown(self) -> None:
+        if self.batcher is not None:
+            # Queued requests fail with 503; a running batch gets a bounded time to finish.
+            self.batcher.close(timeout_s=0 if self.stuck else 10.0)
         # A stuck search would block a waiting shutdown forever.
         self._executor.shutdown(wait=self.stuck == 0, cancel_futures=True)
 
@@ -219,8 +268,15 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
     signer = UrlSigner(config.token, config.url_ttl_s)
     limiter = FailureLimiter(config.auth_failures_per_minute, config.auth_failure_burst, clock=clock)
 
-    # Threads start on first use, so creating the gate here costs nothing; the lifespan stops them.
-    gate = InferenceGate(config.workers, config.max_pending, config.search_timeout_s)
+    # Threads start on first use (executor and batcher), so creating the gate here costs nothing; the lifespan
+    # stops them.
+    batcher = None
+    if config.batch_max_size > 1:
+        # Through the backend at each batch: a reloading backend runs every batch on one snapshot.
+        search_batch = getattr(backend, "search_batch", None) or loop_search_batch(backend.search)
+        batcher = SearchBatcher(search_batch, BatchConfig(config.batch_max_size, config.batch_max_wait_ms / 1000.0),
+                                workers=config.workers, start="on_submit")
+    gate = InferenceGate(config.workers, config.max_pending, config.search_timeout_s, batcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -383,7 +439,7 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
             raise ApiError(422, "invalid_request", f"k: must be between 1 and {config.max_k}")
         index = backend.index  # before the search: a reload meanwhile does not mix two indexes' sources
         start = time.perf_counter()
-        hits = await request.app.state.gate.run(backend.search, query, k)
+        hits = await request.app.state.gate.search(backend, query, k)
         took_ms = (time.perf_counter() - start) * 1000.0
         results = [{**hit.to_dict(), **record_json(hit.record, index)} for hit in hits]
         return {"query": query, "k": k, "took_ms": round(took_ms, 2), "results": results}
@@ -394,11 +450,16 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
         return record_json(_lookup(backend, video_id), index)
 
     @app.get("/api/info", tags=["service"], dependencies=[Depends(auth)], summary="What is being served")
-    def info() -> dict[str, Any]:
+    def info(request: Request) -> dict[str, Any]:
         described = backend.describe()
         if not config.show_paths and described.get("model_path"):
             described["model_path"] = Path(described["model_path"]).name
-        return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars}
+        batcher = request.app.state.gate.batcher
+        batching = {"max_size": 1}
+        if batcher is not None:
+            batching = {"max_size": batcher.config.max_batch, "max_wait_ms": batcher.config.max_wait_s * 1000.0,
+                        "batches": batcher.batches, "queries": batcher.batched_queries}
+        return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars, "batching": batching}
 
 
 def _add_file_routes(app: FastAPI, backend: SearchBackend, auth: Callable[[Request], None]) -> None:

@@ -83,6 +83,15 @@ class ReloadingBackend:
     def search(self, query: str, k: int = 10) -> Sequence[SearchHit]:
         return self._current.search(query, k)
 
+    def search_batch(self, queries: Sequence[str], k: int | Sequence[int] = 10) -> list[Sequence[SearchHit]]:
+        """A batch of searches, all on one searcher (a reload meanwhile does not split the batch)."""
+        current = self._current
+        batch = getattr(current, "search_batch", None)
+        if batch is not None:
+            return batch(queries, k)
+        ks = [k] * len(queries) if isinstance(k, int) else list(k)
+        return [current.search(q, n) for q, n in zip(queries, ks, strict=True)]
+
     def describe(self) -> dict[str, Any]:
         return {**self._current.describe(), "reloads": self.reloads, "failed_reloads": self.failed_reloads}
 

@@ -1,0 +1,209 @@
+"""Micro-batching of concurrent searches: the queries that arrive within a few milliseconds run as one batch.
+
+One query at 1M videos spends about half its time in the text tower, mostly reading the tower's
+weights for a dozen tokens; a batch reads them once for all its queries (and makes one first-stage
+call and one re-ranking call, :meth:`~diffusionret.index.searcher.Searcher.search_batch`).
+
+A request enqueues ``(query, k)`` and gets a :class:`concurrent.futures.Future`. Each worker thread
+waits for a first request, then collects more until ``max_batch`` are queued or ``max_wait_s`` has
+passed since the first one arrived, runs one batched search and resolves the futures. A request
+withdrawn while still queued (:meth:`SearchBatcher.withdraw`: its client timed out) leaves the queue. :meth:`close` fails
+the queued requests with :class:`BatcherClosed` and joins the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+logger = logging.getLogger(__name__)
+
+#: ``search_batch(queries, ks) -> one result per query``.
+SearchBatch = Callable[[list[str], list[int]], Sequence[Any]]
+#: ``wait(condition, timeout_s)``: block on ``condition`` (held) for at most ``timeout_s`` (None: until notified).
+Wait = Callable[[threading.Condition, "float | None"], Any]
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed before this request ran."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How requests are grouped.
+
+    Attributes:
+        max_batch: most queries per batch (1: every query runs alone, as without a batcher).
+        max_wait_s: longest time the first query of a batch waits for others. 0 (default): a batch
+            takes what is queued when a worker is free; under load, the requests that arrive while
+            a batch runs form the next one, and a lone query never waits (BENCHMARKS.md: a 5 ms
+            wait added latency at concurrency 1 and no throughput at 8).
+    """
+
+    max_batch: int = 16
+    max_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+
+
+@dataclass
+class _Request:
+    query: str
+    k: int
+    future: Future
+    arrived: float
+
+
+def _condition_wait(condition: threading.Condition, timeout: float | None) -> None:
+    condition.wait(timeout)
+
+
+class SearchBatcher:
+    """Runs searches in batches on ``workers`` threads (module docstring).
+
+    Args:
+        search_batch: the batched search (e.g. a backend's ``search_batch``).
+        config: batch size and wait bound.
+        workers: threads, each running one batch at a time.
+        clock: monotonic seconds (tests inject a fake clock).
+        wait: how a worker blocks on the queue's condition (tests inject one that advances the
+            fake clock instead of sleeping).
+        start: ``"now"``; ``"on_submit"``: with the first request (an app that is built but never
+            served starts no threads); ``"manual"``: at :meth:`start` (tests queue requests first).
+    """
+
+    def __init__(self, search_batch: SearchBatch, config: BatchConfig | None = None, *, workers: int = 1,
+                 clock: Callable[[], float] = time.monotonic, wait: Wait = _condition_wait,
+                 start: Literal["now", "on_submit", "manual"] = "now") -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._search = search_batch
+        self.config = config or BatchConfig()
+        self._clock, self._wait = clock, wait
+        self._queue: deque[_Request] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"diffusionret-batch-{i}", daemon=True)
+                         for i in range(workers)]
+        self.batches = 0  # batches run, and the queries in them (the mean batch size, for /api/info)
+        self.batched_queries = 0
+        self._start_on_submit = start == "on_submit"
+        self._started = False
+        if start == "now":
+            self.start()
+
+    def start(self) -> None:
+        """Start the worker threads (once)."""
+        with self._condition:
+            if self._started:
+                return
+            self._started = True
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, query: str, k: int) -> Future:
+        """Queue one search; the future resolves to its result (or its exception)."""
+        future: Future = Future()
+        with self._condition:
+            if self._closed:
+                raise BatcherClosed("the search service is shutting down")
+            self._queue.append(_Request(query, k, future, self._clock()))
+            self._condition.notify_all()
+        if self._start_on_submit:
+            self.start()
+        return future
+
+    def withdraw(self, future: Future) -> bool:
+        """Take a request that has not started out of the queue and cancel it; ``False`` once it runs."""
+        with self._condition:
+            for request in self._queue:
+                if request.future is future:
+                    self._queue.remove(request)
+                    return future.cancel()
+        return False
+
+    @property
+    def queued(self) -> int:
+        with self._condition:
+            return len(self._queue)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until a batch is due; ``None`` once closed."""
+        cfg = self.config
+        with self._condition:
+            while True:
+                while not self._queue and not self._closed:
+                    self._wait(self._condition, None)
+                if self._closed:
+                    return None
+                # The wait bound counts from the first request's arrival, not from when a worker woke.
+                deadline = self._queue[0].arrived + cfg.max_wait_s
+                while len(self._queue) < cfg.max_batch and not self._closed:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 or not self._queue:
+                        break
+                    self._wait(self._condition, remaining)
+                if self._closed:
+                    return None
+                batch = []
+                while self._queue and len(batch) < cfg.max_batch:
+                    request = self._queue.popleft()
+                    # False: cancelled while queued (its client gave up); skip it.
+                    if request.future.set_running_or_notify_cancel():
+                        batch.append(request)
+                if batch:
+                    if self._queue:
+                        self._condition.notify_all()  # another worker may take the rest
+                    return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self.batches += 1
+            self.batched_queries += len(batch)
+            try:
+                results = self._search([r.query for r in batch], [r.k for r in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"search_batch returned {len(results)} results for {len(batch)} queries")
+            except Exception as exc:  # every request of the batch gets the failure; the worker keeps going
+                logger.exception("a batch of %d searches failed", len(batch))
+                for request in batch:
+                    request.future.set_exception(exc)
+                continue
+            for request, result in zip(batch, results, strict=True):
+                request.future.set_result(result)
+
+    def close(self, timeout_s: float | None = 10.0) -> None:
+        """Fail the queued requests with :class:`BatcherClosed` and join the threads.
+
+        A batch already running finishes (its requests get their results); ``timeout_s`` bounds
+        the join, so a stuck search cannot block shutdown forever.
+        """
+        with self._condition:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._condition.notify_all()
+        for request in pending:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(BatcherClosed("the search service shut down before this search ran"))
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout_s)
+
+
+def loop_search_batch(search: Callable[[str, int], Any]) -> SearchBatch:
+    """A ``search_batch`` for a backend that only searches one query at a time."""
+
+    def search_batch(queries: list[str], ks: list[int]) -> list[Any]:
+        return [search(q, k) for q, k in zip(queries, ks, strict=True)]
+
+    return search_batch

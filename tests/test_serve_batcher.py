@@ -1,0 +1,228 @@
+"""The search batcher: its size and wait bounds (fake clock, no sleeps) and its shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+
+from diffusionret.serve.batcher import BatchConfig, BatcherClosed, SearchBatcher
+
+
+class FakeTime:
+    """A clock that only moves when a worker waits with a timeout (the timeout elapses at once)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timed_waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def wait(self, condition: threading.Condition, timeout: float | None) -> None:
+        if timeout is None:
+            condition.wait()  # no request yet: block until one is submitted (or close)
+            return
+        self.timed_waits.append(timeout)
+        self.now += timeout
+
+
+class Recorder:
+    """A search_batch that records its batches; ``gate`` (when set) holds each batch until released."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def __call__(self, queries: list[str], ks: list[int]) -> list[str]:
+        self.batches.append(list(zip(queries, ks, strict=True)))
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=60)
+        return [f"{q}@{k}" for q, k in zip(queries, ks, strict=True)]
+
+
+def test_a_full_batch_runs_without_waiting() -> None:
+    fake, search = FakeTime(), Recorder()
+    batcher = SearchBatcher(search, BatchConfig(max_batch=4, max_wait_s=5.0), clock=fake.clock, wait=fake.wait,
+                            start="manual")
+    futures = [batcher.submit(f"q{i}", i + 1) for i in range(6)]
+    batcher.start()
+    assert [f.result(timeout=30) for f in futures[:4]] == ["q0@1", "q1@2", "q2@3", "q3@4"]
+    assert search.batches[0] == [("q0", 1), ("q1", 2), ("q2", 3), ("q3", 4)]
+    # The remaining two wait out the bound from their arrival (time 0): one timed wait of 5 s.
+    assert [f.result(timeout=30) for f in futures[4:]] == ["q4@5", "q5@6"]
+    assert search.batches[1] == [("q4", 5), ("q5", 6)]
+    assert fake.timed_waits == [5.0] and fake.now == 5.0  # the full batch never waited
+    batcher.close()
+
+
+def test_a_partial_batch_runs_after_the_wait_bound() -> None:
+    fake, search = FakeTime(), Recorder()
+    batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.005), clock=fake.clock, wait=fake.wait,
+                            start="manual")
+    fake.now = 10.0
+    first = batcher.submit("a", 3)
+    fake.now = 10.002  # a second request 2 ms later joins the same batch
+    second = batcher.submit("b", 5)
+    batcher.start()
+    assert (first.result(timeout=30), second.result(timeout=30)) == ("a@3", "b@5")
+    assert search.batches == [[("a", 3), ("b", 5)]]
+    # It waited exactly what remained of the first request's 5 ms, then ran what it had.
+    assert fake.timed_waits == [pytest.approx(0.003)] and fake.now == pytest.approx(10.005)
+    batcher.close()
+
+
+def test_batch_size_one_never_waits() -> None:
+    fake, search = FakeTime(), Recorder()
+    batcher = SearchBatcher(search, BatchConfig(max_batch=1, max_wait_s=1.0), clock=fake.clock, wait=fake.wait,
+                            start="manual")
+    futures = [batcher.submit(q, 1) for q in "xyz"]
+    batcher.start()
+    assert [f.result(timeout=30) for f in futures] == ["x@1", "y@1", "z@1"]
+    assert search.batches == [[("x", 1)], [("y", 1)], [("z", 1)]] and fake.timed_waits == []
+    batcher.close()
+
+
+def test_a_cancelled_request_is_dropped_from_the_queue() -> None:
+    fake, search = FakeTime(), Recorder()
+    batcher = SearchBatcher(search, BatchConfig(max_batch=2, max_wait_s=0.0), clock=fake.clock, wait=fake.wait,
+                            start="manual")
+    gone, kept = batcher.submit("gone", 1), batcher.submit("kept", 2)
+    assert gone.cancel()  # e.g. its request timed out while queued
+    batcher.start()
+    assert kept.result(timeout=30) == "kept@2"
+    assert search.batches == [[("kept", 2)]]
+    with pytest.raises(CancelledError):
+        gone.result(timeout=0)
+    batcher.close()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on() -> None:
+    calls = []
+
+    def search(queries: list[str], ks: list[int]) -> list[str]:
+        calls.append(queries)
+        if len(calls) == 1:
+            raise RuntimeError("broken index")
+        return queries
+
+    batcher = SearchBatcher(search, BatchConfig(max_batch=1, max_wait_s=0.0))
+    with pytest.raises(RuntimeError, match="broken index"):
+        batcher.submit("a", 1).result(timeout=30)
+    assert batcher.submit("b", 1).result(timeout=30) == "b"
+    batcher.close()
+
+
+def test_close_fails_queued_requests_finishes_the_running_batch_and_joins() -> None:
+    release = threading.Event()
+    search = Recorder(gate=release)
+    batcher = SearchBatcher(search, BatchConfig(max_batch=1, max_wait_s=0.0), workers=1)
+    running = batcher.submit("running", 1)
+    assert search.entered.wait(timeout=30)  # the worker is inside the first batch
+    queued = [batcher.submit(f"q{i}", 1) for i in range(3)]
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    for future in queued:  # failed at once, before the running batch ends
+        with pytest.raises(BatcherClosed):
+            future.result(timeout=30)
+    release.set()
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    assert running.result(timeout=0) == "running@1"
+    assert all(not t.is_alive() for t in batcher._threads)
+    assert search.batches == [[("running", 1)]]
+    with pytest.raises(BatcherClosed):
+        batcher.submit("late", 1)
+
+
+def test_close_of_an_idle_batcher_ends_its_threads() -> None:
+    batcher = SearchBatcher(Recorder(), BatchConfig(), workers=2)
+    batcher.close()
+    assert all(not t.is_alive() for t in batcher._threads)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        BatchConfig(max_batch=0)
+    with pytest.raises(ValueError):
+        BatchConfig(max_wait_s=-1)
+
+
+class _Backend:
+    """A backend whose batched search blocks on the query "hang" until released."""
+
+    def __init__(self) -> None:
+        self.release, self.entered = threading.Event(), threading.Event()
+        self.batches: list[list[str]] = []
+
+    def search(self, query: str, k: int = 10) -> list[str]:
+        return self.search_batch([query], [k])[0]
+
+    def search_batch(self, queries: list[str], ks: list[int]) -> list[list[str]]:
+        self.batches.append(list(queries))
+        if "hang" in queries:
+            self.entered.set()
+            assert self.release.wait(timeout=60)
+        return [[q] * k for q, k in zip(queries, ks, strict=True)]
+
+
+def test_a_request_timing_out_in_the_queue_frees_its_slot_at_once() -> None:
+    from diffusionret.serve.app import ApiError, InferenceGate
+
+    backend = _Backend()
+    batcher = SearchBatcher(backend.search_batch, BatchConfig(max_batch=4, max_wait_s=0.0), start="on_submit")
+    gate = InferenceGate(1, 8, timeout_s=0.2, batcher=batcher)
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(gate.search(backend, "hang", 1))
+        assert await asyncio.get_running_loop().run_in_executor(None, backend.entered.wait, 60)
+        with pytest.raises(ApiError) as queued:
+            await gate.search(backend, "queued", 2)  # waits behind the hung batch, then times out
+        assert queued.value.status == 504
+        with pytest.raises(ApiError) as hung:
+            await running
+        assert hung.value.status == 504
+        for _ in range(100):  # the cancellation reaches the event loop on its next iterations
+            await asyncio.sleep(0)
+        # The queued request left the queue and its slot; the running one keeps its slot (stuck).
+        assert (gate.pending, gate.stuck, batcher.queued) == (1, 1, 0)
+        backend.release.set()
+        for _ in range(600):
+            if gate.pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (gate.pending, gate.stuck) == (0, 0)
+        assert await gate.search(backend, "next", 3) == ["next"] * 3
+        assert backend.batches == [["hang"], ["next"]]  # "queued" never ran
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.release.set()
+        gate.shutdown()
+    assert all(not t.is_alive() for t in batcher._threads)
+
+
+def test_the_app_batches_through_the_backend_and_shuts_the_batcher_down() -> None:
+    from fastapi.testclient import TestClient
+
+    from diffusionret.serve.app import ServeConfig, create_app
+
+    backend = _Backend()
+    backend.index = []  # type: ignore[attr-defined]
+    app = create_app(backend, ServeConfig(batch_max_size=8, batch_max_wait_ms=0.0))  # type: ignore[arg-type]
+    batcher = app.state.gate.batcher
+    assert batcher is not None and batcher.config == BatchConfig(8, 0.0)
+    assert create_app(backend, ServeConfig(batch_max_size=1)).state.gate.batcher is None  # type: ignore[arg-type]
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert app.state.gate.search is not None
+        hits = asyncio.run(app.state.gate.search(backend, "x", 2))
+        assert hits == ["x", "x"] and backend.batches == [["x"]]
+        del client
+    assert all(not t.is_alive() for t in batcher._threads)
+    with pytest.raises(BatcherClosed):
+        batcher.submit("late", 1)
