@@ -20,7 +20,9 @@ x0 is recovered from one re-ranking pass with alpha = temperature = 1: the bonus
 (alpha, temperature) is then evaluated without running the denoisers again (top_k changes what the
 denoiser sees, so each K is sampled anew). Nothing here changes the library or its defaults.
 
-    PYTHONPATH=src python benchmarks/why_rerank.py --run /tmp/gd1/demo --out /tmp/why_rerank
+    PYTHONPATH=src python benchmarks/why_rerank.py --run /tmp/demo-stage2/seed0/today --out /tmp/why_rerank
+    PYTHONPATH=src python benchmarks/why_rerank.py --run /tmp/demo-stage2/seed0/today \\
+        --model /tmp/demo-stage2/seed0/<variant>/stage2/model.safetensors   # another stage 2, same stage 1
 """
 
 from __future__ import annotations
@@ -156,14 +158,14 @@ def _attribute_distance(clips: dict[str, dict[str, str]], a: str, b: str) -> int
 
 
 def main() -> None:
-    from diffusionret.demo.corpus import CorpusConfig, write_corpus
+    from diffusionret.demo.corpus import write_corpus
     from diffusionret.demo.pipeline import DemoConfig, _stage_config
     from diffusionret.distributed import DistContext
     from diffusionret.evaluation.evaluate import extract_features, similarity_matrix
     from diffusionret.models.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("/tmp/gd1/demo"), help="a finished demo run (read only)")
+    parser.add_argument("--run", type=Path, required=True, help="a finished demo run folder (read only)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/why_rerank"))
     parser.add_argument("--val-seed", type=int, default=10_007, help="seed of the fresh validation corpus")
     parser.add_argument("--model", type=Path, default=None,
