@@ -95,13 +95,18 @@ def test_diagonal_matches_naive_loop(ties, with_ties):
         assert_metrics_close(got, naive_metrics(sim, [{q} for q in range(n)], ties))
 
 
+def random_problems(rng: np.random.Generator, max_queries: int, with_ties: bool, trials: int = 15):
+    """``trials`` random (queries, candidates, scores) problems: up to ``max_queries - 1`` x 8."""
+    for _ in range(trials):
+        nq, nc = int(rng.integers(1, max_queries)), int(rng.integers(1, 9))
+        yield nq, nc, random_scores(rng, (nq, nc), with_ties)
+
+
 @pytest.mark.parametrize("ties", TIES)
 @pytest.mark.parametrize("with_ties", [False, True])
 def test_query_to_target_matches_naive_loop(ties, with_ties):
     rng = np.random.default_rng(1)
-    for trial in range(15):
-        nq, nc = int(rng.integers(1, 15)), int(rng.integers(1, 9))
-        sim = random_scores(rng, (nq, nc), with_ties)
+    for nq, nc, sim in random_problems(rng, 15, with_ties):
         target = rng.integers(0, nc, size=nq)
         got = retrieval_metrics(sim, query_to_target=target, ties=ties, ks=KS)
         assert_metrics_close(got, naive_metrics(sim, [{int(t)} for t in target], ties))
@@ -112,9 +117,7 @@ def test_query_to_target_matches_naive_loop(ties, with_ties):
 @pytest.mark.parametrize("with_ties", [False, True])
 def test_positive_mask_matches_naive_loop(ties, with_ties):
     rng = np.random.default_rng(2)
-    for trial in range(15):
-        nq, nc = int(rng.integers(1, 10)), int(rng.integers(1, 9))
-        sim = random_scores(rng, (nq, nc), with_ties)
+    for nq, nc, sim in random_problems(rng, 10, with_ties):
         positives = rng.random((nq, nc)) < 0.3
         positives[np.arange(nq), rng.integers(0, nc, size=nq)] = True
         got = retrieval_metrics(sim, positives=positives, ties=ties, ks=KS)

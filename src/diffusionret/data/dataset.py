@@ -367,15 +367,14 @@ class TextView(Dataset):
         ds = self.dataset
         j = ds.caption_to_video[index]
         text_ids, text_mask = ds._tokenize(ds.records[index].caption)
-        return {
-            "text_ids": text_ids,
-            "text_mask": text_mask,
-            "video_id": ds.videos[j].video_id,
-            "video_key": ds.video_keys[j],
-            "video_index": j,
-            "index": index,
-            "caption_index": ds.caption_index[index],
-        }
+        return {"text_ids": text_ids, "text_mask": text_mask, **_video_fields(ds, j), "index": index,
+                "caption_index": ds.caption_index[index]}
+
+
+def _video_fields(ds: "VideoTextDataset", video_index: int) -> dict[str, Any]:
+    """The identity of video ``video_index`` in an item: ``video_id``, ``video_key``, ``video_index``."""
+    return {"video_id": ds.videos[video_index].video_id, "video_key": ds.video_keys[video_index],
+            "video_index": video_index}
 
 
 class VideoView(Dataset):
@@ -400,13 +399,7 @@ class VideoView(Dataset):
                 raise
             ds._skip(video_index, error)
             return None
-        return {
-            "frames": frames,
-            "frame_mask": frame_mask,
-            "video_id": ds.videos[video_index].video_id,
-            "video_key": ds.video_keys[video_index],
-            "video_index": video_index,
-        }
+        return {"frames": frames, "frame_mask": frame_mask, **_video_fields(ds, video_index)}
 
 
 def require_complete(total: int, missing: Sequence[str], *, allow_missing: bool = False) -> int:
