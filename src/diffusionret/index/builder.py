@@ -56,6 +56,7 @@ from diffusionret.index.features import (
 )
 from diffusionret.index.first_stage import ann_files, import_faiss
 from diffusionret.index.identity import ModelMismatchError
+from diffusionret.index.segments import SegmentConfig
 from diffusionret.index.shards import (
     SHARD_DIR,
     SHARD_SUFFIX,
@@ -159,6 +160,7 @@ def build_index(
     ann: AnnBuildConfig | None = None,
     prune: bool = False,
     retry_failed: bool = False,
+    segments: SegmentConfig | None = None,
 ) -> SyncReport:
     """Create (or resume building) an index of the videos found in ``videos``.
 
@@ -177,6 +179,7 @@ def build_index(
             videos when FAISS is installed; see :class:`AnnBuildConfig`).
         prune: allow dropping many indexed videos (an existing index built from other sources).
         retry_failed: decode again files that failed before.
+        segments: how videos are cut into segments (default ``whole``; see :func:`check_segments`).
 
     Raises:
         ModelMismatchError: ``root`` already holds an index built by another model.
@@ -188,7 +191,8 @@ def build_index(
     root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
     return sync_index(root, _discover_some(sources, root_dir, prune), extractor, sources=sources,
                       video_root=root_dir, create=True, shard_size=shard_size, rank=rank, world_size=world_size,
-                      barrier=barrier, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed)
+                      barrier=barrier, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed,
+                      segments=segments)
 
 
 def update_index(
@@ -262,6 +266,7 @@ def sync_index(
     ann: AnnBuildConfig | None = None,
     prune: bool = False,
     retry_failed: bool = False,
+    segments: SegmentConfig | None = None,
 ) -> SyncReport:
     """Make the index at ``root`` hold exactly ``videos``, encoding only what is new or changed.
 
@@ -282,12 +287,16 @@ def sync_index(
         prune: allow removing more than a few videos (see :data:`PRUNE_FREE_FRACTION`) or every
             video under a recorded source.
         retry_failed: decode again the files that failed before even when they did not change.
+        segments: how videos are cut into segments; ``None`` keeps what the index records (``whole``
+            for a new index or one built before segments existed). Checked before any work.
 
     Returns:
         A :class:`SyncReport`.
 
     Raises:
         ModelMismatchError: the index was built by another model or with other decoding settings.
+        SegmentsError: ``segments`` differs from the segmentation the index records, is a mode the
+            builder does not write yet (anything but ``whole``), or has no window to use.
         IndexLockedError: another process holds the index.
         FileNotFoundError: ``create`` is false and there is no index.
         AnnUnavailableError: ``ann.mode == "on"`` and FAISS is not installed (checked before any work).
@@ -301,6 +310,7 @@ def sync_index(
         import_faiss()
     if world_size > 1 and barrier is None:
         raise ValueError("a multi-rank build needs a barrier")
+    wanted_segments = check_segments(segments, extractor.settings)
     sync = barrier or (lambda: None)
     root = Path(root)
     report = SyncReport(discovered=len(videos))
@@ -310,7 +320,7 @@ def sync_index(
             stack.enter_context(exclusive_lock(root, create))
             conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
             clean_stale_temp_files(root)
-            _init_or_check(conn, extractor, sources, video_root, create)
+            _init_or_check(conn, extractor, sources, video_root, create, wanted_segments)
             _recover(conn, root, extractor.identity.model_id)
             plan = _plan(conn, videos, retry_failed=retry_failed)
             if not prune:
@@ -403,7 +413,7 @@ def exclusive_lock(root: Path, create: bool) -> Iterator[None]:
 
 def _init_or_check(
     conn: sqlite3.Connection, extractor: FeatureExtractor, sources: Sequence[str] | None, video_root: str | None,
-    create: bool,
+    create: bool, segments: dict[str, Any] | None = None,
 ) -> None:
     info = catalog.read_info(conn)
     identity = extractor.identity
@@ -420,6 +430,7 @@ def _init_or_check(
             "embed_dim": extractor.embed_dim,
             "sources": list(sources or []),
             "video_root": video_root,
+            "segments": segments or WHOLE_SEGMENTS,
             "created_at": time.time(),
             "diffusionret_version": diffusionret.__version__,
         })
@@ -434,8 +445,76 @@ def _init_or_check(
         )
     if info["settings"] != extractor.settings:
         raise ModelMismatchError(f"the index was built with settings {info['settings']}, not {extractor.settings}")
+    recorded = recorded_segments(info)
+    if segments is not None and segments != recorded:
+        # Mixing segmentations would make scores of one video's rows incomparable with another's, and
+        # an update only encodes new or changed files: re-segmenting the index takes a new build.
+        raise SegmentsError(
+            f"the index was built with segments {_describe_segments(recorded)}, not {_describe_segments(segments)}; "
+            "build a new index to change how videos are segmented")
     if identity.path:  # the same weights may have moved; remember where to load them from
         catalog.write_info(conn, {"model_path": identity.path})
+
+
+WHOLE_SEGMENTS: dict[str, Any] = {"mode": "whole"}
+# Modes the builder writes today; the others are planned (index/segments.py) but their rows are not stored yet.
+_WRITABLE_MODES = ("whole",)
+
+
+class SegmentsError(ValueError):
+    """A segmentation the index cannot take: another one than it was built with, one the builder
+    does not write yet, or a windowed mode with no window to use."""
+
+
+def trained_span(settings: dict[str, Any]) -> float | None:
+    """Seconds of video one clip of the model covers (``max_frames / fps`` of the decoding settings),
+    or ``None`` when the settings do not say (extractors without a frame rate)."""
+    frames, fps = settings.get("max_frames"), settings.get("fps")
+    if not frames or not fps:
+        return None
+    return float(frames) / float(fps)
+
+
+def check_segments(config: SegmentConfig | None, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The segmentation to record for ``config``, resolved against the model's trained span.
+
+    Args:
+        config: the requested segmentation, or ``None`` (keep what the index records).
+        settings: the extractor's decoding settings (``max_frames``, ``fps``).
+
+    Returns:
+        ``None`` for ``None``; ``{"mode": "whole"}`` for ``whole`` (window and stride mean nothing
+        there); else the resolved config as a dict.
+
+    Raises:
+        SegmentsError: a windowed mode without a window and without a frame rate to derive it from,
+            or a mode whose segments the builder cannot store yet.
+    """
+    if config is None:
+        return None
+    if config.mode == "whole":
+        return dict(WHOLE_SEGMENTS)
+    span = trained_span(settings)
+    if span is None and config.window is None:
+        raise SegmentsError(f"--segments {config.mode} needs --window: the extractor's settings {settings} "
+                         "give no frame rate to derive it from")
+    resolved = config.resolved(span if span is not None else float(config.window))  # type: ignore[arg-type]
+    if resolved.mode not in _WRITABLE_MODES:
+        raise SegmentsError(
+            f"--segments {resolved.mode} (window {resolved.window:g} s, stride {resolved.stride:g} s) is not "
+            "written by the index builder yet; build with --segments whole")
+    return resolved.to_dict()
+
+
+def recorded_segments(info: dict[str, Any]) -> dict[str, Any]:
+    """The segmentation an index records; an index built before segments existed is ``whole``."""
+    return dict(info.get("segments") or WHOLE_SEGMENTS)
+
+
+def _describe_segments(segments: dict[str, Any]) -> str:
+    if segments.get("mode") == "whole":
+        return "whole"
+    return f"{segments['mode']} (window {segments['window']:g} s, stride {segments['stride']:g} s)"
 
 
 def _record_sources(conn: sqlite3.Connection, sources: Sequence[str] | None, video_root: str | None) -> None:

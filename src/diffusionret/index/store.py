@@ -69,6 +69,8 @@ class IndexInfo:
         sources: folders/lists the collection was discovered from.
         video_root: folder that relative paths in list sources refer to (``None``: each list's folder).
         created_at, updated_at: UNIX times.
+        segments: how videos were cut into segments (``{"mode": "whole"}`` for indexes built
+            before segments existed; see :func:`~diffusionret.index.builder.check_segments`).
     """
 
     model_id: str
@@ -81,6 +83,7 @@ class IndexInfo:
     video_root: str | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    segments: dict[str, Any] = field(default_factory=lambda: {"mode": "whole"})
 
     @classmethod
     def from_catalog(cls, values: dict[str, Any]) -> "IndexInfo":
@@ -91,6 +94,7 @@ class IndexInfo:
             sources=list(values.get("sources", [])), video_root=values.get("video_root"),
             created_at=values.get("created_at"),
             updated_at=values.get("updated_at"),
+            segments=dict(values.get("segments") or {"mode": "whole"}),
         )
 
 
