@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same_index, cli_logging, make_videos, write_tiny_video
+from helpers import assert_same_index, cli_logging, make_videos, shard_consistency, write_tiny_video
 from diffusionret.cli import main
 from diffusionret.index import builder, catalog
 from diffusionret.index.builder import SegmentsError, build_index, check_segments, update_index
-from diffusionret.index.segments import SegmentConfig
+from diffusionret.index.features import ExtractionFailure, SegmentedFeatures
+from diffusionret.index.segments import SegmentConfig, plan_segments
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor
@@ -37,6 +38,53 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
     return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+class SegmentingExtractor(SyntheticExtractor):
+    """The synthetic extractor, cutting videos into segments: a file of ``n`` bytes lasts ``n / 1000`` s;
+    segment ``k`` has the whole-video features scaled by ``1 + k`` (so rows are told apart)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[str] = []
+
+    @property
+    def settings(self) -> dict:
+        return {**super().settings, "max_frames": self.frames, "fps": 1.0}  # a clip spans `frames` s
+
+    def extract_segments(self, paths, config):
+        for path in paths:
+            self.seen.append(str(path))
+            base = self.features(path)
+            if isinstance(base, ExtractionFailure):
+                yield base
+                continue
+            spans = plan_segments(base.duration, config)
+            frames = torch.stack([base.frames * (1 + k) for k in range(len(spans))])
+            mask = base.frame_mask.expand(len(spans), -1).clone()
+            yield SegmentedFeatures([(x.start, x.end) for x in spans], frames, mask, base.duration,
+                                    [base.thumbnail] * len(spans), base.width, base.height)
+
+
+def _write(path: Path, seconds: float, tag: bytes = b"v") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((tag * int(seconds * 1000))[: int(seconds * 1000)])
+    return path
+
+
+def _rows(root: Path) -> list[tuple]:
+    index = VideoIndex.load(root)
+    return [(r.path, r.start, r.end, index.frames[i].clone(), index.frame_mask[i].clone())
+            for i, r in enumerate(index.records)]
+
+
+def _segments(root: Path) -> dict[str, list[tuple[float, float]]]:
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        paths = {r.id: Path(r.path).name for r in catalog.list_records(conn)}
+        out: dict[str, list[tuple[float, float]]] = {}
+        for vid, start, end in conn.execute("SELECT video_id, start_s, end_s FROM segments ORDER BY video_id, start_s"):
+            out.setdefault(paths[vid], []).append((start, end))
+    return out
 
 
 def _info(root: Path) -> dict:
@@ -76,57 +124,113 @@ def test_an_index_without_a_recorded_segmentation_is_whole(tmp_path: Path) -> No
     assert report.replaced == 1 and len(VideoIndex.load(root)) == 4
 
 
-def test_update_refuses_another_segmentation_and_changes_nothing(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # As if fixed windows were written: the refusal is about mixing segmentations, not about the mode.
-    monkeypatch.setattr(builder, "_WRITABLE_MODES", ("whole", "fixed"))
+def test_fixed_windows_are_catalogued_loaded_and_compacted(tmp_path: Path) -> None:
     videos = tmp_path / "videos"
-    make_videos(videos, 3)
+    long, short = _write(videos / "long.mp4", 10.0), _write(videos / "short.mp4", 3.0)
     root = tmp_path / "idx"
-    build_index(root, videos, SyntheticExtractor(), progress=False)
+    fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
+    report = build_index(root, videos, SegmentingExtractor(), shard_size=4, progress=False, segments=fixed)
+    assert report.added == 2 and report.total == 2
+    assert _segments(root) == {"long.mp4": [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (6.0, 10.0)],
+                               "short.mp4": [(0.0, 3.0)]}
+    assert _info(root)["segments"] == fixed.resolved(4.0).to_dict()
+    index = VideoIndex.load(root)
+    assert len(index) == 5 and [(Path(r.path).name, r.start, r.end) for r in index.records] == [
+        ("long.mp4", 0.0, 4.0), ("long.mp4", 2.0, 6.0), ("long.mp4", 4.0, 8.0), ("long.mp4", 6.0, 10.0),
+        ("short.mp4", 0.0, 3.0)]
+    # Each row holds its own segment's features (segment k was scaled by 1 + k).
+    first = index.frames[0].float()
+    for k in range(4):
+        assert torch.allclose(index.frames[k].float(), first * (1 + k), rtol=2e-3, atol=2e-3)
+    assert index.row(catalog.video_id(str(long.resolve()))) == 0
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        assert (catalog.count_videos(conn), catalog.count_segments(conn)) == (2, 5)
+    shard_consistency(root)  # 5 rows in 2 shards (4 + 1), each fully live
+
+    # A changed file is re-segmented (only it is encoded); the other keeps its rows; dead rows are compacted.
+    _write(long, 6.0, b"w")
+    counting = SegmentingExtractor()
+    report = update_index(root, counting, shard_size=4, progress=False)
+    assert counting.seen == [str(long.resolve())] and (report.replaced, report.unchanged) == (1, 1)
+    assert _segments(root) == {"long.mp4": [(0.0, 4.0), (2.0, 6.0)], "short.mp4": [(0.0, 3.0)]}
+    shard_consistency(root)
+    fresh = tmp_path / "fresh"
+    build_index(fresh, videos, SegmentingExtractor(), shard_size=4, progress=False, segments=fixed)
+    for a, b in zip(_rows(root), _rows(fresh), strict=True):
+        assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+
+    # A removed file takes its segments along.
+    long.unlink()
+    update_index(root, SegmentingExtractor(), shard_size=4, progress=False)
+    assert _segments(root) == {"short.mp4": [(0.0, 3.0)]} and len(VideoIndex.load(root)) == 1
+    shard_consistency(root)
+
+
+def test_update_refuses_another_segmentation_and_changes_nothing(tmp_path: Path) -> None:
+    videos = tmp_path / "videos"
+    _write(videos / "a.mp4", 9.0)
+    root = tmp_path / "idx"
+    build_index(root, videos, SegmentingExtractor(), progress=False)
     before = (root / catalog.COMMIT_NAME).read_bytes()
-    make_videos(videos / "new", 2, start=50)
+    _write(videos / "b.mp4", 2.0)
     with pytest.raises(SegmentsError, match="built with segments whole"):
-        update_index(root, SyntheticExtractor(), progress=False, segments=SegmentConfig(mode="fixed", window=4.0))
-    assert len(VideoIndex.load(root)) == 3 and (root / catalog.COMMIT_NAME).read_bytes() == before
+        update_index(root, SegmentingExtractor(), progress=False, segments=SegmentConfig(mode="fixed", window=4.0))
+    assert len(VideoIndex.load(root)) == 1 and (root / catalog.COMMIT_NAME).read_bytes() == before
+    # An extractor that only encodes whole videos cannot build segments.
+    with pytest.raises(SegmentsError, match="encodes whole videos only"):
+        build_index(tmp_path / "other", videos, SyntheticExtractor(), progress=False,
+                    segments=SegmentConfig(mode="fixed", window=4.0))
 
 
 def test_segment_config_resolves_against_the_models_clip_span() -> None:
     assert check_segments(None, MODEL_SETTINGS) is None
     assert check_segments(SegmentConfig(mode="whole", window=3.0), MODEL_SETTINGS) == {"mode": "whole"}
-    # The defaults (12 frames at 1 fps: a 12 s window, 6 s stride) are named in the refusal of a mode
-    # the builder does not write yet.
-    with pytest.raises(SegmentsError, match=r"fixed \(window 12 s, stride 6 s\) is not written"):
-        check_segments(SegmentConfig(mode="fixed"), MODEL_SETTINGS)
-    with pytest.raises(SegmentsError, match=r"window 4 s, stride 1 s"):
-        check_segments(SegmentConfig(mode="auto", window=4.0, stride=1.0), MODEL_SETTINGS)
+    # 12 frames at 1 fps: a 12 s window, a 6 s stride.
+    resolved = check_segments(SegmentConfig(mode="fixed"), MODEL_SETTINGS)
+    assert resolved is not None and (resolved["mode"], resolved["window"], resolved["stride"]) == ("fixed", 12.0, 6.0)
+    resolved = check_segments(SegmentConfig(mode="auto", window=4.0, stride=1.0), MODEL_SETTINGS)
+    assert resolved is not None and (resolved["window"], resolved["stride"]) == (4.0, 1.0)
     with pytest.raises(SegmentsError, match="needs --window"):
         check_segments(SegmentConfig(mode="fixed"), {"extractor": "synthetic", "num_frames": 4})
 
 
-def test_cli_records_segments_reports_them_and_rejects_bad_options(tmp_path: Path, tiny_model: Path) -> None:
-    for i in range(2):
-        write_tiny_video(tmp_path / "videos" / f"clip_{i}.mp4", frames=3)
+def test_cli_fixed_segments_reach_search_json(tmp_path: Path, tiny_model: Path) -> None:
+    # --frames 2 at the tiny model's fps (1): a 2 s window, 1 s stride by default.
+    write_tiny_video(tmp_path / "videos" / "long.mp4", frames=60, fps=10)  # 6 s: three windows
+    write_tiny_video(tmp_path / "videos" / "clip.mp4", frames=15, fps=10)  # 1.5 s: one segment
     root = tmp_path / "idx"
     base = ["--no-progress", "--decode-workers", "1"]
-    code, _, err = run_cli(["index", "build", "--model", str(tiny_model), "--videos", str(tmp_path / "videos"),
-                            "--out", str(root), "--frames", "2", "--segments", "fixed", *base])
-    assert code == 2 and "--segments fixed" in err and "not written" in err
-    assert not (root / catalog.CATALOG_NAME).exists()  # refused before anything was written
     code, _, err = run_cli(["index", "build", "--model", str(tiny_model), "--videos", str(tmp_path / "videos"),
                             "--out", str(root), "--frames", "2", "--segments", "fixed", "--window", "2",
                             "--stride", "3", *base])
     assert code == 2 and "stride 3.0 s exceeds the window 2.0 s" in err
-    code, _, err = run_cli(["index", "build", "--model", str(tiny_model), "--videos", str(tmp_path / "videos"),
-                            "--out", str(root), "--frames", "2", *base])
-    assert code == 0, err
+    assert not (root / catalog.CATALOG_NAME).exists()  # refused before anything was written
+    code, out, err = run_cli(["index", "build", "--model", str(tiny_model), "--videos", str(tmp_path / "videos"),
+                              "--out", str(root), "--frames", "2", "--segments", "fixed", *base])
+    assert code == 0 and out.startswith("2 videos indexed: 2 added"), err
+    assert _info(root)["segments"]["window"] == pytest.approx(2.0)
+    spans = _segments(root)
+    assert spans["long.mp4"] == [(0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0), (4.0, 6.0)]
+    assert spans["clip.mp4"] == [(0.0, 1.5)]
     code, out, err = run_cli(["index", "info", str(root), "--json"])
     assert code == 0, err
     data = json.loads(out)
-    assert data["videos"] == data["segments"] == 2 and data["segmentation"] == {"mode": "whole"}
+    assert (data["videos"], data["segments"], data["segmentation"]["mode"]) == (2, 6, "fixed")
+    code, out, err = run_cli(["search", str(root), "grey frames", "-k", "10", "--json"])
+    assert code == 0, err
+    hits = json.loads(out)
+    hits = hits["results"] if isinstance(hits, dict) else hits
+    assert hits, out
+    for hit in hits:
+        allowed = spans[Path(hit["path"]).name]
+        # A moment is one segment or the union of touching segments of its video.
+        assert any(abs(hit["start"] - a) < 1e-6 for a, _ in allowed), hit
+        assert any(abs(hit["end"] - b) < 1e-6 for _, b in allowed), hit
+    assert any(Path(h["path"]).name == "long.mp4" and h["end"] - h["start"] < 6.0 for h in hits), hits
+
     code, _, err = run_cli(["index", "update", str(root), "--window", "3", *base])
     assert code == 2 and "--window and --stride need --segments" in err
-    code, _, err = run_cli(["index", "update", str(root), "--segments", "shots", "--window", "3", *base])
-    assert code == 2 and "not written" in err
-    code, out, err = run_cli(["index", "update", str(root), "--segments", "whole", *base])
-    assert code == 0 and out.startswith("2 videos indexed"), err
+    code, _, err = run_cli(["index", "update", str(root), "--segments", "whole", *base])
+    assert code == 2 and "built with segments fixed" in err
+    code, out, err = run_cli(["index", "update", str(root), *base])
+    assert code == 0 and out.startswith("2 videos indexed: 0 added, 0 re-encoded, 0 removed, 2 unchanged"), err

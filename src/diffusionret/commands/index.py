@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="frame sampling rate before reducing to T (default: the checkpoint's, else 1)")
     build.add_argument("--sampling", default=None, choices=("uniform", "head", "tail", "reference"),
                        help="how T frames are chosen from the sampled ones (default: the checkpoint's, else uniform)")
-    _add_segment_options(build, default="whole")
+    _add_segment_options(build, default="auto")
     _add_run_options(build)
     build.set_defaults(func=run_build)
 
@@ -70,7 +70,7 @@ def _add_segment_options(parser: argparse.ArgumentParser, default: str | None) -
     parser.add_argument("--segments", choices=SEGMENT_MODES, default=default,
                         help="how videos are cut into indexed segments: whole = one per video; fixed = windows of "
                              "--window s every --stride s; shots = shot boundaries; auto = whole for short videos, "
-                             f"fixed for long ones. Only whole is written so far (default: {recorded})")
+                             f"fixed for long ones (default: {recorded}). An update cannot change it")
     parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
                         help="segment length (default: the model's clip span, frames / fps)")
     parser.add_argument("--stride", type=float, default=None, metavar="SECONDS",
@@ -246,6 +246,7 @@ def run_info(args: argparse.Namespace) -> int:
     with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
         segmentation = recorded_segments(catalog.read_info(conn))
         videos, failures = catalog.count_videos(conn), catalog.count_failures(conn)
+        segments = catalog.count_segments(conn)
         failed_files = [{"path": path, "size": size, "mtime": mtime_ns / 1e9, "error": error}
                         for path, size, mtime_ns, error in catalog.list_failures(conn)]
         shards = len(catalog.shard_sizes(conn))
@@ -253,8 +254,8 @@ def run_info(args: argparse.Namespace) -> int:
     current = ivf_path(root, fingerprint)
     current_ann = [p for p in (ann_path(root, kind, fingerprint) for kind in ANN_KINDS) if p.is_file()]
     data = {"index": str(root.resolve()), "videos": videos,
-            # Indexed segments (rows): one per video while only whole-video segmentation is written.
-            "segments": videos, "segmentation": segmentation,
+            # Indexed segments (feature rows): one per video indexed whole, one per segment of the others.
+            "segments": segments, "segmentation": segmentation,
             "failures": failures, "shards": shards,
             "model_id": info.model_id, "model_path": info.model_path, "settings": info.settings,
             "num_frames": info.num_frames, "embed_dim": info.embed_dim, "sources": info.sources,

@@ -27,6 +27,7 @@ index that is consistent and that the next run completes without duplicates.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -49,6 +50,7 @@ from diffusionret.index.discover import FileState, discover_videos
 from diffusionret.index.features import (
     ExtractionFailure,
     FeatureExtractor,
+    SegmentedFeatures,
     VideoFeatures,
     extractor_frame_weights,
     pool_frames,
@@ -135,15 +137,17 @@ class _Plan:
     replaced: set[str]
     gone: list[str]
     unchanged: int
+    segments: dict[str, Any] = field(default_factory=lambda: dict(WHOLE_SEGMENTS))  # how pending files are cut
 
     def to_json(self) -> dict[str, Any]:
         return {"pending": [[p, s.size, s.mtime_ns] for p, s in self.pending], "replaced": sorted(self.replaced),
-                "gone": self.gone, "unchanged": self.unchanged}
+                "gone": self.gone, "unchanged": self.unchanged, "segments": self.segments}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "_Plan":
         return cls(pending=[(p, FileState(size, mtime)) for p, size, mtime in data["pending"]],
-                   replaced=set(data["replaced"]), gone=list(data["gone"]), unchanged=int(data["unchanged"]))
+                   replaced=set(data["replaced"]), gone=list(data["gone"]), unchanged=int(data["unchanged"]),
+                   segments=dict(data.get("segments") or WHOLE_SEGMENTS))
 
 
 def build_index(
@@ -295,8 +299,8 @@ def sync_index(
 
     Raises:
         ModelMismatchError: the index was built by another model or with other decoding settings.
-        SegmentsError: ``segments`` differs from the segmentation the index records, is a mode the
-            builder does not write yet (anything but ``whole``), or has no window to use.
+        SegmentsError: ``segments`` differs from the segmentation the index records, has no window
+            to use, or needs segments the extractor cannot encode (no ``extract_segments``).
         IndexLockedError: another process holds the index.
         FileNotFoundError: ``create`` is false and there is no index.
         AnnUnavailableError: ``ann.mode == "on"`` and FAISS is not installed (checked before any work).
@@ -311,6 +315,10 @@ def sync_index(
     if world_size > 1 and barrier is None:
         raise ValueError("a multi-rank build needs a barrier")
     wanted_segments = check_segments(segments, extractor.settings)
+    if wanted_segments is not None and wanted_segments["mode"] != "whole" and \
+            getattr(extractor, "extract_segments", None) is None:
+        raise SegmentsError(f"--segments {wanted_segments['mode']} needs an extractor that encodes segments; "
+                            f"{type(extractor).__name__} encodes whole videos only")
     sync = barrier or (lambda: None)
     root = Path(root)
     report = SyncReport(discovered=len(videos))
@@ -323,6 +331,7 @@ def sync_index(
             _init_or_check(conn, extractor, sources, video_root, create, wanted_segments)
             _recover(conn, root, extractor.identity.model_id)
             plan = _plan(conn, videos, retry_failed=retry_failed)
+            plan = dataclasses.replace(plan, segments=recorded_segments(catalog.read_info(conn)))
             if not prune:
                 check_removals(conn, plan.gone)
             _record_sources(conn, sources, video_root)
@@ -336,7 +345,8 @@ def sync_index(
             plan = _Plan.from_json(json.loads((root / PLAN_NAME).read_text()))
         report.unchanged = plan.unchanged
         mine = plan.pending[rank::world_size]
-        _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress)
+        _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress,
+                    _segment_config(plan.segments))
         sync()
         if conn is not None:
             _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
@@ -357,13 +367,13 @@ def sync_index(
 def write_commit_marker(conn: sqlite3.Connection, root: Path) -> dict[str, Any]:
     """Replace the index's commit marker (see :func:`~diffusionret.index.catalog.read_commit_marker`)
     when the committed contents or ANN files changed; returns the marker now on disk."""
-    fingerprint, records = index_fingerprint(conn)
+    fingerprint, _ = index_fingerprint(conn)
     ann = sorted(p.name for p in ann_files(root))
     current = catalog.read_commit_marker(root) or {}
     if current.get("fingerprint") == fingerprint and current.get("ann") == ann:
         return current
     marker = {"generation": int(current.get("generation", 0)) + 1, "fingerprint": fingerprint, "ann": ann,
-              "videos": len(records), "committed_at": time.time()}
+              "videos": catalog.count_videos(conn), "committed_at": time.time()}
     atomic_write_text(root / catalog.COMMIT_NAME, json.dumps(marker, sort_keys=True))
     return marker
 
@@ -457,13 +467,11 @@ def _init_or_check(
 
 
 WHOLE_SEGMENTS: dict[str, Any] = {"mode": "whole"}
-# Modes the builder writes today; the others are planned (index/segments.py) but their rows are not stored yet.
-_WRITABLE_MODES = ("whole",)
 
 
 class SegmentsError(ValueError):
-    """A segmentation the index cannot take: another one than it was built with, one the builder
-    does not write yet, or a windowed mode with no window to use."""
+    """A segmentation the index cannot take: another one than it was built with, a windowed mode
+    with no window to use, or one the extractor cannot encode."""
 
 
 def trained_span(settings: dict[str, Any]) -> float | None:
@@ -487,8 +495,8 @@ def check_segments(config: SegmentConfig | None, settings: dict[str, Any]) -> di
         there); else the resolved config as a dict.
 
     Raises:
-        SegmentsError: a windowed mode without a window and without a frame rate to derive it from,
-            or a mode whose segments the builder cannot store yet.
+        SegmentsError: a windowed mode without a window and without a frame rate to derive it from.
+        ShotDetectionUnavailableError: ``shots`` without PySceneDetect.
     """
     if config is None:
         return None
@@ -499,11 +507,18 @@ def check_segments(config: SegmentConfig | None, settings: dict[str, Any]) -> di
         raise SegmentsError(f"--segments {config.mode} needs --window: the extractor's settings {settings} "
                          "give no frame rate to derive it from")
     resolved = config.resolved(span if span is not None else float(config.window))  # type: ignore[arg-type]
-    if resolved.mode not in _WRITABLE_MODES:
-        raise SegmentsError(
-            f"--segments {resolved.mode} (window {resolved.window:g} s, stride {resolved.stride:g} s) is not "
-            "written by the index builder yet; build with --segments whole")
+    if resolved.mode == "shots":
+        from diffusionret.index.shots import require_scenedetect
+
+        require_scenedetect()  # before any work, not once per file
     return resolved.to_dict()
+
+
+def _segment_config(segments: dict[str, Any]) -> SegmentConfig | None:
+    """The recorded segmentation as a config for the extractor (``None``: whole videos, :meth:`extract`)."""
+    if segments.get("mode", "whole") == "whole":
+        return None
+    return SegmentConfig(**segments)
 
 
 def recorded_segments(info: dict[str, Any]) -> dict[str, Any]:
@@ -612,7 +627,9 @@ def _encode_all(
     conn: sqlite3.Connection | None,
     report: SyncReport,
     progress: bool,
+    segments: SegmentConfig | None = None,
 ) -> None:
+    """Encode ``pending`` in shards of ``shard_size`` videos (``segments``: cut each video so, else whole)."""
     shard_dir = root / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(pending), desc=f"encoding (rank {rank})" if rank else "encoding", unit="video",
@@ -621,7 +638,12 @@ def _encode_all(
         for sequence, start in enumerate(range(0, len(pending), shard_size)):
             chunk = pending[start:start + shard_size]
             results = []
-            for result in extractor.extract([Path(path) for path, _ in chunk]):
+            paths = [Path(path) for path, _ in chunk]
+            if segments is None:
+                results_iter = extractor.extract(paths)
+            else:
+                results_iter = extractor.extract_segments(paths, segments)  # type: ignore[attr-defined]
+            for result in results_iter:
                 results.append(result)
                 bar.update(1)
             if len(results) != len(chunk):
@@ -645,7 +667,7 @@ def _write_chunk(
     rank: int,
     sequence: int,
     chunk: Sequence[tuple[str, FileState]],
-    results: Sequence[VideoFeatures | ExtractionFailure],
+    results: Sequence[VideoFeatures | SegmentedFeatures | ExtractionFailure],
     extractor: FeatureExtractor,
 ) -> str:
     entries: list[ShardEntry] = []
@@ -655,6 +677,15 @@ def _write_chunk(
         if isinstance(result, ExtractionFailure):
             logger.warning("cannot index %s: %s", path, result.error)
             failures.append(ShardFailure(path, state.size, state.mtime_ns, result.error))
+            continue
+        if isinstance(result, SegmentedFeatures):  # one row per segment, all of one video in this shard
+            for (start, end), row in zip(result.spans, result.rows(), strict=True):
+                entries.append(ShardEntry(
+                    id=video_id(path), path=path, size=state.size, mtime_ns=state.mtime_ns,
+                    duration=result.duration, width=result.width, height=result.height,
+                    num_frames=int(row.frame_mask.sum()), start=float(start), end=float(end),
+                ))
+                features.append(row)
             continue
         entries.append(ShardEntry(
             id=video_id(path), path=path, size=state.size, mtime_ns=state.mtime_ns, duration=result.duration,
@@ -674,12 +705,24 @@ def _write_chunk(
 
 
 def _register(conn: sqlite3.Connection, shard: ShardContents) -> None:
-    records = [
-        VideoRecord(e.id, e.path, e.size, e.mtime_ns, e.duration, e.width, e.height, e.num_frames, shard.name, row)
-        for row, e in enumerate(shard.entries)
-    ]
+    """Register a shard: one video record per id (a segmented video's names its first segment row,
+    and takes that segment's thumbnail), one segment per row with a span."""
+    records: list[VideoRecord] = []
+    thumbnails: list[bytes | None] = []
+    segments: list[tuple[str, float, float, int]] = []
+    seen: set[str] = set()
+    for row, e in enumerate(shard.entries):
+        if e.start is not None and e.end is not None:
+            segments.append((e.id, e.start, e.end, row))
+        if e.id in seen:
+            continue
+        seen.add(e.id)
+        records.append(VideoRecord(e.id, e.path, e.size, e.mtime_ns, e.duration, e.width, e.height, e.num_frames,
+                                   shard.name, row))
+        thumbnails.append(shard.thumbnails[row])
     failures = [(f.path, f.size, f.mtime_ns, f.error) for f in shard.failures]
-    catalog.register_shard(conn, shard.name, shard.created_ns, records, shard.thumbnails, failures)
+    catalog.register_shard(conn, shard.name, shard.created_ns, records, thumbnails, failures,
+                           num_rows=len(shard.entries), segments=segments)
 
 
 def _recover(conn: sqlite3.Connection, root: Path, model_id: str) -> None:
@@ -732,7 +775,7 @@ def _compact(conn: sqlite3.Connection, root: Path, shard_size: int, extractor: F
     rewrite = sorted(set(holey) | set(small)) if holey or len(small) > 1 else []
     shard_dir = root / SHARD_DIR
     if rewrite:
-        records = [r for r in catalog.list_records(conn) if r.shard in set(rewrite)]
+        records = [r for r in catalog.list_rows(conn) if r.shard in set(rewrite)]
         for sequence, start in enumerate(range(0, len(records), shard_size)):
             _rewrite(conn, shard_dir, records[start:start + shard_size], sequence, extractor)
         logger.info("compacted %d shards into %d", len(rewrite), -(-len(records) // shard_size))
@@ -748,26 +791,40 @@ def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoR
     frames: list[torch.Tensor] = [torch.empty(0)] * len(records)
     masks, pooled = list(frames), list(frames)
     weights: list[torch.Tensor | None] = [None] * len(records)
+    thumbnails: list[bytes | None] = [None] * len(records)
     for shard, positions in parts.items():
         rows = [records[i].row for i in positions]
         shard_frames, shard_masks, shard_pooled = read_shard_rows(shard_dir / shard, rows)
         shard_weights = read_shard_weights(shard_dir / shard, rows)
+        # A segment's thumbnail lives in its shard only (the catalogue keeps one per video).
+        shard_thumbs = (read_shard_metadata(shard_dir / shard).thumbnails
+                        if any(records[i].start is not None for i in positions) else None)
         for j, i in enumerate(positions):
             frames[i], masks[i], pooled[i] = shard_frames[j], shard_masks[j], shard_pooled[j]
             weights[i] = None if shard_weights is None else shard_weights[j]
+            if records[i].start is None:
+                thumbnails[i] = catalog.thumbnail(conn, records[i].id)
+            else:
+                assert shard_thumbs is not None
+                thumbnails[i] = shard_thumbs[records[i].row]
     frames_t, masks_t = torch.stack(frames), torch.stack(masks)
     if all(w is not None for w in weights):
         weights_t: torch.Tensor | None = torch.stack(weights)  # type: ignore[arg-type]
     else:  # rows from shards written before weights were stored: compute them now if the model can
         weights_t = extractor_frame_weights(extractor, frames_t, masks_t)
-    entries = [ShardEntry(r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames)
-               for r in records]
+    entries = [ShardEntry(r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height,
+                          int(masks_t[i].sum()) if r.start is not None else r.num_frames, r.start, r.end)
+               for i, r in enumerate(records)]
+    # The video entry moves with the row it names (a segmented video's first segment).
+    heads = {(r.shard, r.row) for r in catalog.list_records(conn)}
     name = new_shard_name(0, sequence)
     write_shard(
         shard_dir, name, model_id=catalog.read_info(conn)["model_id"], entries=entries, failures=[],
         frames=frames_t, frame_mask=masks_t, pooled=torch.stack(pooled),
-        thumbnails=[catalog.thumbnail(conn, r.id) for r in records], frame_weights=weights_t,
+        thumbnails=thumbnails, frame_weights=weights_t,
     )
     created_ns = read_shard_metadata(shard_dir / name).created_ns
     # Old shards are retired by the caller once every rewrite has committed; here only rows move.
-    catalog.move_rows(conn, name, len(records), created_ns, [(r.id, row) for row, r in enumerate(records)])
+    catalog.move_rows(conn, name, len(records), created_ns,
+                      [(r.id, row) for row, r in enumerate(records) if (r.shard, r.row) in heads],
+                      [(r.id, r.start, row) for row, r in enumerate(records) if r.start is not None])
