@@ -234,3 +234,30 @@ def test_cli_fixed_segments_reach_search_json(tmp_path: Path, tiny_model: Path) 
     assert code == 2 and "built with segments fixed" in err
     code, out, err = run_cli(["index", "update", str(root), *base])
     assert code == 0 and out.startswith("2 videos indexed: 0 added, 0 re-encoded, 0 removed, 2 unchanged"), err
+
+
+def test_an_index_written_before_segments_loads_whole_and_migrates(tmp_path: Path) -> None:
+    import shutil
+
+    from diffusionret.index.store import index_fingerprint
+
+    root = tmp_path / "legacy"
+    shutil.copytree(Path(__file__).parent / "data" / "refactor_golden" / "legacy_index", root)
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        assert not catalog.has_segments_table(conn)
+        videos = catalog.count_videos(conn)
+        assert catalog.count_segments(conn) == videos > 0
+        before = index_fingerprint(conn)[0]
+    index = VideoIndex.load(root)
+    assert len(index) == videos and all(r.start is None for r in index.records)
+    assert index.info.segments == {"mode": "whole"}
+    # A writer adds the (empty) table; the rows, and so the fingerprint naming ANN files, stay the same.
+    with contextlib.closing(catalog.connect(root)) as conn:
+        assert catalog.has_segments_table(conn) and catalog.count_segments(conn) == videos
+        assert index_fingerprint(conn)[0] == before
+        assert all(count == size for (name, count), size in
+                   zip(sorted(catalog.live_rows(conn).items()), [s for _, s in sorted(catalog.shard_sizes(conn).items())]))
+    code, out, err = run_cli(["index", "info", str(root), "--json"])
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["videos"] == data["segments"] == videos and data["segmentation"] == {"mode": "whole"}
