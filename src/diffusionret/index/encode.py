@@ -174,8 +174,7 @@ class ModelVideoEncoder:
         from diffusionret.index.segments import Segment
 
         try:
-            timeline = encode_timeline(self.model, path, fps=self.fps, batch_size=max(self.batch_size, 8),
-                                       thumbnails=True)
+            timeline = encode_timeline(self.model, path, fps=self.fps, thumbnails=True)
             cuts = None
             if config.mode == "shots":
                 from diffusionret.index.shots import detect_cuts
