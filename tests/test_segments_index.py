@@ -261,3 +261,33 @@ def test_an_index_written_before_segments_loads_whole_and_migrates(tmp_path: Pat
     assert code == 0, err
     data = json.loads(out)
     assert data["videos"] == data["segments"] == videos and data["segmentation"] == {"mode": "whole"}
+
+
+def test_compaction_keeps_each_videos_segments_in_one_shard(tmp_path: Path) -> None:
+    from diffusionret.index.builder import _chunk_rows
+
+    whole = [catalog.VideoRecord(f"{i:016x}", f"/v{i}", 1, 1, 1.0, 1, 1, 1, "s", i) for i in range(7)]
+    assert [len(c) for c in _chunk_rows(whole, 3)] == [3, 3, 1]  # as before segments: plain chunks
+    videos = tmp_path / "videos"
+    for i, seconds in enumerate([9.0, 3.0, 7.0, 11.0, 5.0]):
+        _write(videos / f"v{i}.mp4", seconds)
+    root = tmp_path / "idx"
+    fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
+    build_index(root, videos, SegmentingExtractor(), shard_size=2, progress=False, segments=fixed)
+    _write(videos / "v1.mp4", 8.0, b"x")
+    (videos / "v4.mp4").unlink()
+    update_index(root, SegmentingExtractor(), shard_size=2, progress=False)
+    shard_consistency(root)
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        shards = {vid: {shard for (shard,) in conn.execute("SELECT shard FROM segments WHERE video_id = ?", (vid,))}
+                  for (vid,) in conn.execute("SELECT id FROM videos")}
+        heads = {r.id: (r.shard, r.row) for r in catalog.list_records(conn)}
+        firsts = {}
+        for r in catalog.list_rows(conn):
+            firsts.setdefault(r.id, (r.shard, r.row))
+    assert len(shards) == 4 and all(len(s) == 1 for s in shards.values())
+    assert heads == firsts  # each video entry names its first segment's row
+    fresh = tmp_path / "fresh"
+    build_index(fresh, videos, SegmentingExtractor(), shard_size=2, progress=False, segments=fixed)
+    for a, b in zip(_rows(root), _rows(fresh), strict=True):
+        assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])

@@ -776,11 +776,26 @@ def _compact(conn: sqlite3.Connection, root: Path, shard_size: int, extractor: F
     shard_dir = root / SHARD_DIR
     if rewrite:
         records = [r for r in catalog.list_rows(conn) if r.shard in set(rewrite)]
-        for sequence, start in enumerate(range(0, len(records), shard_size)):
-            _rewrite(conn, shard_dir, records[start:start + shard_size], sequence, extractor)
-        logger.info("compacted %d shards into %d", len(rewrite), -(-len(records) // shard_size))
+        chunks = _chunk_rows(records, shard_size)
+        for sequence, chunk in enumerate(chunks):
+            _rewrite(conn, shard_dir, chunk, sequence, extractor)
+        logger.info("compacted %d shards into %d", len(rewrite), len(chunks))
     catalog.retire_shards(conn, sorted(set(empty) | set(rewrite)))
     _delete_retired(conn, shard_dir)
+
+
+def _chunk_rows(records: Sequence[VideoRecord], shard_size: int) -> list[list[VideoRecord]]:
+    """Rows in chunks of about ``shard_size``, never splitting one video's segments across two chunks.
+
+    Every segment of a video lives in one shard, as when it was first written: recovery registers a
+    shard's videos together (replacing their earlier rows), which must see all of a video's segments.
+    """
+    chunks: list[list[VideoRecord]] = []
+    for record in records:
+        if not chunks or (len(chunks[-1]) >= shard_size and chunks[-1][-1].id != record.id):
+            chunks.append([])
+        chunks[-1].append(record)
+    return chunks
 
 
 def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoRecord], sequence: int,

@@ -100,6 +100,11 @@ class FeatureExtractor(Protocol):
     An extractor may also define ``frame_weights(frames (N, T, D) float16, frame_mask (N, T) bool)
     -> (N, T) float32 | None``: the WTI head's video-side weights of the *stored* features, kept in
     the index so that queries skip the weight MLP (see :func:`extractor_frame_weights`).
+
+    To index videos in segments (``index build --segments``), an extractor also defines
+    ``extract_segments(paths, config: SegmentConfig) -> Iterator[SegmentedFeatures | VideoFeatures |
+    ExtractionFailure]`` (one result per path, in order; a :class:`VideoFeatures` is stored as one
+    whole-video row, as ``auto`` does for short files).
     """
 
     @property
