@@ -168,7 +168,8 @@ class ModelVideoEncoder:
         if batch:
             yield from self._encode(batch)
 
-    def _segment(self, path: Path, checked: DecodedVideo, config: SegmentConfig) -> SegmentedFeatures | ExtractionFailure:
+    def _segment(self, path: Path, checked: DecodedVideo,
+                 config: SegmentConfig) -> SegmentedFeatures | ExtractionFailure:
         """Decode ``path`` once along its timeline (in this process) and encode its planned segments."""
         from diffusionret.index.segment_encode import encode_segments, encode_timeline, segment_thumbnail
         from diffusionret.index.segments import Segment
