@@ -291,3 +291,39 @@ def test_compaction_keeps_each_videos_segments_in_one_shard(tmp_path: Path) -> N
     build_index(fresh, videos, SegmentingExtractor(), shard_size=2, progress=False, segments=fixed)
     for a, b in zip(_rows(root), _rows(fresh), strict=True):
         assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+
+
+def test_multi_rank_build_cuts_every_ranks_videos_as_recorded(tmp_path: Path) -> None:
+    """Rank 1 cuts its videos as rank 0's plan says (it never reads the catalogue)."""
+    import threading
+
+    from diffusionret.index.builder import sync_index
+    from diffusionret.index.discover import discover_videos
+
+    for i in range(5):
+        _write(tmp_path / "videos" / f"v{i}.mp4", 5.0 + i)
+    videos = discover_videos(tmp_path / "videos")
+    fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
+    barrier = threading.Barrier(2, timeout=60)
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            sync_index(tmp_path / "ranks", videos, SegmentingExtractor(), shard_size=2, rank=rank, world_size=2,
+                       barrier=barrier.wait, progress=False, segments=fixed)
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    build_index(tmp_path / "single", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
+                segments=fixed)
+    assert _segments(tmp_path / "ranks") == _segments(tmp_path / "single")
+    for a, b in zip(_rows(tmp_path / "ranks"), _rows(tmp_path / "single"), strict=True):
+        assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+    shard_consistency(tmp_path / "ranks")
