@@ -327,3 +327,33 @@ def test_multi_rank_build_cuts_every_ranks_videos_as_recorded(tmp_path: Path) ->
     for a, b in zip(_rows(tmp_path / "ranks"), _rows(tmp_path / "single"), strict=True):
         assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
     shard_consistency(tmp_path / "ranks")
+
+
+def test_a_segmented_shard_written_but_not_registered_is_adopted_on_resume(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(4):
+        _write(tmp_path / "videos" / f"v{i}.mp4", 6.0 + i)
+    fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
+    real_register = catalog.register_shard
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill after the shard's rename, before its registration
+        return real_register(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "register_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tmp_path / "idx", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
+                    segments=fixed)
+    monkeypatch.setattr(catalog, "register_shard", real_register)
+    resume = SegmentingExtractor()
+    build_index(tmp_path / "idx", tmp_path / "videos", resume, shard_size=2, progress=False)  # the recorded mode
+    assert resume.seen == []  # both shards were on disk: the orphan's segments were registered, not re-encoded
+    build_index(tmp_path / "clean", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
+                segments=fixed)
+    assert _segments(tmp_path / "idx") == _segments(tmp_path / "clean")
+    for a, b in zip(_rows(tmp_path / "idx"), _rows(tmp_path / "clean"), strict=True):
+        assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+    shard_consistency(tmp_path / "idx")
