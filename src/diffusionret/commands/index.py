@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="frame sampling rate before reducing to T (default: the checkpoint's, else 1)")
     build.add_argument("--sampling", default=None, choices=("uniform", "head", "tail", "reference"),
                        help="how T frames are chosen from the sampled ones (default: the checkpoint's, else uniform)")
+    _add_segment_options(build, default="auto")
     _add_run_options(build)
     build.set_defaults(func=run_build)
 
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sources to scan (default: the recorded ones)")
     update.add_argument("--video-root", metavar="DIR",
                         help="folder for relative paths in lists (default: the recorded one)")
+    _add_segment_options(update, default=None)
     _add_run_options(update)
     update.set_defaults(func=run_update)
 
@@ -59,6 +61,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("index", metavar="INDEX_DIR")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
+
+
+def _add_segment_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    from diffusionret.index.segments import SEGMENT_MODES
+
+    recorded = "the index's recorded segmentation" if default is None else default
+    parser.add_argument("--segments", choices=SEGMENT_MODES, default=default,
+                        help="how videos are cut into indexed segments: whole = one per video; fixed = windows of "
+                             "--window s every --stride s; shots = shot boundaries; auto = whole for short videos, "
+                             f"fixed for long ones (default: {recorded}). An update cannot change it")
+    parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                        help="segment length (default: the model's clip span, frames / fps)")
+    parser.add_argument("--stride", type=float, default=None, metavar="SECONDS",
+                        help="seconds between segment starts (default: half the window)")
+
+
+def _segment_config(args: argparse.Namespace) -> Any:
+    """The requested :class:`~diffusionret.index.segments.SegmentConfig`, or ``None`` (keep the recorded one)."""
+    from diffusionret.index.builder import SegmentsError
+    from diffusionret.index.segments import SegmentConfig
+
+    if args.segments is None:
+        if args.window is not None or args.stride is not None:
+            raise SegmentsError("--window and --stride need --segments")
+        return None
+    try:
+        return SegmentConfig(mode=args.segments, window=args.window, stride=args.stride)
+    except ValueError as exc:  # a non-positive window, a stride longer than the window
+        raise SegmentsError(str(exc)) from exc
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -152,13 +183,14 @@ def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
           settings: dict[str, Any] | None = None) -> int:
     """Encode with the model at ``model_path`` and run ``sync(encoder, **options)`` (build or update) on every rank."""
     ann = _ann_config(args)
+    segments = _segment_config(args)  # a bad combination fails before the model loads
     rank, world_size, barrier, device, ctx = _distributed(args.device)
     try:
         encoder = _encoder(args, model_path, device, settings=settings)
         try:
             report = sync(encoder, video_root=args.video_root, shard_size=args.shard_size, rank=rank,
                           world_size=world_size, barrier=barrier, progress=not args.no_progress, ann=ann,
-                          prune=args.prune, retry_failed=args.retry_failed)
+                          prune=args.prune, retry_failed=args.retry_failed, segments=segments)
         finally:
             encoder.close()  # stops the decoding worker processes
         _report(report, rank)
@@ -206,19 +238,25 @@ def run_info(args: argparse.Namespace) -> int:
         ivf_files,
         ivf_path,
     )
+    from diffusionret.index.builder import recorded_segments
     from diffusionret.index.store import VideoIndex, index_fingerprint
 
     info = VideoIndex.read_info(args.index)
     root = Path(args.index)
     with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        segmentation = recorded_segments(catalog.read_info(conn))
         videos, failures = catalog.count_videos(conn), catalog.count_failures(conn)
+        segments = catalog.count_segments(conn)
         failed_files = [{"path": path, "size": size, "mtime": mtime_ns / 1e9, "error": error}
                         for path, size, mtime_ns, error in catalog.list_failures(conn)]
         shards = len(catalog.shard_sizes(conn))
         fingerprint = index_fingerprint(conn)[0]
     current = ivf_path(root, fingerprint)
     current_ann = [p for p in (ann_path(root, kind, fingerprint) for kind in ANN_KINDS) if p.is_file()]
-    data = {"index": str(root.resolve()), "videos": videos, "failures": failures, "shards": shards,
+    data = {"index": str(root.resolve()), "videos": videos,
+            # Indexed segments (feature rows): one per video indexed whole, one per segment of the others.
+            "segments": segments, "segmentation": segmentation,
+            "failures": failures, "shards": shards,
             "model_id": info.model_id, "model_path": info.model_path, "settings": info.settings,
             "num_frames": info.num_frames, "embed_dim": info.embed_dim, "sources": info.sources,
             "video_root": info.video_root,

@@ -27,6 +27,7 @@ index that is consistent and that the next run completes without duplicates.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -49,6 +50,7 @@ from diffusionret.index.discover import FileState, discover_videos
 from diffusionret.index.features import (
     ExtractionFailure,
     FeatureExtractor,
+    SegmentedFeatures,
     VideoFeatures,
     extractor_frame_weights,
     pool_frames,
@@ -56,6 +58,7 @@ from diffusionret.index.features import (
 )
 from diffusionret.index.first_stage import ann_files, import_faiss
 from diffusionret.index.identity import ModelMismatchError
+from diffusionret.index.segments import SegmentConfig
 from diffusionret.index.shards import (
     SHARD_DIR,
     SHARD_SUFFIX,
@@ -134,15 +137,17 @@ class _Plan:
     replaced: set[str]
     gone: list[str]
     unchanged: int
+    segments: dict[str, Any] = field(default_factory=lambda: dict(WHOLE_SEGMENTS))  # how pending files are cut
 
     def to_json(self) -> dict[str, Any]:
         return {"pending": [[p, s.size, s.mtime_ns] for p, s in self.pending], "replaced": sorted(self.replaced),
-                "gone": self.gone, "unchanged": self.unchanged}
+                "gone": self.gone, "unchanged": self.unchanged, "segments": self.segments}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "_Plan":
         return cls(pending=[(p, FileState(size, mtime)) for p, size, mtime in data["pending"]],
-                   replaced=set(data["replaced"]), gone=list(data["gone"]), unchanged=int(data["unchanged"]))
+                   replaced=set(data["replaced"]), gone=list(data["gone"]), unchanged=int(data["unchanged"]),
+                   segments=dict(data.get("segments") or WHOLE_SEGMENTS))
 
 
 def build_index(
@@ -159,6 +164,7 @@ def build_index(
     ann: AnnBuildConfig | None = None,
     prune: bool = False,
     retry_failed: bool = False,
+    segments: SegmentConfig | None = None,
 ) -> SyncReport:
     """Create (or resume building) an index of the videos found in ``videos``.
 
@@ -177,6 +183,7 @@ def build_index(
             videos when FAISS is installed; see :class:`AnnBuildConfig`).
         prune: allow dropping many indexed videos (an existing index built from other sources).
         retry_failed: decode again files that failed before.
+        segments: how videos are cut into segments (default ``whole``; see :func:`check_segments`).
 
     Raises:
         ModelMismatchError: ``root`` already holds an index built by another model.
@@ -188,7 +195,8 @@ def build_index(
     root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
     return sync_index(root, _discover_some(sources, root_dir, prune), extractor, sources=sources,
                       video_root=root_dir, create=True, shard_size=shard_size, rank=rank, world_size=world_size,
-                      barrier=barrier, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed)
+                      barrier=barrier, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed,
+                      segments=segments)
 
 
 def update_index(
@@ -262,6 +270,7 @@ def sync_index(
     ann: AnnBuildConfig | None = None,
     prune: bool = False,
     retry_failed: bool = False,
+    segments: SegmentConfig | None = None,
 ) -> SyncReport:
     """Make the index at ``root`` hold exactly ``videos``, encoding only what is new or changed.
 
@@ -282,12 +291,16 @@ def sync_index(
         prune: allow removing more than a few videos (see :data:`PRUNE_FREE_FRACTION`) or every
             video under a recorded source.
         retry_failed: decode again the files that failed before even when they did not change.
+        segments: how videos are cut into segments; ``None`` keeps what the index records (``whole``
+            for a new index or one built before segments existed). Checked before any work.
 
     Returns:
         A :class:`SyncReport`.
 
     Raises:
         ModelMismatchError: the index was built by another model or with other decoding settings.
+        SegmentsError: ``segments`` differs from the segmentation the index records, has no window
+            to use, or needs segments the extractor cannot encode (no ``extract_segments``).
         IndexLockedError: another process holds the index.
         FileNotFoundError: ``create`` is false and there is no index.
         AnnUnavailableError: ``ann.mode == "on"`` and FAISS is not installed (checked before any work).
@@ -301,6 +314,11 @@ def sync_index(
         import_faiss()
     if world_size > 1 and barrier is None:
         raise ValueError("a multi-rank build needs a barrier")
+    wanted_segments = check_segments(segments, extractor.settings)
+    if wanted_segments is not None and wanted_segments["mode"] != "whole" and \
+            getattr(extractor, "extract_segments", None) is None:
+        raise SegmentsError(f"--segments {wanted_segments['mode']} needs an extractor that encodes segments; "
+                            f"{type(extractor).__name__} encodes whole videos only")
     sync = barrier or (lambda: None)
     root = Path(root)
     report = SyncReport(discovered=len(videos))
@@ -310,9 +328,10 @@ def sync_index(
             stack.enter_context(exclusive_lock(root, create))
             conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
             clean_stale_temp_files(root)
-            _init_or_check(conn, extractor, sources, video_root, create)
+            _init_or_check(conn, extractor, sources, video_root, create, wanted_segments)
             _recover(conn, root, extractor.identity.model_id)
             plan = _plan(conn, videos, retry_failed=retry_failed)
+            plan = dataclasses.replace(plan, segments=recorded_segments(catalog.read_info(conn)))
             if not prune:
                 check_removals(conn, plan.gone)
             _record_sources(conn, sources, video_root)
@@ -326,7 +345,8 @@ def sync_index(
             plan = _Plan.from_json(json.loads((root / PLAN_NAME).read_text()))
         report.unchanged = plan.unchanged
         mine = plan.pending[rank::world_size]
-        _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress)
+        _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress,
+                    _segment_config(plan.segments))
         sync()
         if conn is not None:
             _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
@@ -347,13 +367,13 @@ def sync_index(
 def write_commit_marker(conn: sqlite3.Connection, root: Path) -> dict[str, Any]:
     """Replace the index's commit marker (see :func:`~diffusionret.index.catalog.read_commit_marker`)
     when the committed contents or ANN files changed; returns the marker now on disk."""
-    fingerprint, records = index_fingerprint(conn)
+    fingerprint, _ = index_fingerprint(conn)
     ann = sorted(p.name for p in ann_files(root))
     current = catalog.read_commit_marker(root) or {}
     if current.get("fingerprint") == fingerprint and current.get("ann") == ann:
         return current
     marker = {"generation": int(current.get("generation", 0)) + 1, "fingerprint": fingerprint, "ann": ann,
-              "videos": len(records), "committed_at": time.time()}
+              "videos": catalog.count_videos(conn), "committed_at": time.time()}
     atomic_write_text(root / catalog.COMMIT_NAME, json.dumps(marker, sort_keys=True))
     return marker
 
@@ -403,7 +423,7 @@ def exclusive_lock(root: Path, create: bool) -> Iterator[None]:
 
 def _init_or_check(
     conn: sqlite3.Connection, extractor: FeatureExtractor, sources: Sequence[str] | None, video_root: str | None,
-    create: bool,
+    create: bool, segments: dict[str, Any] | None = None,
 ) -> None:
     info = catalog.read_info(conn)
     identity = extractor.identity
@@ -420,6 +440,7 @@ def _init_or_check(
             "embed_dim": extractor.embed_dim,
             "sources": list(sources or []),
             "video_root": video_root,
+            "segments": segments or WHOLE_SEGMENTS,
             "created_at": time.time(),
             "diffusionret_version": diffusionret.__version__,
         })
@@ -434,8 +455,81 @@ def _init_or_check(
         )
     if info["settings"] != extractor.settings:
         raise ModelMismatchError(f"the index was built with settings {info['settings']}, not {extractor.settings}")
+    recorded = recorded_segments(info)
+    if segments is not None and segments != recorded:
+        # Mixing segmentations would make scores of one video's rows incomparable with another's, and
+        # an update only encodes new or changed files: re-segmenting the index takes a new build.
+        raise SegmentsError(
+            f"the index was built with segments {_describe_segments(recorded)}, not {_describe_segments(segments)}; "
+            "build a new index to change how videos are segmented")
     if identity.path:  # the same weights may have moved; remember where to load them from
         catalog.write_info(conn, {"model_path": identity.path})
+
+
+WHOLE_SEGMENTS: dict[str, Any] = {"mode": "whole"}
+
+
+class SegmentsError(ValueError):
+    """A segmentation the index cannot take: another one than it was built with, a windowed mode
+    with no window to use, or one the extractor cannot encode."""
+
+
+def trained_span(settings: dict[str, Any]) -> float | None:
+    """Seconds of video one clip of the model covers (``max_frames / fps`` of the decoding settings),
+    or ``None`` when the settings do not say (extractors without a frame rate)."""
+    frames, fps = settings.get("max_frames"), settings.get("fps")
+    if not frames or not fps:
+        return None
+    return float(frames) / float(fps)
+
+
+def check_segments(config: SegmentConfig | None, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The segmentation to record for ``config``, resolved against the model's trained span.
+
+    Args:
+        config: the requested segmentation, or ``None`` (keep what the index records).
+        settings: the extractor's decoding settings (``max_frames``, ``fps``).
+
+    Returns:
+        ``None`` for ``None``; ``{"mode": "whole"}`` for ``whole`` (window and stride mean nothing
+        there); else the resolved config as a dict.
+
+    Raises:
+        SegmentsError: a windowed mode without a window and without a frame rate to derive it from.
+        ShotDetectionUnavailableError: ``shots`` without PySceneDetect.
+    """
+    if config is None:
+        return None
+    if config.mode == "whole":
+        return dict(WHOLE_SEGMENTS)
+    span = trained_span(settings)
+    if span is None and config.window is None:
+        raise SegmentsError(f"--segments {config.mode} needs --window: the extractor's settings {settings} "
+                         "give no frame rate to derive it from")
+    resolved = config.resolved(span if span is not None else float(config.window))  # type: ignore[arg-type]
+    if resolved.mode == "shots":
+        from diffusionret.index.shots import require_scenedetect
+
+        require_scenedetect()  # before any work, not once per file
+    return resolved.to_dict()
+
+
+def _segment_config(segments: dict[str, Any]) -> SegmentConfig | None:
+    """The recorded segmentation as a config for the extractor (``None``: whole videos, :meth:`extract`)."""
+    if segments.get("mode", "whole") == "whole":
+        return None
+    return SegmentConfig(**segments)
+
+
+def recorded_segments(info: dict[str, Any]) -> dict[str, Any]:
+    """The segmentation an index records; an index built before segments existed is ``whole``."""
+    return dict(info.get("segments") or WHOLE_SEGMENTS)
+
+
+def _describe_segments(segments: dict[str, Any]) -> str:
+    if segments.get("mode") == "whole":
+        return "whole"
+    return f"{segments['mode']} (window {segments['window']:g} s, stride {segments['stride']:g} s)"
 
 
 def _record_sources(conn: sqlite3.Connection, sources: Sequence[str] | None, video_root: str | None) -> None:
@@ -533,7 +627,9 @@ def _encode_all(
     conn: sqlite3.Connection | None,
     report: SyncReport,
     progress: bool,
+    segments: SegmentConfig | None = None,
 ) -> None:
+    """Encode ``pending`` in shards of ``shard_size`` videos (``segments``: cut each video so, else whole)."""
     shard_dir = root / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(pending), desc=f"encoding (rank {rank})" if rank else "encoding", unit="video",
@@ -542,7 +638,12 @@ def _encode_all(
         for sequence, start in enumerate(range(0, len(pending), shard_size)):
             chunk = pending[start:start + shard_size]
             results = []
-            for result in extractor.extract([Path(path) for path, _ in chunk]):
+            paths = [Path(path) for path, _ in chunk]
+            if segments is None:
+                results_iter = extractor.extract(paths)
+            else:
+                results_iter = extractor.extract_segments(paths, segments)  # type: ignore[attr-defined]
+            for result in results_iter:
                 results.append(result)
                 bar.update(1)
             if len(results) != len(chunk):
@@ -566,7 +667,7 @@ def _write_chunk(
     rank: int,
     sequence: int,
     chunk: Sequence[tuple[str, FileState]],
-    results: Sequence[VideoFeatures | ExtractionFailure],
+    results: Sequence[VideoFeatures | SegmentedFeatures | ExtractionFailure],
     extractor: FeatureExtractor,
 ) -> str:
     entries: list[ShardEntry] = []
@@ -576,6 +677,15 @@ def _write_chunk(
         if isinstance(result, ExtractionFailure):
             logger.warning("cannot index %s: %s", path, result.error)
             failures.append(ShardFailure(path, state.size, state.mtime_ns, result.error))
+            continue
+        if isinstance(result, SegmentedFeatures):  # one row per segment, all of one video in this shard
+            for (start, end), row in zip(result.spans, result.rows(), strict=True):
+                entries.append(ShardEntry(
+                    id=video_id(path), path=path, size=state.size, mtime_ns=state.mtime_ns,
+                    duration=result.duration, width=result.width, height=result.height,
+                    num_frames=int(row.frame_mask.sum()), start=float(start), end=float(end),
+                ))
+                features.append(row)
             continue
         entries.append(ShardEntry(
             id=video_id(path), path=path, size=state.size, mtime_ns=state.mtime_ns, duration=result.duration,
@@ -595,12 +705,24 @@ def _write_chunk(
 
 
 def _register(conn: sqlite3.Connection, shard: ShardContents) -> None:
-    records = [
-        VideoRecord(e.id, e.path, e.size, e.mtime_ns, e.duration, e.width, e.height, e.num_frames, shard.name, row)
-        for row, e in enumerate(shard.entries)
-    ]
+    """Register a shard: one video record per id (a segmented video's names its first segment row,
+    and takes that segment's thumbnail), one segment per row with a span."""
+    records: list[VideoRecord] = []
+    thumbnails: list[bytes | None] = []
+    segments: list[tuple[str, float, float, int]] = []
+    seen: set[str] = set()
+    for row, e in enumerate(shard.entries):
+        if e.start is not None and e.end is not None:
+            segments.append((e.id, e.start, e.end, row))
+        if e.id in seen:
+            continue
+        seen.add(e.id)
+        records.append(VideoRecord(e.id, e.path, e.size, e.mtime_ns, e.duration, e.width, e.height, e.num_frames,
+                                   shard.name, row))
+        thumbnails.append(shard.thumbnails[row])
     failures = [(f.path, f.size, f.mtime_ns, f.error) for f in shard.failures]
-    catalog.register_shard(conn, shard.name, shard.created_ns, records, shard.thumbnails, failures)
+    catalog.register_shard(conn, shard.name, shard.created_ns, records, thumbnails, failures,
+                           num_rows=len(shard.entries), segments=segments)
 
 
 def _recover(conn: sqlite3.Connection, root: Path, model_id: str) -> None:
@@ -653,12 +775,27 @@ def _compact(conn: sqlite3.Connection, root: Path, shard_size: int, extractor: F
     rewrite = sorted(set(holey) | set(small)) if holey or len(small) > 1 else []
     shard_dir = root / SHARD_DIR
     if rewrite:
-        records = [r for r in catalog.list_records(conn) if r.shard in set(rewrite)]
-        for sequence, start in enumerate(range(0, len(records), shard_size)):
-            _rewrite(conn, shard_dir, records[start:start + shard_size], sequence, extractor)
-        logger.info("compacted %d shards into %d", len(rewrite), -(-len(records) // shard_size))
+        records = [r for r in catalog.list_rows(conn) if r.shard in set(rewrite)]
+        chunks = _chunk_rows(records, shard_size)
+        for sequence, chunk in enumerate(chunks):
+            _rewrite(conn, shard_dir, chunk, sequence, extractor)
+        logger.info("compacted %d shards into %d", len(rewrite), len(chunks))
     catalog.retire_shards(conn, sorted(set(empty) | set(rewrite)))
     _delete_retired(conn, shard_dir)
+
+
+def _chunk_rows(records: Sequence[VideoRecord], shard_size: int) -> list[list[VideoRecord]]:
+    """Rows in chunks of about ``shard_size``, never splitting one video's segments across two chunks.
+
+    Every segment of a video lives in one shard, as when it was first written: recovery registers a
+    shard's videos together (replacing their earlier rows), which must see all of a video's segments.
+    """
+    chunks: list[list[VideoRecord]] = []
+    for record in records:
+        if not chunks or (len(chunks[-1]) >= shard_size and chunks[-1][-1].id != record.id):
+            chunks.append([])
+        chunks[-1].append(record)
+    return chunks
 
 
 def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoRecord], sequence: int,
@@ -669,26 +806,40 @@ def _rewrite(conn: sqlite3.Connection, shard_dir: Path, records: Sequence[VideoR
     frames: list[torch.Tensor] = [torch.empty(0)] * len(records)
     masks, pooled = list(frames), list(frames)
     weights: list[torch.Tensor | None] = [None] * len(records)
+    thumbnails: list[bytes | None] = [None] * len(records)
     for shard, positions in parts.items():
         rows = [records[i].row for i in positions]
         shard_frames, shard_masks, shard_pooled = read_shard_rows(shard_dir / shard, rows)
         shard_weights = read_shard_weights(shard_dir / shard, rows)
+        # A segment's thumbnail lives in its shard only (the catalogue keeps one per video).
+        shard_thumbs = (read_shard_metadata(shard_dir / shard).thumbnails
+                        if any(records[i].start is not None for i in positions) else None)
         for j, i in enumerate(positions):
             frames[i], masks[i], pooled[i] = shard_frames[j], shard_masks[j], shard_pooled[j]
             weights[i] = None if shard_weights is None else shard_weights[j]
+            if records[i].start is None:
+                thumbnails[i] = catalog.thumbnail(conn, records[i].id)
+            else:
+                assert shard_thumbs is not None
+                thumbnails[i] = shard_thumbs[records[i].row]
     frames_t, masks_t = torch.stack(frames), torch.stack(masks)
     if all(w is not None for w in weights):
         weights_t: torch.Tensor | None = torch.stack(weights)  # type: ignore[arg-type]
     else:  # rows from shards written before weights were stored: compute them now if the model can
         weights_t = extractor_frame_weights(extractor, frames_t, masks_t)
-    entries = [ShardEntry(r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height, r.num_frames)
-               for r in records]
+    entries = [ShardEntry(r.id, r.path, r.size, r.mtime_ns, r.duration, r.width, r.height,
+                          int(masks_t[i].sum()) if r.start is not None else r.num_frames, r.start, r.end)
+               for i, r in enumerate(records)]
+    # The video entry moves with the row it names (a segmented video's first segment).
+    heads = {(r.shard, r.row) for r in catalog.list_records(conn)}
     name = new_shard_name(0, sequence)
     write_shard(
         shard_dir, name, model_id=catalog.read_info(conn)["model_id"], entries=entries, failures=[],
         frames=frames_t, frame_mask=masks_t, pooled=torch.stack(pooled),
-        thumbnails=[catalog.thumbnail(conn, r.id) for r in records], frame_weights=weights_t,
+        thumbnails=thumbnails, frame_weights=weights_t,
     )
     created_ns = read_shard_metadata(shard_dir / name).created_ns
     # Old shards are retired by the caller once every rewrite has committed; here only rows move.
-    catalog.move_rows(conn, name, len(records), created_ns, [(r.id, row) for row, r in enumerate(records)])
+    catalog.move_rows(conn, name, len(records), created_ns,
+                      [(r.id, row) for row, r in enumerate(records) if (r.shard, r.row) in heads],
+                      [(r.id, r.start, row) for row, r in enumerate(records) if r.start is not None])

@@ -1,4 +1,10 @@
-"""The index catalogue: one SQLite file with the index settings, the videos and the shards.
+"""The index catalogue: one SQLite file with the index settings, the videos, their segments and the shards.
+
+A video indexed whole has one feature row, named by its ``videos`` entry (``shard``, ``row``); a
+video indexed in segments has one row per segment, listed in ``segments`` (its ``videos`` entry
+then names its first segment's row). A catalogue without a ``segments`` table (built before
+segments existed) or without rows for a video means: one whole-video segment, as before. Writers
+add the table when they open an older catalogue (``CREATE TABLE IF NOT EXISTS``), which leaves it valid.
 
 SQLite gives atomic multi-row commits, so "register a shard" (insert its videos, replace older
 entries of the same files, record the shard) is a single transaction: a build killed at any
@@ -8,6 +14,7 @@ update`` writes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -45,6 +52,15 @@ CREATE TABLE IF NOT EXISTS videos (
     indexed_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS videos_by_shard ON videos(shard);
+CREATE TABLE IF NOT EXISTS segments (
+    video_id TEXT NOT NULL,
+    start_s REAL NOT NULL,
+    end_s REAL NOT NULL,
+    shard TEXT NOT NULL REFERENCES shards(name),
+    row INTEGER NOT NULL,
+    PRIMARY KEY (video_id, start_s)
+);
+CREATE INDEX IF NOT EXISTS segments_by_shard ON segments(shard);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -68,6 +84,8 @@ class VideoRecord:
         width, height: frame size, if known.
         num_frames: real (unpadded) frames that were encoded.
         shard, row: where the features live.
+        start, end: the segment (seconds) this row holds, for a row of :func:`list_rows` of a video
+            indexed in segments; ``None`` for a video indexed whole (its span is ``[0, duration]``).
     """
 
     id: str
@@ -80,6 +98,8 @@ class VideoRecord:
     num_frames: int
     shard: str
     row: int
+    start: float | None = None
+    end: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The public, JSON-ready view (no storage location)."""
@@ -147,6 +167,44 @@ def list_records(conn: sqlite3.Connection) -> list[VideoRecord]:
     return [VideoRecord(*row) for row in rows]
 
 
+def has_segments_table(conn: sqlite3.Connection) -> bool:
+    """Whether the catalogue has a ``segments`` table (a read-only catalogue from before segments may not)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'segments'").fetchone() is not None
+
+
+def list_rows(conn: sqlite3.Connection) -> list[VideoRecord]:
+    """One record per feature row, sorted by path then segment start (the row order of a loaded index).
+
+    A video indexed whole gives its record as :func:`list_records` does; a video indexed in segments
+    gives one copy per segment with ``start``/``end``/``shard``/``row`` of that segment.
+    """
+    records = list_records(conn)
+    if not has_segments_table(conn):
+        return records
+    spans: dict[str, list[tuple[float, float, str, int]]] = {}
+    query = "SELECT video_id, start_s, end_s, shard, row FROM segments ORDER BY video_id, start_s"
+    for vid, start, end, shard, row in conn.execute(query):
+        spans.setdefault(vid, []).append((start, end, shard, row))
+    rows: list[VideoRecord] = []
+    for record in records:
+        segments = spans.get(record.id)
+        if not segments:
+            rows.append(record)
+            continue
+        rows.extend(dataclasses.replace(record, start=start, end=end, shard=shard, row=row)
+                    for start, end, shard, row in segments)
+    return rows
+
+
+def count_segments(conn: sqlite3.Connection) -> int:
+    """Feature rows of the index: one per video indexed whole, one per segment of the others."""
+    if not has_segments_table(conn):
+        return count_videos(conn)
+    return conn.execute(
+        "SELECT (SELECT COUNT(*) FROM videos WHERE id NOT IN (SELECT video_id FROM segments))"
+        " + (SELECT COUNT(*) FROM segments WHERE video_id IN (SELECT id FROM videos))").fetchone()[0]
+
+
 def file_states(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
     """``path -> (size, mtime_ns)`` for every indexed video."""
     return {path: (size, mtime) for path, size, mtime in conn.execute("SELECT path, size, mtime_ns FROM videos")}
@@ -204,16 +262,28 @@ def register_shard(
     records: Sequence[VideoRecord],
     thumbnails: Sequence[bytes | None],
     failures: Iterable[tuple[str, int, int, str]],
+    *,
+    num_rows: int | None = None,
+    segments: Sequence[tuple[str, float, float, int]] = (),
 ) -> None:
-    """Record a shard and its videos in one transaction.
+    """Record a shard, its videos and their segments in one transaction.
 
     A video already indexed under the same path (a changed file re-encoded) is replaced, so a path
-    is never listed twice; its old features become dead rows of the old shard (see compaction).
+    is never listed twice; its old features (and old segments) become dead rows of the old shard
+    (see compaction).
+
+    Args:
+        records: one per video (a segmented video's record names its first segment's row).
+        num_rows: feature rows in the shard (default: one per record).
+        segments: ``(video id, start, end, row)`` of every segment row (none for videos indexed whole).
     """
     now = time.time()
     with conn:
         conn.execute("INSERT INTO shards (name, num_rows, created_ns) VALUES (?, ?, ?)",
-                     (name, len(records), created_ns))
+                     (name, len(records) if num_rows is None else num_rows, created_ns))
+        conn.executemany("DELETE FROM segments WHERE video_id = ?", [(r.id,) for r in records])
+        conn.executemany("INSERT INTO segments (video_id, start_s, end_s, shard, row) VALUES (?, ?, ?, ?, ?)",
+                         [(vid, start, end, name, row) for vid, start, end, row in segments])
         conn.executemany(
             "INSERT OR REPLACE INTO videos (id, path, size, mtime_ns, duration, width, height, num_frames, shard, row,"
             " thumbnail, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -227,6 +297,7 @@ def register_shard(
         failures = list(failures)
         # A changed file that no longer decodes loses its stale features along with its old state.
         conn.executemany("DELETE FROM videos WHERE path = ?", [(f[0],) for f in failures])
+        conn.executemany("DELETE FROM segments WHERE video_id = ?", [(video_id(f[0]),) for f in failures])
         conn.executemany("INSERT OR REPLACE INTO failures (path, size, mtime_ns, error) VALUES (?, ?, ?, ?)", failures)
 
 
@@ -237,6 +308,7 @@ def remove_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> int:
         before = conn.total_changes
         conn.executemany("DELETE FROM videos WHERE path = ?", [(p,) for p in paths])
         removed = conn.total_changes - before
+        conn.executemany("DELETE FROM segments WHERE video_id = ?", [(video_id(p),) for p in paths])
         conn.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
     return removed
 
@@ -244,8 +316,16 @@ def remove_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> int:
 def live_rows(conn: sqlite3.Connection) -> dict[str, int]:
     """``shard -> number of rows still referenced by a video`` (0 for fully dead shards)."""
     counts = {name: 0 for (name,) in conn.execute("SELECT name FROM shards WHERE retired = 0")}
-    for name, count in conn.execute("SELECT shard, COUNT(*) FROM videos GROUP BY shard"):
-        counts[name] = count
+    if not has_segments_table(conn):
+        for name, count in conn.execute("SELECT shard, COUNT(*) FROM videos GROUP BY shard"):
+            counts[name] = count
+        return counts
+    # A segmented video's rows are its segments (its videos entry only repeats the first one).
+    whole = "SELECT shard, COUNT(*) FROM videos WHERE id NOT IN (SELECT video_id FROM segments) GROUP BY shard"
+    for name, count in conn.execute(whole):
+        counts[name] = counts.get(name, 0) + count
+    for name, count in conn.execute("SELECT shard, COUNT(*) FROM segments GROUP BY shard"):
+        counts[name] = counts.get(name, 0) + count
     return counts
 
 
@@ -254,20 +334,23 @@ def shard_sizes(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def move_rows(conn: sqlite3.Connection, new_shard: str, new_rows: int, created_ns: int,
-              moves: Sequence[tuple[str, int]]) -> None:
-    """Register a rewritten shard and point its videos at it, atomically.
+              moves: Sequence[tuple[str, int]], segment_moves: Sequence[tuple[str, float, int]] = ()) -> None:
+    """Register a rewritten shard and point its videos and segments at it, atomically.
 
     Args:
         new_shard: name of the freshly written shard.
         new_rows: rows in it.
         created_ns: its creation time.
-        moves: ``(video id, new row)`` for every video it holds.
+        moves: ``(video id, new row)`` for every video it holds (a segmented video: its first segment).
+        segment_moves: ``(video id, segment start, new row)`` for every segment row it holds.
     """
     with conn:
         conn.execute("INSERT INTO shards (name, num_rows, created_ns) VALUES (?, ?, ?)",
                      (new_shard, new_rows, created_ns))
         conn.executemany("UPDATE videos SET shard = ?, row = ? WHERE id = ?",
                          [(new_shard, row, vid) for vid, row in moves])
+        conn.executemany("UPDATE segments SET shard = ?, row = ? WHERE video_id = ? AND start_s = ?",
+                         [(new_shard, row, vid, start) for vid, start, row in segment_moves])
 
 
 def count_videos(conn: sqlite3.Connection) -> int:

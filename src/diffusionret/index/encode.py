@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from diffusionret.data.isolate import DecodeBudget, IsolatedPool, JobFailed
 from diffusionret.index.decode_job import DecodedVideo, DecodeRequest, decode_for_index
-from diffusionret.index.features import ExtractionFailure, ModelIdentity, VideoFeatures
+from diffusionret.index.features import ExtractionFailure, ModelIdentity, SegmentedFeatures, VideoFeatures
 from diffusionret.index.identity import model_identity
+from diffusionret.index.segments import SegmentConfig, plan_segments
 from diffusionret.models.config import InputConfig
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,64 @@ class ModelVideoEncoder:
         if batch:
             yield from self._encode(batch)
 
+    def extract_segments(self, paths: Sequence[Path],
+                         config: SegmentConfig) -> Iterator[SegmentedFeatures | ExtractionFailure]:
+        """Segment features of each video (decode once, image tower once per frame; see
+        :mod:`~diffusionret.index.segment_encode`); yields one result per path, in order.
+
+        Each file is first decoded as a clip in a worker process under the decode budget, exactly as
+        :meth:`extract` does: a file that fails or hangs there is recorded as failed and never
+        decoded here. In ``auto`` mode a video no longer than
+        :data:`~diffusionret.index.segments.AUTO_WHOLE_FACTOR` windows (by its header duration) is
+        then encoded from that clip, in batches, exactly as :meth:`extract` encodes it (a
+        :class:`VideoFeatures`, stored as a whole-video row). Otherwise the timeline decode runs in
+        *this* process, without the budget (it yields one frame per ``1 / fps``, too much to ship back
+        from a worker for long videos); any exception it raises fails that file only.
+
+        Args:
+            paths: the videos.
+            config: a resolved segmentation (:meth:`SegmentConfig.resolved`).
+        """
+        from diffusionret.index.segments import AUTO_WHOLE_FACTOR
+
+        assert config.window is not None
+        requests = [DecodeRequest(str(p), self.fps, self.max_frames, self.image_size, self.sampling) for p in paths]
+        batch: list[_Decoded | SegmentedFeatures | ExtractionFailure] = []
+        for path, checked in zip(paths, self._pool.map(requests), strict=True):
+            if isinstance(checked, JobFailed):
+                batch.append(ExtractionFailure(_cause(Path(path), checked.error)))
+            elif config.mode == "auto" and checked.duration <= AUTO_WHOLE_FACTOR * config.window:
+                batch.append(self._prepare(Path(path), checked))
+            else:
+                batch.append(self._segment(Path(path), checked, config))
+            if len(batch) == self.batch_size:
+                yield from self._encode(batch)
+                batch = []
+        if batch:
+            yield from self._encode(batch)
+
+    def _segment(self, path: Path, checked: DecodedVideo,
+                 config: SegmentConfig) -> SegmentedFeatures | ExtractionFailure:
+        """Decode ``path`` once along its timeline (in this process) and encode its planned segments."""
+        from diffusionret.index.segment_encode import encode_segments, encode_timeline, segment_thumbnail
+        from diffusionret.index.segments import Segment
+
+        try:
+            timeline = encode_timeline(self.model, path, fps=self.fps, thumbnails=True)
+            cuts = None
+            if config.mode == "shots":
+                from diffusionret.index.shots import detect_cuts
+
+                cuts = detect_cuts(path, detector=config.shot_detector, threshold=config.shot_threshold)
+            spans: list[Segment] = plan_segments(timeline.duration, config, cuts)
+            frames, mask = encode_segments(self.model, timeline, spans, self.max_frames, sampling=self.sampling)
+        except Exception as exc:  # noqa: BLE001 - one bad file fails alone, as in extract()
+            return ExtractionFailure(_describe_failure(exc))
+        return SegmentedFeatures(spans=[(seg.start, seg.end) for seg in spans], frames=frames, frame_mask=mask,
+                                duration=timeline.duration,
+                                thumbnails=[segment_thumbnail(timeline, seg) for seg in spans],
+                                width=checked.width, height=checked.height)
+
     def decode(self, path: Path) -> _Decoded | ExtractionFailure:
         """Frames (model input), facts and thumbnail of one video, decoded in this process (no budget)."""
         try:
@@ -157,16 +216,18 @@ class ModelVideoEncoder:
         return _Decoded(frames, mask, result.duration, result.width, result.height, result.thumbnail)
 
     @torch.no_grad()
-    def _encode(self, batch: Sequence[_Decoded | ExtractionFailure]) -> list[VideoFeatures | ExtractionFailure]:
+    def _encode(self, batch: Sequence[_Decoded | SegmentedFeatures | ExtractionFailure],
+                ) -> list[VideoFeatures | SegmentedFeatures | ExtractionFailure]:
+        """Encode the decoded clips of ``batch`` in one pass; failures and segmented results pass through."""
         good = [item for item in batch if isinstance(item, _Decoded)]
         features: list[Tensor] = []
         if good:
             frames = torch.stack([item.frames for item in good]).to(self.device)
             mask = torch.stack([item.mask for item in good]).long().to(self.device)
             features = list(self.model.encode_video(frames, mask).float().cpu())  # B x (T, D)
-        results: list[VideoFeatures | ExtractionFailure] = []
+        results: list[VideoFeatures | SegmentedFeatures | ExtractionFailure] = []
         for item in batch:
-            if isinstance(item, ExtractionFailure):
+            if not isinstance(item, _Decoded):
                 results.append(item)
                 continue
             video = features.pop(0)

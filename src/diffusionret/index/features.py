@@ -55,6 +55,35 @@ class VideoFeatures:
 
 
 @dataclass(frozen=True)
+class SegmentedFeatures:
+    """Features and facts of one video indexed in segments (one feature row per segment).
+
+    Attributes:
+        spans: S ``(start, end)`` in seconds, ascending by start.
+        frames: (S, T, D) per-frame features of each segment after the temporal module.
+        frame_mask: (S, T) bool, True for real frames.
+        duration: seconds (the decoded duration the segments were planned on).
+        thumbnails: S JPEG images (or ``None`` entries).
+        width, height: frame size in pixels, when known.
+    """
+
+    spans: list[tuple[float, float]]
+    frames: Tensor
+    frame_mask: Tensor
+    duration: float | None = None
+    thumbnails: list[bytes | None] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+
+    def rows(self) -> list[VideoFeatures]:
+        """One :class:`VideoFeatures` per segment (what a shard stores per row)."""
+        thumbs = self.thumbnails or [None] * len(self.spans)
+        return [VideoFeatures(frames=self.frames[s], frame_mask=self.frame_mask[s], duration=self.duration,
+                              thumbnail=thumbs[s], width=self.width, height=self.height)
+                for s in range(len(self.spans))]
+
+
+@dataclass(frozen=True)
 class ExtractionFailure:
     """A video that could not be decoded; recorded so that unchanged broken files are not retried."""
 
@@ -71,6 +100,11 @@ class FeatureExtractor(Protocol):
     An extractor may also define ``frame_weights(frames (N, T, D) float16, frame_mask (N, T) bool)
     -> (N, T) float32 | None``: the WTI head's video-side weights of the *stored* features, kept in
     the index so that queries skip the weight MLP (see :func:`extractor_frame_weights`).
+
+    To index videos in segments (``index build --segments``), an extractor also defines
+    ``extract_segments(paths, config: SegmentConfig) -> Iterator[SegmentedFeatures | VideoFeatures |
+    ExtractionFailure]`` (one result per path, in order; a :class:`VideoFeatures` is stored as one
+    whole-video row, as ``auto`` does for short files).
     """
 
     @property

@@ -41,7 +41,12 @@ _SHARD_FORMAT = "diffusionret-index-shard/1"
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """Facts about one video stored in a shard (row ``i`` of the tensors)."""
+    """Facts about one row of a shard (row ``i`` of the tensors): a video, or one segment of it.
+
+    ``start``/``end`` (seconds) are set for a segment row (a video indexed in segments has one entry
+    per segment, sharing ``id``); ``None`` for a video indexed whole, whose entry is written exactly
+    as before segments existed.
+    """
 
     id: str
     path: str
@@ -51,6 +56,15 @@ class ShardEntry:
     width: int | None
     height: int | None
     num_frames: int
+    start: float | None = None
+    end: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata dict (no span keys for a whole-video row: shards of whole indexes stay as they were)."""
+        out = dict(self.__dict__)
+        if self.start is None:
+            del out["start"], out["end"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,7 @@ def write_shard(
         "format": _SHARD_FORMAT,
         "model_id": model_id,
         "created_ns": str(time.time_ns()),
-        "entries": json.dumps([e.__dict__ for e in entries]),
+        "entries": json.dumps([e.to_json() for e in entries]),
         "failures": json.dumps([f.__dict__ for f in failures]),
     }
     tensors = {

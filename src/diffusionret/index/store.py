@@ -69,6 +69,8 @@ class IndexInfo:
         sources: folders/lists the collection was discovered from.
         video_root: folder that relative paths in list sources refer to (``None``: each list's folder).
         created_at, updated_at: UNIX times.
+        segments: how videos were cut into segments (``{"mode": "whole"}`` for indexes built
+            before segments existed; see :func:`~diffusionret.index.builder.check_segments`).
     """
 
     model_id: str
@@ -81,6 +83,7 @@ class IndexInfo:
     video_root: str | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    segments: dict[str, Any] = field(default_factory=lambda: {"mode": "whole"})
 
     @classmethod
     def from_catalog(cls, values: dict[str, Any]) -> "IndexInfo":
@@ -91,6 +94,7 @@ class IndexInfo:
             sources=list(values.get("sources", [])), video_root=values.get("video_root"),
             created_at=values.get("created_at"),
             updated_at=values.get("updated_at"),
+            segments=dict(values.get("segments") or {"mode": "whole"}),
         )
 
 
@@ -129,7 +133,9 @@ class VideoIndex:
         self.frame_weights = frame_weights
         self.weights_known = weights_known
         self._all_weights = weights_known is not None and bool(weights_known.all())
-        self._rows = {record.id: row for row, record in enumerate(records)}
+        self._rows: dict[str, int] = {}
+        for row, record in enumerate(records):  # a video indexed in segments: its first segment's row
+            self._rows.setdefault(record.id, row)
         self.first_stage: ExactFirstStage | IvfFirstStage | PqFirstStage | None = None
         self._fingerprint: str | None = None
         # ANN indexes by kind, loaded or built once, reused when reconfigured.
@@ -189,7 +195,7 @@ class VideoIndex:
     @classmethod
     def _load_once(cls, root: Path, info: IndexInfo) -> "VideoIndex":
         with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
-            records = _registered_only(root, catalog.list_records(conn), set(catalog.shard_sizes(conn)))
+            records = _registered_only(root, catalog.list_rows(conn), set(catalog.shard_sizes(conn)))
         n, t, d = len(records), info.num_frames, info.embed_dim
         frames = torch.zeros(n, t, d, dtype=torch.float16)
         frame_mask = torch.zeros(n, t, dtype=torch.bool)
@@ -395,6 +401,6 @@ def index_fingerprint(conn: sqlite3.Connection) -> tuple[str, list[VideoRecord]]
     Equals :attr:`VideoIndex.content_fingerprint` of the index loaded from that catalogue (same rows, same order).
     """
     info = catalog.read_info(conn)
-    records = catalog.list_records(conn)
+    records = catalog.list_rows(conn)
     rows = [(r.id, r.shard, r.row) for r in records]
     return content_fingerprint(info["model_id"], int(info["embed_dim"]), rows), records
