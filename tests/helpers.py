@@ -96,6 +96,55 @@ def assert_json_error(response, status: int) -> dict:
     return body
 
 
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``diffusionret ARGV`` in-process: (exit code, stdout, stderr)."""
+    import io
+
+    from diffusionret.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with cli_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A tiny generation-stage model (seeded) saved as ``folder/tiny.safetensors``."""
+    import torch
+
+    from diffusionret.models.checkpoint import save_model
+    from diffusionret.models.config import ModelConfig
+    from diffusionret.models.factory import build_model
+
+    model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
+    return save_model(model, folder / "tiny.safetensors")
+
+
+def run_two_ranks(rank_main) -> dict[int, object]:
+    """``rank_main(rank, barrier)`` on two threads sharing a real barrier, as two ranks would; their results.
+
+    An exception on either rank aborts the barrier (so the other rank does not wait forever) and fails.
+    """
+    barrier = threading.Barrier(2, timeout=60)
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = rank_main(rank, barrier)
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
 def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.01) -> None:
     """Poll ``condition()`` until it is true. The timeout only keeps a broken test from hanging:
     it is generous, and no test's outcome depends on how fast the condition comes true."""

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from diffusionret.index.identity import ModelMismatchError, model_fingerprint
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.store import VideoIndex, exact_topk
 from diffusionret.testing.index import BROKEN_MARKER, SyntheticExtractor
-from helpers import assert_same_index, make_videos, shard_consistency, wait_for
+from helpers import assert_same_index, make_videos, run_two_ranks, shard_consistency, wait_for
 
 
 
@@ -253,23 +252,9 @@ def test_multi_rank_build_merges_shards(tmp_path: Path) -> None:
     """Two ranks (threads with a real barrier) build the same index as one process."""
     make_videos(tmp_path / "videos", 21)
     videos = discover_videos(tmp_path / "videos")
-    barrier = threading.Barrier(2, timeout=60)
-    reports, errors = {}, []
-
-    def rank_main(rank: int) -> None:
-        try:
-            reports[rank] = sync_index(tmp_path / "ranks", videos, SyntheticExtractor(), shard_size=8, rank=rank,
-                                       world_size=2, barrier=barrier.wait, progress=False)
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    reports = run_two_ranks(lambda rank, barrier: sync_index(tmp_path / "ranks", videos, SyntheticExtractor(),
+                                                             shard_size=8, rank=rank, world_size=2,
+                                                             barrier=barrier.wait, progress=False))
     assert reports[1].added == 10  # each rank counts its own work; rank 0 reports the whole job
     assert reports[0].added == reports[0].total == 21
     assert reports[0].shards_written == reports[1].shards_written == 2  # 11 + 10 videos: 8 + 3 and 8 + 2

@@ -7,7 +7,6 @@ subprocess, so a hang is a bounded failure); everything else uses the synthetic 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import multiprocessing
 import os
@@ -20,17 +19,16 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 from helpers import (
     assert_same_index,
-    cli_logging,
     hostile_corpus,
     make_videos,
+    run_cli,
+    save_tiny_model,
     shard_consistency,
     write_tiny_video,
 )
-from diffusionret.cli import main
 from diffusionret.index import builder, catalog
 from diffusionret.index.shards import SHARD_DIR
 from diffusionret.index.builder import build_index, update_index
@@ -38,21 +36,9 @@ from diffusionret.index.store import VideoIndex
 from diffusionret.testing.index import SyntheticExtractor
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with cli_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusionret.models.checkpoint import save_model
-    from diffusionret.models.config import ModelConfig
-    from diffusionret.models.factory import build_model
-
-    model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 # ------------------------------------------------------------------------------ hostile corpus

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_same_index, cli_logging, make_videos, shard_consistency, write_tiny_video
-from diffusionret.cli import main
+from helpers import (assert_same_index, make_videos, run_cli, run_two_ranks, save_tiny_model,
+                     shard_consistency, write_tiny_video)
 from diffusionret.index import catalog
 from diffusionret.index.builder import SegmentsError, build_index, check_segments, update_index
 from diffusionret.index.features import ExtractionFailure, SegmentedFeatures
@@ -23,21 +22,9 @@ from diffusionret.testing.index import SyntheticExtractor
 MODEL_SETTINGS = {"extractor": "diffusionret", "max_frames": 12, "fps": 1.0, "sampling": "uniform", "image_size": 32}
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with cli_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusionret.models.checkpoint import save_model
-    from diffusionret.models.config import ModelConfig
-    from diffusionret.models.factory import build_model
-
-    model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 class SegmentingExtractor(SyntheticExtractor):
@@ -76,6 +63,12 @@ def _rows(root: Path) -> list[tuple]:
     index = VideoIndex.load(root)
     return [(r.path, r.start, r.end, index.frames[i].clone(), index.frame_mask[i].clone())
             for i, r in enumerate(index.records)]
+
+
+def _assert_same_rows(a: Path, b: Path) -> None:
+    """The two indexes hold the same rows: path, span and features, in order."""
+    for x, y in zip(_rows(a), _rows(b), strict=True):
+        assert x[:3] == y[:3] and torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
 
 
 def _segments(root: Path) -> dict[str, list[tuple[float, float]]]:
@@ -295,7 +288,6 @@ def test_compaction_keeps_each_videos_segments_in_one_shard(tmp_path: Path) -> N
 
 def test_multi_rank_build_cuts_every_ranks_videos_as_recorded(tmp_path: Path) -> None:
     """Rank 1 cuts its videos as rank 0's plan says (it never reads the catalogue)."""
-    import threading
 
     from diffusionret.index.builder import sync_index
     from diffusionret.index.discover import discover_videos
@@ -304,28 +296,13 @@ def test_multi_rank_build_cuts_every_ranks_videos_as_recorded(tmp_path: Path) ->
         _write(tmp_path / "videos" / f"v{i}.mp4", 5.0 + i)
     videos = discover_videos(tmp_path / "videos")
     fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
-    barrier = threading.Barrier(2, timeout=60)
-    errors: list[BaseException] = []
-
-    def rank_main(rank: int) -> None:
-        try:
-            sync_index(tmp_path / "ranks", videos, SegmentingExtractor(), shard_size=2, rank=rank, world_size=2,
-                       barrier=barrier.wait, progress=False, segments=fixed)
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_two_ranks(lambda rank, barrier: sync_index(tmp_path / "ranks", videos, SegmentingExtractor(), shard_size=2,
+                                                  rank=rank, world_size=2, barrier=barrier.wait, progress=False,
+                                                  segments=fixed))
     build_index(tmp_path / "single", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
                 segments=fixed)
     assert _segments(tmp_path / "ranks") == _segments(tmp_path / "single")
-    for a, b in zip(_rows(tmp_path / "ranks"), _rows(tmp_path / "single"), strict=True):
-        assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+    _assert_same_rows(tmp_path / "ranks", tmp_path / "single")
     shard_consistency(tmp_path / "ranks")
 
 
@@ -354,6 +331,5 @@ def test_a_segmented_shard_written_but_not_registered_is_adopted_on_resume(tmp_p
     build_index(tmp_path / "clean", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
                 segments=fixed)
     assert _segments(tmp_path / "idx") == _segments(tmp_path / "clean")
-    for a, b in zip(_rows(tmp_path / "idx"), _rows(tmp_path / "clean"), strict=True):
-        assert a[:3] == b[:3] and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+    _assert_same_rows(tmp_path / "idx", tmp_path / "clean")
     shard_consistency(tmp_path / "idx")
