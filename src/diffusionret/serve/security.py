@@ -47,7 +47,7 @@ def check_token(token: str | None) -> None:
         return
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"the token must be at least {MIN_TOKEN_CHARS} characters long, got {len(token)} "
-                         "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)")
+                         "(generate one with e.g. `openssl rand -hex 24`)")
 
 
 def normalise_host(host: str) -> str:
