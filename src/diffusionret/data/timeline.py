@@ -28,7 +28,7 @@ import numpy as np
 from diffusionret.data.decode import DecodeStats
 # The decoder's stream handling (time origin, AVI frame counting, timestamp tolerance) and its RGB
 # conversion, shared rather than duplicated so that timeline frames are read_frames' frames.
-from diffusionret.data.decode import _to_rgb, _VideoSource  # noqa: PLC2701
+from diffusionret.data.decode import _match_size, _to_rgb, _VideoSource  # noqa: PLC2701
 from diffusionret.data.errors import VideoDecodeError
 from diffusionret.data.sampling import to_fraction
 
@@ -120,7 +120,7 @@ class TimelineReader:
         def flush() -> TimelineBatch:
             nonlocal frames, originals, times, first
             shapes = {f.shape for f in frames}
-            stacked = np.stack(frames) if len(shapes) == 1 else np.stack([_match(f, frames[0].shape) for f in frames])
+            stacked = np.stack(frames) if len(shapes) == 1 else np.stack([_match_size(f, frames[0].shape) for f in frames])
             batch = TimelineBatch(stacked, np.asarray(times, dtype=np.float64), first,
                                   list(originals) if self.keep_originals else None)
             first += len(frames)
@@ -173,11 +173,3 @@ class TimelineReader:
 
 def _past(k: int, rate: Fraction, limit: Fraction | None) -> bool:
     return limit is not None and Fraction(k) / rate >= limit
-
-
-def _match(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape == shape:
-        return image
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.BICUBIC))
