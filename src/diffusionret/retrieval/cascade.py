@@ -236,11 +236,20 @@ def _candidates(model: nn.Module, tokens: Tensor, mask: Tensor, rows: Tensor, st
     """
     video, frame_mask = store.gather(rows)
     video, frame_mask = video.to(device), frame_mask.to(device)
-    weights = store.gather_weights(rows)  # stored at build time; None: the model computes them
+    return video, frame_mask, _wti(model, tokens, mask, video, frame_mask, store, rows, device)
+
+
+def _wti(model: nn.Module, tokens: Tensor, mask: Tensor, video: Tensor, frame_mask: Tensor, store: CandidateStore,
+         rows: Tensor, device: torch.device) -> Tensor:
+    """WTI scores (1, N) float32 of one query against its gathered candidates ``video`` (N, T, D).
+
+    The video-side weights stored at build time are used when every row has them (``None``: the
+    model computes them), exactly as for a query searched alone.
+    """
+    weights = store.gather_weights(rows)
     if weights is not None:
         weights = weights.to(device)
-    wti = model.similarity(tokens, mask, video, frame_mask, frame_weights=weights, trim=True).float()  # (1, N)
-    return video, frame_mask, wti
+    return model.similarity(tokens, mask, video, frame_mask, frame_weights=weights, trim=True).float()
 
 
 def _second_stage_batch(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Tensor, coarse: Tensor | None,
@@ -254,16 +263,8 @@ def _second_stage_batch(model: nn.Module, tokens: Tensor, mask: Tensor, cls: Ten
     b, n = rows.shape
     video, frame_mask = store.gather(rows.reshape(-1))  # (B * N, T, D): one gather for the batch
     video, frame_mask = video.to(device), frame_mask.to(device)
-    wtis = []
-    for i in range(b):
-        own = slice(i * n, (i + 1) * n)
-        # Per query: a query whose rows all have stored weights uses them, as it does alone.
-        weights = store.gather_weights(rows[i])
-        if weights is not None:
-            weights = weights.to(device)
-        wtis.append(model.similarity(tokens[i:i + 1], mask[i:i + 1], video[own], frame_mask[own],
-                                     frame_weights=weights, trim=True).float())
-    wti = torch.cat(wtis)  # (B, N)
+    wti = torch.cat([_wti(model, tokens[i:i + 1], mask[i:i + 1], video[i * n:(i + 1) * n],
+                          frame_mask[i * n:(i + 1) * n], store, rows[i], device) for i in range(b)])  # (B, N)
     top_k = min(reranker.config.top_k, wti.shape[1])
     # Each query's own noise: a fresh generator seeded as when it runs alone.
     noise = torch.cat([draw_noise(1, top_k, torch.Generator(device=device).manual_seed(seed), device)
