@@ -51,6 +51,6 @@ def test_index_built_by_old_code_gives_the_same_top_10(demo_run, golden: dict, t
                          "--rerank", str(settings["rerank_top_k"]), "--candidates", str(settings["candidates"]),
                          "--max-words", str(settings["max_words"])])
         assert code == 0
-        results = json.loads(capsys.readouterr().out)["results"]
+        results = json.loads(capsys.readouterr().out)
         assert [r["id"] for r in results] == [e["id"] for e in expected["top10"]], expected["query"]
         assert [r["score"] for r in results] == pytest.approx([e["score"] for e in expected["top10"]], abs=1e-6)

@@ -235,18 +235,42 @@ def test_searcher_rejects_bad_arguments(setup: dict) -> None:
 def test_cli_search_prints_table_and_json(setup: dict, capsys: pytest.CaptureFixture) -> None:
     index_dir, query = str(setup["index_dir"]), setup["corpus"].test_captions[2]
     assert main(["search", index_dir, query, "-k", "3", "--json", "--rerank", "4"]) == 0
-    body = json.loads(capsys.readouterr().out)
-    assert body["query"] == query and [r["rank"] for r in body["results"]] == [1, 2, 3]
+    hits = json.loads(capsys.readouterr().out)
+    assert isinstance(hits, list) and [r["rank"] for r in hits] == [1, 2, 3]
     expected = Searcher.open(index_dir, config=SearchConfig(rerank_top_k=4)).search(query, 3)
-    assert [r["id"] for r in body["results"]] == [h.id for h in expected]
+    assert [r["id"] for r in hits] == [h.id for h in expected]
     assert main(["search", index_dir, query, "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "score", "moment", "path"] and len(lines) == 4
     # Whole-video hits are the moment [0, duration], shown mm:ss-mm:ss.
-    assert all(set(r) >= {"rank", "score", "path", "video_id", "start", "end"} for r in body["results"])
-    assert all(r["start"] == 0.0 and r["end"] == pytest.approx(r["duration"]) for r in body["results"])
+    assert all(set(r) >= {"rank", "score", "path", "video_id", "start", "end"} for r in hits)
+    assert all(r["start"] == 0.0 and r["end"] == pytest.approx(r["duration"]) for r in hits)
     assert lines[1].split()[2] == "00:00-00:02"
     assert lines[1].split()[0] == "1" and lines[1].endswith(".mp4")
+
+
+def test_api_search_gives_the_cli_json_fields(setup: dict, capsys: pytest.CaptureFixture) -> None:
+    """``GET /api/search`` answers each hit with the fields and values of ``search --json`` (plus URLs)."""
+    from fastapi.testclient import TestClient
+
+    from diffusionret.serve.app import ServeConfig, create_app
+
+    index_dir, query = str(setup["index_dir"]), setup["corpus"].test_captions[4]
+    assert main(["search", index_dir, query, "-k", "4", "--json", "--rerank", "4"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    searcher = Searcher.open(index_dir, config=SearchConfig(rerank_top_k=4))
+    with TestClient(create_app(searcher, ServeConfig(show_paths=True)), base_url="http://127.0.0.1") as client:
+        api = client.get("/api/search", params={"q": query, "k": 4}).json()["results"]
+    assert len(api) == len(cli) == 4
+    for a, c in zip(api, cli, strict=True):
+        assert set(c) <= set(a), "every CLI field"
+        for key, value in c.items():  # with the CLI's value (scores up to float noise)
+            if isinstance(value, float):
+                assert a[key] == pytest.approx(value, abs=1e-6), key
+            elif isinstance(value, dict):
+                assert a[key] == pytest.approx(value, abs=1e-6), key
+            else:
+                assert a[key] == value, key
 
 
 def test_another_model_is_refused(setup: dict, capsys: pytest.CaptureFixture) -> None:
@@ -318,7 +342,7 @@ def test_cli_ivf_first_stage(setup: dict, tmp_path: Path, capsys: pytest.Capture
     for method in ("exact", "ivf"):  # probing both lists, IVF is exact
         assert main(["search", str(index_dir), query, "-k", "5", "--json", "--first-stage", method,
                      "--nprobe", "2"]) == 0
-        results[method] = [(r["id"], round(r["score"], 5)) for r in json.loads(capsys.readouterr().out)["results"]]
+        results[method] = [(r["id"], round(r["score"], 5)) for r in json.loads(capsys.readouterr().out)]
     assert results["ivf"] == results["exact"]
     assert main(["index", "update", str(index_dir), "--ivf", "off", "--no-progress"]) == 0
     capsys.readouterr()
@@ -341,7 +365,7 @@ def test_cli_pq_first_stage(setup: dict, tmp_path: Path, capsys: pytest.CaptureF
     for method in ("exact", "pq"):  # the shortlist covers this small index: PQ + re-scoring is exact
         assert main(["search", str(index_dir), query, "-k", "5", "--json", "--first-stage", method,
                      "--rescore", "100"]) == 0
-        results[method] = [(r["id"], round(r["score"], 5)) for r in json.loads(capsys.readouterr().out)["results"]]
+        results[method] = [(r["id"], round(r["score"], 5)) for r in json.loads(capsys.readouterr().out)]
     assert results["pq"] == results["exact"]
 
 

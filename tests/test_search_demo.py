@@ -97,7 +97,7 @@ def test_cli_and_http_agree_with_the_python_api(demo_index: dict, capsys: pytest
         code = main(["search", str(demo_index["dir"]), caption, "-k", "5", "--json", "--candidates", "20",
                      "--rerank", str(cfg["top_k"]), "--max-words", str(cfg["max_words"])])
     assert code == 0
-    cli_ids = [r["id"] for r in json.loads(capsys.readouterr().out)["results"]]
+    cli_ids = [r["id"] for r in json.loads(capsys.readouterr().out)]
     assert cli_ids == [h.id for h in expected]
 
     with TestClient(create_app(searcher), base_url="http://127.0.0.1") as client:

@@ -213,14 +213,24 @@ def test_cli_fixed_segments_reach_search_json(tmp_path: Path, tiny_model: Path) 
     code, out, err = run_cli(["search", str(root), "grey frames", "-k", "10", "--json"])
     assert code == 0, err
     hits = json.loads(out)
-    hits = hits["results"] if isinstance(hits, dict) else hits
-    assert hits, out
+    assert isinstance(hits, list) and hits, out
     for hit in hits:
         allowed = spans[Path(hit["path"]).name]
         # A moment is one segment or the union of touching segments of its video.
         assert any(abs(hit["start"] - a) < 1e-6 for a, _ in allowed), hit
         assert any(abs(hit["end"] - b) < 1e-6 for _, b in allowed), hit
     assert any(Path(h["path"]).name == "long.mp4" and h["end"] - h["start"] < 6.0 for h in hits), hits
+    # The API answers the same moments with the same fields.
+    from fastapi.testclient import TestClient
+
+    from diffusionret.index.searcher import Searcher
+    from diffusionret.serve.app import ServeConfig, create_app
+
+    with TestClient(create_app(Searcher.open(root), ServeConfig(show_paths=True)), base_url="http://127.0.0.1") as client:
+        api = client.get("/api/search", params={"q": "grey frames", "k": 10}).json()["results"]
+    assert [{k: h[k] for k in ("rank", "path", "video_id", "start", "end")} for h in api] == \
+        [{k: h[k] for k in ("rank", "path", "video_id", "start", "end")} for h in hits]
+    assert [h["score"] for h in api] == pytest.approx([h["score"] for h in hits])
 
     code, _, err = run_cli(["index", "update", str(root), "--window", "3", *base])
     assert code == 2 and "--window and --stride need --segments" in err

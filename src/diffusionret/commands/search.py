@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("query", help="text query")
     add_search_options(parser)
     parser.add_argument("-k", type=int, default=10, help="results to show")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list of hits (rank, score, path, video_id, start, end, ...) instead of a table")
     parser.set_defaults(func=run)
 
 
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     searcher = open_searcher(args)
     hits = searcher.search(args.query, args.k)
     if args.json:
-        sys.stdout.write(json.dumps({"query": args.query, "results": [h.to_dict() for h in hits]}, indent=2) + "\n")
+        # A bare list, one object per hit (the API wraps the same objects in an envelope with the query).
+        sys.stdout.write(json.dumps([h.to_dict() for h in hits], indent=2) + "\n")
     else:
         sys.stdout.write(format_table(hits))
     return 0

@@ -66,7 +66,7 @@ def main() -> None:
     for query in [*captions, *EXTRA_QUERIES]:
         printed = _cli(["search", str(index), query, "-k", "10", "--json", "--rerank", str(settings["top_k"]),
                         "--max-words", str(settings["max_words"])])
-        results = json.loads(printed)["results"]
+        results = json.loads(printed)
         searches.append({"query": query, "top10": [{"id": r["id"], "score": r["score"]} for r in results]})
     golden = {"demo": {"seed": 3, "test": metrics["test"], "query": metrics["query"]},
               "search": {"max_words": settings["max_words"], "rerank_top_k": settings["top_k"], "candidates": 100,
