@@ -254,6 +254,29 @@ def write_tiny_video(path, *, frames: int = 20, fps: int = 10, size: int = 32, f
     return path
 
 
+def write_shot_video(path, cuts_at: list[int], num_frames: int, fps: int = 10, *, flat: bool = False):
+    """Shots of flat colours that change at the frame numbers ``cuts_at``, each with a small moving white
+    square (``flat``: no square). Hue, saturation and brightness all change at a cut, as PySceneDetect's
+    ContentDetector weighs them. Returns ``path``."""
+    import numpy as np
+
+    from diffusionret.testing.videos import write_video
+
+    palette = [(230, 40, 40), (20, 70, 20), (240, 240, 140), (20, 20, 110), (200, 200, 200)]
+    frames = []
+    shot = 0
+    for i in range(num_frames):
+        while shot < len(cuts_at) and i >= cuts_at[shot]:
+            shot += 1
+        frame = np.empty((64, 96, 3), dtype=np.uint8)
+        frame[:] = palette[shot % len(palette)]
+        if not flat:
+            x = 5 + (i * 3) % 70
+            frame[20:36, x:x + 16] = 255
+        frames.append(frame)
+    return write_video(path, frames, fps=fps)
+
+
 def lying_duration_mkv(path, seconds: float = 4.3e9):
     """A 2-second Matroska file whose header claims ``seconds`` (default: 136 years)."""
     import struct

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_shot_video
 from diffusionret.data.decode import read_frames
 from diffusionret.data.errors import VideoDecodeError
 from diffusionret.data.timeline import TimelineReader
@@ -126,27 +127,10 @@ def test_short_segments_are_padded_and_masked(tmp_path: Path, tiny_model: torch.
 # ------------------------------------------------------------------------------------------------ shots
 
 
-def _shot_video(path: Path, cuts_at: list[int], num_frames: int, fps: int = 10) -> Path:
-    """Flat colours that change at ``cuts_at`` (frame numbers), with a small moving square in each shot."""
-    # Hue, saturation and brightness all change at a cut, as ContentDetector's default weights need.
-    palette = [(230, 40, 40), (20, 70, 20), (240, 240, 140), (20, 20, 110), (200, 200, 200)]
-    frames = []
-    shot = 0
-    for i in range(num_frames):
-        if shot < len(cuts_at) and i >= cuts_at[shot]:
-            shot += 1
-        frame = np.empty((64, 96, 3), dtype=np.uint8)
-        frame[:] = palette[shot % len(palette)]
-        x = 5 + (i * 3) % 70
-        frame[20:36, x:x + 16] = 255
-        frames.append(frame)
-    return write_video(path, frames, fps=fps)
-
-
 def test_shot_cuts_are_found_within_one_frame(tmp_path: Path) -> None:
     from diffusionret.index.shots import detect_cuts
 
-    path = _shot_video(tmp_path / "shots.mp4", [25, 60, 95], 130)
+    path = write_shot_video(tmp_path / "shots.mp4", [25, 60, 95], 130)
     for detector in ("adaptive", "content"):
         cuts = detect_cuts(path, detector=detector)
         assert len(cuts) == 3, (detector, cuts)
@@ -159,10 +143,10 @@ def test_shot_cuts_are_found_within_one_frame(tmp_path: Path) -> None:
 def test_shot_detection_without_cuts_and_on_flicker(tmp_path: Path) -> None:
     from diffusionret.index.shots import detect_cuts
 
-    still = _shot_video(tmp_path / "still.mp4", [], 40)
+    still = write_shot_video(tmp_path / "still.mp4", [], 40)
     assert detect_cuts(still) == []
     assert shots(4.0, [], 2.0, 1.0, 0.5) == fixed(4.0, 2.0, 1.0), "no cut: windows as in fixed mode"
-    flicker = _shot_video(tmp_path / "flicker.mp4", list(range(1, 60)), 60)  # a new colour every frame
+    flicker = write_shot_video(tmp_path / "flicker.mp4", list(range(1, 60)), 60)  # a new colour every frame
     cuts = detect_cuts(flicker, detector="content")
     assert len(cuts) > 20
     segments = shots(6.0, cuts, 2.0, 1.0, 0.5)

@@ -72,7 +72,8 @@ class TimelineReader:
             hours ahead); ``None``: no limit.
 
     After a complete iteration, :attr:`duration` (seconds, the end of the last decoded frame),
-    :attr:`header_duration` (what the container said, or ``None``) and :attr:`num_samples` are set.
+    :attr:`header_duration` (what the container said, or ``None``), :attr:`num_samples` and
+    :attr:`capped` (whether ``max_duration`` stopped it with more of the stream to come) are set.
 
     Raises (while iterating):
         VideoDecodeError: the file cannot be opened, has no decodable frame, or decoding fails.
@@ -93,6 +94,7 @@ class TimelineReader:
         self.duration: float | None = None
         self.header_duration: float | None = None
         self.num_samples = 0
+        self.capped = False
 
     def __iter__(self) -> Iterator[TimelineBatch]:
         from av.video.reformatter import VideoReformatter
@@ -159,6 +161,7 @@ class TimelineReader:
                 yield flush()
             self.duration = float(end)
             self.num_samples = k
+            self.capped = capped
             if not capped:
                 self._check_header(src.path)
 

@@ -5,11 +5,15 @@ model's image size, then :class:`~diffusionret.data.transforms.ClipTransform`), 
 features equal the features evaluation computes for it. Decoding runs in worker processes
 (:class:`~diffusionret.data.isolate.IsolatedPool`), each file under a time and memory budget: a
 hostile file fails on its own (recorded in the index with its error) instead of hanging the build.
+Segmented files are decoded along their whole timeline in the same workers, under the same budget
+(:mod:`~diffusionret.index.segment_job`).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,8 @@ from diffusionret.data.isolate import DecodeBudget, IsolatedPool, JobFailed
 from diffusionret.index.decode_job import DecodedVideo, DecodeRequest, decode_for_index
 from diffusionret.index.features import ExtractionFailure, ModelIdentity, SegmentedFeatures, VideoFeatures
 from diffusionret.index.identity import model_identity
-from diffusionret.index.segments import SegmentConfig, plan_segments
+from diffusionret.index.segment_job import MAX_TIMELINE_S, DecodedTimeline, SegmentRequest, decode_any
+from diffusionret.index.segments import SegmentConfig
 from diffusionret.models.config import InputConfig
 
 logger = logging.getLogger(__name__)
@@ -50,14 +55,16 @@ class ModelVideoEncoder:
         decode_workers: decoding worker processes (started on first use, reused until :meth:`close`).
         model_path: the checkpoint ``model`` came from (recorded in the index).
         identity: precomputed identity (skips hashing the weights).
-        budget: time and memory each file may take to decode.
+        budget: time and memory each file may take to decode (a segmented file's whole timeline included).
+        max_timeline_s: a segmented file whose frames run past this many seconds fails (a timestamp
+            jumping years ahead would otherwise repeat one frame for every ``1 / fps`` of the gap).
     """
 
     def __init__(self, model: nn.Module, input_config: InputConfig | None = None, *, batch_size: int = 16,
                  decode_workers: int = 2, model_path: str | None = None, identity: ModelIdentity | None = None,
-                 budget: DecodeBudget | None = None) -> None:
-        if batch_size <= 0 or decode_workers <= 0:
-            raise ValueError("batch_size and decode_workers must be positive")
+                 budget: DecodeBudget | None = None, max_timeline_s: float = MAX_TIMELINE_S) -> None:
+        if batch_size <= 0 or decode_workers <= 0 or not max_timeline_s > 0:
+            raise ValueError("batch_size, decode_workers and max_timeline_s must be positive")
         self.image_size = int(model.image_size)
         input_config = input_config or InputConfig.for_image_size(self.image_size)
         self.model = model.eval()
@@ -67,9 +74,10 @@ class ModelVideoEncoder:
         self.sampling = input_config.sampling
         self.batch_size = batch_size
         self.decode_workers = decode_workers
+        self.max_timeline_s = max_timeline_s
         self.device = next(model.parameters()).device
         self._identity = identity or model_identity(model, str(Path(model_path).resolve()) if model_path else None)
-        self._pool = IsolatedPool(decode_for_index, workers=decode_workers, budget=budget)
+        self._pool = IsolatedPool(decode_any, workers=decode_workers, budget=budget)
         # Workers also stop when this encoder is collected or the interpreter exits without close().
         self._finalizer = weakref.finalize(self, self._pool.close)
 
@@ -137,58 +145,61 @@ class ModelVideoEncoder:
         """Segment features of each video (decode once, image tower once per frame; see
         :mod:`~diffusionret.index.segment_encode`); yields one result per path, in order.
 
-        Each file is first decoded as a clip in a worker process under the decode budget, exactly as
-        :meth:`extract` does: a file that fails or hangs there is recorded as failed and never
-        decoded here. In ``auto`` mode a video no longer than
-        :data:`~diffusionret.index.segments.AUTO_WHOLE_FACTOR` windows (by its header duration) is
-        then encoded from that clip, in batches, exactly as :meth:`extract` encodes it (a
-        :class:`VideoFeatures`, stored as a whole-video row). Otherwise the timeline decode runs in
-        *this* process, without the budget (it yields one frame per ``1 / fps``, too much to ship back
-        from a worker for long videos); any exception it raises fails that file only.
+        Every file is decoded in a worker process under the decode budget, as in :meth:`extract`:
+        the whole timeline of a segmented file (and its shot detection) included, so a file that
+        fails, hangs or exhausts memory there is recorded as failed with its reason. In ``auto`` mode
+        a video no longer than :data:`~diffusionret.index.segments.AUTO_WHOLE_FACTOR` windows (by its
+        probed duration) is decoded and encoded exactly as :meth:`extract` does (a
+        :class:`VideoFeatures`, stored as a whole-video row). The other videos' timeline frames come
+        back through a scratch folder (under the system's temporary folder, ``$TMPDIR``; at most
+        one per worker plus the one being encoded), deleted as soon as the file is encoded.
 
         Args:
             paths: the videos.
             config: a resolved segmentation (:meth:`SegmentConfig.resolved`).
         """
-        from diffusionret.index.segments import AUTO_WHOLE_FACTOR
-
-        assert config.window is not None
-        requests = [DecodeRequest(str(p), self.fps, self.max_frames, self.image_size, self.sampling) for p in paths]
-        batch: list[_Decoded | SegmentedFeatures | ExtractionFailure] = []
-        for path, checked in zip(paths, self._pool.map(requests), strict=True):
-            if isinstance(checked, JobFailed):
-                batch.append(ExtractionFailure(_cause(Path(path), checked.error)))
-            elif config.mode == "auto" and checked.duration <= AUTO_WHOLE_FACTOR * config.window:
-                batch.append(self._prepare(Path(path), checked))
-            else:
-                batch.append(self._segment(Path(path), checked, config))
-            if len(batch) == self.batch_size:
+        if config.window is None:
+            raise ValueError("resolve the segment config against the model's trained span first")
+        with tempfile.TemporaryDirectory(prefix="diffusionret-segments-") as scratch:
+            requests = [SegmentRequest(DecodeRequest(str(p), self.fps, self.max_frames, self.image_size, self.sampling),
+                                       config, str(Path(scratch) / str(i)), max_duration=self.max_timeline_s)
+                        for i, p in enumerate(paths)]
+            batch: list[_Decoded | SegmentedFeatures | ExtractionFailure] = []
+            for path, request, decoded in zip(paths, requests, self._pool.map(requests), strict=True):
+                try:
+                    if isinstance(decoded, DecodedTimeline):
+                        batch.append(self._segment(decoded))
+                    elif isinstance(decoded, JobFailed) and _TIMED_OUT in decoded.error:
+                        batch.append(ExtractionFailure(
+                            f"{decoded.error}; a segmented video is decoded whole (and scanned for shots) within "
+                            "the decode budget: raise --decode-timeout for long videos"))
+                    else:
+                        batch.append(self._prepare(Path(path), decoded))
+                finally:
+                    shutil.rmtree(request.workdir, ignore_errors=True)  # whatever the worker got to write
+                if len(batch) == self.batch_size:
+                    yield from self._encode(batch)
+                    batch = []
+            if batch:
                 yield from self._encode(batch)
-                batch = []
-        if batch:
-            yield from self._encode(batch)
 
-    def _segment(self, path: Path, checked: DecodedVideo,
-                 config: SegmentConfig) -> SegmentedFeatures | ExtractionFailure:
-        """Decode ``path`` once along its timeline (in this process) and encode its planned segments."""
-        from diffusionret.index.segment_encode import encode_segments, encode_timeline, segment_thumbnail
+    def _segment(self, decoded: DecodedTimeline) -> SegmentedFeatures | ExtractionFailure:
+        """Encode a worker-decoded timeline: image tower per frame, temporal module per planned segment."""
+        from diffusionret.index.segment_encode import EncodedTimeline, encode_frame_batches, encode_segments
+        from diffusionret.index.segment_job import stored_batches
         from diffusionret.index.segments import Segment
 
         try:
-            timeline = encode_timeline(self.model, path, fps=self.fps, thumbnails=True)
-            cuts = None
-            if config.mode == "shots":
-                from diffusionret.index.shots import detect_cuts
-
-                cuts = detect_cuts(path, detector=config.shot_detector, threshold=config.shot_threshold)
-            spans: list[Segment] = plan_segments(timeline.duration, config, cuts)
+            features = encode_frame_batches(self.model, stored_batches(decoded))
+            timeline = EncodedTimeline(features=features, times=decoded.times, fps=self.fps,
+                                       duration=decoded.duration, header_duration=decoded.header_duration,
+                                       width=decoded.width, height=decoded.height)
+            spans = [Segment(start, end) for start, end in decoded.spans]
             frames, mask = encode_segments(self.model, timeline, spans, self.max_frames, sampling=self.sampling)
         except Exception as exc:  # noqa: BLE001 - one bad file fails alone, as in extract()
             return ExtractionFailure(_describe_failure(exc))
-        return SegmentedFeatures(spans=[(seg.start, seg.end) for seg in spans], frames=frames, frame_mask=mask,
-                                duration=timeline.duration,
-                                thumbnails=[segment_thumbnail(timeline, seg) for seg in spans],
-                                width=checked.width, height=checked.height)
+        return SegmentedFeatures(spans=list(decoded.spans), frames=frames, frame_mask=mask, duration=decoded.duration,
+                                 thumbnails=list(decoded.thumbnails), width=decoded.width, height=decoded.height)
 
     def decode(self, path: Path) -> _Decoded | ExtractionFailure:
         """Frames (model input), facts and thumbnail of one video, decoded in this process (no budget)."""
@@ -235,6 +246,10 @@ class ModelVideoEncoder:
                                          duration=item.duration, thumbnail=item.thumbnail, width=item.width,
                                          height=item.height))
         return results
+
+
+# How IsolatedPool reports a job killed for its time budget.
+_TIMED_OUT = "took longer than"
 
 
 def _describe_failure(exc: BaseException) -> str:

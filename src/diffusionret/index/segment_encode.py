@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from diffusionret.index.segments import Segment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodedTimeline", "encode_segments", "encode_timeline", "segment_frame_indices", "segment_thumbnail"]
+__all__ = ["EncodedTimeline", "encode_frame_batches", "encode_segments", "encode_timeline", "segment_frame_indices",
+           "segment_thumbnail"]
 
 # Slack when testing whether a sampling time lies inside a segment (times are k / fps in float64).
 _EPS = 1e-6
@@ -88,29 +89,55 @@ def encode_timeline(model: nn.Module, path: str | os.PathLike, *, fps: float, ba
         VideoDecodeError: the file cannot be decoded (names the file).
     """
     from diffusionret.data.timeline import TimelineReader
-    from diffusionret.data.transforms import ClipTransform
     from diffusionret.index.decode_job import jpeg_thumbnail
 
     size = int(model.image_size)
-    device = next(model.parameters()).device
-    transform = ClipTransform(size)
     reader = TimelineReader(path, fps=fps, size=size, batch_size=batch_size, keep_originals=thumbnails,
                             max_duration=max_duration)
-    chunks: list[Tensor] = []
     times: list[np.ndarray] = []
     jpegs: list[bytes] | None = [] if thumbnails else None
     width = height = None
-    for batch in reader:
-        clip = transform(batch.frames).to(device)  # (b, 3, S, S)
-        chunks.append(model.encode_frames(clip[None])[0].float().cpu())  # (b, D)
-        times.append(batch.times)
-        if batch.originals is not None and jpegs is not None:
-            height, width = batch.originals[0].shape[:2]
-            jpegs.extend(jpeg_thumbnail(frame) for frame in batch.originals)
+
+    def frames() -> Iterator[np.ndarray]:
+        nonlocal width, height
+        for batch in reader:
+            times.append(batch.times)
+            if batch.originals is not None and jpegs is not None:
+                height, width = batch.originals[0].shape[:2]
+                jpegs.extend(jpeg_thumbnail(frame) for frame in batch.originals)
+            yield batch.frames
+
+    features = encode_frame_batches(model, frames())
     assert reader.duration is not None  # set by a complete iteration
-    return EncodedTimeline(features=torch.cat(chunks), times=np.concatenate(times), fps=float(fps),
+    return EncodedTimeline(features=features, times=np.concatenate(times), fps=float(fps),
                            duration=reader.duration, header_duration=reader.header_duration, thumbnails=jpegs,
                            width=width, height=height)
+
+
+@torch.no_grad()
+def encode_frame_batches(model: nn.Module, batches: Iterable[np.ndarray]) -> Tensor:
+    """The image tower over batches of frames, one forward pass per batch.
+
+    Args:
+        model: a ``DiffusionRet`` (``encode_frames``, ``image_size``); its device is used.
+        batches: uint8 ``(b, H, W, 3)`` RGB frames (short side the model's image size, or any size:
+            :class:`~diffusionret.data.transforms.ClipTransform` resizes and crops).
+
+    Returns:
+        ``(n, D)`` float32 on the CPU, ``n`` the frames of all batches.
+
+    Raises:
+        ValueError: no frames at all.
+    """
+    from diffusionret.data.transforms import ClipTransform
+
+    transform = ClipTransform(int(model.image_size))
+    device = next(model.parameters()).device
+    chunks = [model.encode_frames(transform(frames).to(device)[None])[0].float().cpu()  # (b, D)
+              for frames in batches]
+    if not chunks:
+        raise ValueError("no frames to encode")
+    return torch.cat(chunks)
 
 
 def segment_frame_indices(times: np.ndarray, segment: Segment, max_frames: int, sampling: str = "uniform") -> list[int]:
@@ -174,9 +201,9 @@ def encode_segments(model: nn.Module, timeline: EncodedTimeline, segments: Seque
 
 def segment_thumbnail(timeline: EncodedTimeline, segment: Segment) -> bytes | None:
     """The JPEG of the frame shown at the segment's middle, inside the segment (``None`` without thumbnails)."""
+    from diffusionret.index.segment_job import middle_sample
+
     if not timeline.thumbnails:
         return None
-    middle = (segment.start + segment.end) / 2
-    i = int(np.searchsorted(timeline.times, middle + _EPS, side="right")) - 1
-    return timeline.thumbnails[min(max(i, 0), len(timeline.thumbnails) - 1)]
+    return timeline.thumbnails[middle_sample(timeline.times, segment)]
 
