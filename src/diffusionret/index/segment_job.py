@@ -101,9 +101,10 @@ def decode_for_segments(request: SegmentRequest) -> DecodedVideo | DecodedTimeli
     In ``auto`` mode a video no longer than :data:`AUTO_WHOLE_FACTOR` windows (by
     :func:`~diffusionret.data.decode.probe_video`'s duration) is decoded as one clip, exactly as
     :func:`decode_for_index` decodes it (a :class:`DecodedVideo`); every other video is decoded along
-    its timeline into ``request.workdir`` (a :class:`DecodedTimeline`).
+    its timeline into ``request.workdir`` (a :class:`DecodedTimeline`), after passing the checks of a
+    clip decode (so a file indexed whole and one indexed in segments fail alike, e.g. a truncated one).
     """
-    from diffusionret.data.decode import probe_video
+    from diffusionret.data.decode import probe_video, read_frames
 
     config = request.config
     if config.window is None:
@@ -111,6 +112,8 @@ def decode_for_segments(request: SegmentRequest) -> DecodedVideo | DecodedTimeli
     info = probe_video(request.clip.path)
     if config.mode == "auto" and info.duration <= AUTO_WHOLE_FACTOR * config.window:
         return decode_for_index(request.clip)
+    clip = request.clip
+    read_frames(clip.path, fps=clip.fps, max_frames=clip.max_frames, size=clip.size, sampling=clip.sampling)
     cuts = None
     if config.mode == "shots":
         from diffusionret.index.shots import detect_cuts
