@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from helpers import (hostile_corpus, lying_duration_mkv, lying_duration_mp4, run_cli, save_tiny_model,
-                     write_shot_video, write_tiny_video)
+                     write_shot_video)
 from diffusionret.data.decode import probe_video
 from diffusionret.data.isolate import DecodeBudget
 from diffusionret.index import catalog
