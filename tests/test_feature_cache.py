@@ -22,7 +22,7 @@ from diffusionret.data.records import VideoTextPair
 from diffusionret.distributed import DistContext, TrainSampler
 from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.evaluation.features import CorpusFeatures
-from diffusionret.evaluation.safetensors_mmap import mmap_tensors, write_streamed
+from diffusionret.safetensors_mmap import mmap_tensors, write_streamed
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.training.dataset_negatives import build_dataset_negatives, excluded_videos

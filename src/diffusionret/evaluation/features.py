@@ -53,7 +53,7 @@ class CorpusFeatures:
             it existed: then rows are the dataset's captions in order, less those of missing videos).
 
     Loaded with ``mmap=True`` the tensors are memory maps of the file (see
-    :mod:`~diffusionret.evaluation.safetensors_mmap`): rows are read from disk when indexed.
+    :mod:`~diffusionret.safetensors_mmap`): rows are read from disk when indexed.
     """
 
     tokens: torch.Tensor
@@ -107,7 +107,7 @@ class CorpusFeatures:
         """
         from safetensors.torch import load_file
 
-        from diffusionret.evaluation.safetensors_mmap import mmap_tensors
+        from diffusionret.safetensors_mmap import mmap_tensors
 
         path = Path(path)
         metadata = read_features_metadata(path)
@@ -138,7 +138,7 @@ def read_features_metadata(path: str | os.PathLike) -> dict[str, str]:
     Raises:
         FileNotFoundError, ValueError: naming the file.
     """
-    from diffusionret.evaluation.safetensors_mmap import read_header
+    from diffusionret.safetensors_mmap import read_header
 
     path = Path(path)
     if not path.is_file():

@@ -20,23 +20,39 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
 from diffusionret.config_utils import atomic_write_bytes
+from diffusionret.safetensors_mmap import mmap_tensors, read_header
 
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
 _SHARD_FORMAT = "diffusionret-index-shard/1"
+# What a reader accepts per feature tensor: safetensors dtype names, and the trailing shape
+# ("T", "D": the index's frames per row and dimension) after the leading row axis.
+_FEATURE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "frames": (("F16",), ("T", "D")),
+    "frame_mask": (("U8", "BOOL"), ("T",)),
+    "pooled": (("F32",), ("D",)),
+    "frame_weights": (("F32",), ("T",)),
+}
+_ITEM_SIZE = {"F32": 4, "F16": 2, "U8": 1, "BOOL": 1}
+
+
+class ShardFormatError(ValueError):
+    """A shard file is damaged or does not match the catalogue (the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -200,3 +216,106 @@ def read_shard_weights(path: Path, rows: Sequence[int]) -> Tensor | None:
         if "frame_weights" not in handle.keys():
             return None
         return handle.get_tensor("frame_weights")[index]
+
+
+@dataclass(frozen=True)
+class MappedShard:
+    """The feature tensors of one shard, memory-mapped (read-only on disk) after validation.
+
+    Indexing a tensor reads only the pages of the rows asked for. The map keeps the file's inode
+    alive: a writer that later retires the shard (unlink) or publishes other shards (rename of a
+    new name) leaves these pages valid and unchanged, so an open index stays readable while
+    ``index update`` runs.
+
+    Attributes:
+        path: the file.
+        frames: (R, T, D) float16.
+        frame_mask: (R, T) uint8 (or bool).
+        frame_weights: (R, T) float32, or ``None`` for a shard stored without them.
+        pooled_offset: byte offset of the (R, D) float32 ``pooled`` tensor (read with
+            :func:`read_pooled`, never mapped: the first stage keeps its own copy in RAM).
+    """
+
+    path: Path
+    frames: Tensor
+    frame_mask: Tensor
+    frame_weights: Tensor | None
+    pooled_offset: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def validate_shard(path: Path, *, num_rows: int, num_frames: int, embed_dim: int) -> tuple[dict[str, Any], int]:
+    """Check a shard's header against the catalogue before anything is mapped.
+
+    Checks the format tag, every feature tensor's dtype and shape (``num_rows`` rows of ``T`` /
+    ``D``), that each tensor's byte range has exactly the size its shape needs, and that the file
+    is long enough for every range (a truncated file would otherwise raise SIGBUS on first touch).
+
+    Returns:
+        ``(tensors header, data start)`` (see :func:`diffusionret.safetensors_mmap.read_header`).
+
+    Raises:
+        FileNotFoundError: the file is gone (a concurrent update retired it).
+        ShardFormatError: naming the file and what is wrong.
+    """
+    try:
+        header, metadata, data_start = read_header(path)
+    except ValueError as exc:
+        raise ShardFormatError(f"index shard {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ShardFormatError(f"index shard {path}: unreadable header: {exc}") from exc
+    if metadata.get("format") != _SHARD_FORMAT:
+        raise ShardFormatError(f"index shard {path}: not a diffusionret index shard "
+                               f"(format {metadata.get('format')!r}, expected {_SHARD_FORMAT!r})")
+    dims = {"T": num_frames, "D": embed_dim}
+    for name, (dtypes, trailing) in _FEATURE_SPECS.items():
+        info = header.get(name)
+        if info is None:
+            if name == "frame_weights":  # optional: shards written before weights were stored
+                continue
+            raise ShardFormatError(f"index shard {path}: no {name!r} tensor")
+        try:
+            dtype, shape = str(info["dtype"]), [int(x) for x in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardFormatError(f"index shard {path}: malformed header entry for {name!r}: {exc}") from exc
+        expected = [num_rows, *(dims[d] for d in trailing)]
+        if dtype not in dtypes:
+            raise ShardFormatError(f"index shard {path}: {name!r} has dtype {dtype}, expected one of {dtypes}")
+        if shape != expected:
+            raise ShardFormatError(f"index shard {path}: {name!r} has shape {shape}; the catalogue expects "
+                                   f"{expected} ({num_rows} rows, T={num_frames}, D={embed_dim})")
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEM_SIZE[dtype]:
+            raise ShardFormatError(f"index shard {path}: {name!r} spans bytes [{begin}, {end}), which is not "
+                                   f"the {math.prod(shape) * _ITEM_SIZE[dtype]} bytes its shape {shape} needs")
+    return header, data_start
+
+
+def map_shard(path: Path, *, num_rows: int, num_frames: int, embed_dim: int) -> MappedShard:
+    """Validate a shard (:func:`validate_shard`) and memory-map its frame features, masks and weights.
+
+    Raises:
+        FileNotFoundError: the file is gone.
+        ShardFormatError: naming the file.
+    """
+    header, data_start = validate_shard(path, num_rows=num_rows, num_frames=num_frames, embed_dim=embed_dim)
+    names = ["frames", "frame_mask"] + (["frame_weights"] if "frame_weights" in header else [])
+    mapped = mmap_tensors(path, names)
+    return MappedShard(path=path, frames=mapped["frames"], frame_mask=mapped["frame_mask"],
+                       frame_weights=mapped.get("frame_weights"),
+                       pooled_offset=data_start + int(header["pooled"]["data_offsets"][0]))
+
+
+def read_pooled(shard: MappedShard, embed_dim: int) -> Tensor:
+    """A shard's whole (R, D) float32 ``pooled`` tensor, read into RAM with plain reads (not through a
+    map, so that resident memory does not keep file pages the first stage has its own copy of)."""
+    count = shard.num_rows * embed_dim
+    with open(shard.path, "rb") as handle:
+        handle.seek(shard.pooled_offset)
+        values = np.fromfile(handle, dtype=np.float32, count=count)
+    if values.size != count:  # the file shrank after validation
+        raise ShardFormatError(f"index shard {shard.path}: truncated while reading its pooled embeddings")
+    return torch.from_numpy(values).view(shard.num_rows, embed_dim)

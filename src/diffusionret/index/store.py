@@ -11,11 +11,15 @@ On disk (one folder)::
     ivf-<content>.faiss   codes, or an IVF-Flat index), named after the rows it covers (see
                           :mod:`diffusionret.index.first_stage`)
 
-In memory, a loaded index keeps every video's features in path order: row ``i`` of
-:attr:`VideoIndex.frames` belongs to ``VideoIndex.records[i]``. Memory is about
-``N * (T * D * 2 + D * 4 + T * 4)`` bytes (N = 100k ViT-B/32 videos at T = 12: about 1.4 GB), plus
-the first stage's own copy of the embeddings for large indexes (fp16: ``N * D * 2``; IVF: ``N * D * 4``;
-PQ: ``N * M / 2`` codes, re-scored against the pooled embeddings above).
+In memory, a loaded index keeps only what the first stage scans, in path order (row ``i`` belongs
+to ``VideoIndex.records[i]``): the pooled embeddings (fp32 below
+:data:`~diffusionret.index.first_stage.LARGE_INDEX_VIDEOS` rows, fp16 from there, the precision
+the first stage searches them in), the catalogue records, and the first stage's own structure (PQ:
+``N * M / 2`` bytes of codes, re-scored against the pooled embeddings above; IVF: ``N * D * 4``).
+The second stage's frame features, masks and stored frame weights stay in the shard files,
+memory-mapped (:class:`~diffusionret.index.frame_store.MappedFrames`): a query reads the ~100 rows it
+re-scores. At 1M ViT-B/32 segments (T = 12) that is about 1 KB of pooled embedding + 128 B of PQ
+codes + the record per row in RAM, against ~12 KB of mapped frames (BENCHMARKS.md, "Archive scale").
 
 This module only reads: an index is written by :mod:`diffusionret.index.builder` (``build_index``,
 ``update_index``), ANN files included (:mod:`diffusionret.index.ann_build`).
@@ -29,7 +33,7 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import Tensor
@@ -38,6 +42,7 @@ from diffusionret.index import catalog
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.first_stage import (
     ANN_KINDS,
+    LARGE_INDEX_VIDEOS,
     AnnUnavailableError,
     ExactFirstStage,
     FirstStageConfig,
@@ -48,11 +53,14 @@ from diffusionret.index.first_stage import (
     import_faiss,
 )
 from diffusionret.index.identity import ModelMismatchError
-from diffusionret.index.shards import SHARD_DIR, read_shard_rows, read_shard_weights
+from diffusionret.index.frame_store import FrameStore, InMemoryFrames, MappedFrames
+from diffusionret.index.shards import SHARD_DIR, read_pooled
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IndexInfo", "VideoIndex", "exact_topk", "index_fingerprint"]
+
+PooledPrecision = Literal["auto", "float32", "float16"]
 
 
 @dataclass(frozen=True)
@@ -99,20 +107,18 @@ class IndexInfo:
 
 
 class VideoIndex:
-    """A loaded index: per-video features, metadata and an exact first-stage search.
+    """A loaded index: pooled embeddings for the first stage, per-row features for the second, metadata.
 
     Use :meth:`load` (:func:`diffusionret.index.builder.build_index` / ``update_index`` write one).
+    The constructor assembles an index from in-RAM tensors (tests, benchmarks); :meth:`load` maps
+    the frame features from the shards instead (:attr:`frame_store`).
 
     Attributes:
         root: index folder.
         info: recorded settings and model identity.
         records: one :class:`VideoRecord` per row, sorted by path.
-        frames: (N, T, D) float16 frame features after the temporal module.
-        frame_mask: (N, T) bool, True for real frames.
-        pooled: (N, D) float32 unit-norm first-stage embeddings.
-        frame_weights: (N, T) float32 stored WTI frame weights, or ``None`` when no row has them.
-        weights_known: (N,) bool, which rows of ``frame_weights`` are stored (an index extended
-            after an upgrade may mix shards with and without weights), or ``None``.
+        pooled: (N, D) unit-norm first-stage embeddings, float32 (or float16 for a large loaded index).
+        frame_store: the per-row second-stage features (:meth:`gather`, :meth:`gather_weights`).
         first_stage: what :meth:`search` uses (set by :meth:`configure_first_stage`; chosen with
             the default :class:`~diffusionret.index.first_stage.FirstStageConfig` on first use).
     """
@@ -120,19 +126,41 @@ class VideoIndex:
     def __init__(self, root: Path, info: IndexInfo, records: list[VideoRecord], frames: Tensor,
                  frame_mask: Tensor, pooled: Tensor, *, frame_weights: Tensor | None = None,
                  weights_known: Tensor | None = None) -> None:
-        self.root = Path(root)
-        self.info = info
-        self.records = records
-        self.frames = frames
-        self.frame_mask = frame_mask
-        self.pooled = pooled
+        """An index over in-RAM tensors.
+
+        Args:
+            frames: (N, T, D) float16 frame features after the temporal module.
+            frame_mask: (N, T) bool, True for real frames.
+            pooled: (N, D) float32 (or float16) unit-norm first-stage embeddings.
+            frame_weights: (N, T) float32 stored WTI frame weights, or ``None``.
+            weights_known: (N,) bool, which rows of ``frame_weights`` are stored (an index extended
+                after an upgrade may mix shards with and without weights); default: all, when given.
+        """
         if frame_weights is not None and weights_known is None:
             weights_known = torch.ones(len(records), dtype=torch.bool)
         if weights_known is not None and not bool(weights_known.any()):
             frame_weights = weights_known = None
-        self.frame_weights = frame_weights
-        self.weights_known = weights_known
-        self._all_weights = weights_known is not None and bool(weights_known.all())
+        self._setup(root, info, records, InMemoryFrames(frames, frame_mask, frame_weights, weights_known), pooled)
+
+    @classmethod
+    def from_frame_store(cls, root: Path, info: IndexInfo, records: list[VideoRecord], frame_store: FrameStore,
+                         pooled: Tensor) -> "VideoIndex":
+        """An index whose second-stage features come from ``frame_store`` (e.g. memory-mapped shards)."""
+        index = cls.__new__(cls)
+        index._setup(root, info, records, frame_store, pooled)
+        return index
+
+    def _setup(self, root: Path, info: IndexInfo, records: list[VideoRecord], frame_store: FrameStore,
+               pooled: Tensor) -> None:
+        if len(frame_store) != len(records) or pooled.shape[0] != len(records):
+            raise ValueError(f"{len(records)} records, {len(frame_store)} feature rows, {pooled.shape[0]} pooled rows")
+        self.root = Path(root)
+        self.info = info
+        self.records = records
+        self.frame_store = frame_store
+        self.pooled = pooled
+        known = frame_store.weights_known
+        self._all_weights = known is not None and bool(known.all())
         self._rows: dict[str, int] = {}
         for row, record in enumerate(records):  # a video indexed in segments: its first segment's row
             self._rows.setdefault(record.id, row)
@@ -141,6 +169,36 @@ class VideoIndex:
         # ANN indexes by kind, loaded or built once, reused when reconfigured.
         self._ann: dict[str, IvfFirstStage | PqFirstStage] = {}
         self._pooled_half: Tensor | None = None
+        self._pooled_full: Tensor | None = None
+
+    # Whole-index views of the second-stage features, for tests and small tools: on a loaded
+    # index each reads every row from the shards into RAM (the search path uses gather).
+    @property
+    def frames(self) -> Tensor:
+        """(N, T, D) float16 frame features of every row (read into RAM when memory-mapped)."""
+        if isinstance(self.frame_store, InMemoryFrames):
+            return self.frame_store.frames
+        return self.frame_store.stored(torch.arange(len(self)))[0]
+
+    @property
+    def frame_mask(self) -> Tensor:
+        """(N, T) bool, True for real frames."""
+        if isinstance(self.frame_store, InMemoryFrames):
+            return self.frame_store.frame_mask
+        return self.frame_store.stored(torch.arange(len(self)))[1]
+
+    @property
+    def frame_weights(self) -> Tensor | None:
+        """(N, T) float32 stored WTI frame weights (zeros where unknown), or ``None`` when no row has them."""
+        if isinstance(self.frame_store, InMemoryFrames):
+            return self.frame_store.frame_weights
+        stored = self.frame_store.stored_weights(torch.arange(len(self)))
+        return None if stored is None else stored[0]
+
+    @property
+    def weights_known(self) -> Tensor | None:
+        """(N,) bool, which rows have stored frame weights, or ``None`` when none has."""
+        return self.frame_store.weights_known
 
     # Writing moved to the write side (a reader never writes); these tell old callers where it went.
     @staticmethod
@@ -164,17 +222,30 @@ class VideoIndex:
         return IndexInfo.from_catalog(values)
 
     @classmethod
-    def load(cls, root: str | os.PathLike, *, model_id: str | None = None) -> "VideoIndex":
-        """Load the index at ``root`` into memory.
+    def load(cls, root: str | os.PathLike, *, model_id: str | None = None,
+             pooled_precision: PooledPrecision = "auto") -> "VideoIndex":
+        """Open the index at ``root``: pooled embeddings and catalogue into RAM, frame features mapped.
+
+        Every shard's header is checked against the catalogue (tensor dtypes and shapes, byte
+        ranges, file size) before it is mapped, so a damaged or truncated shard is an error here,
+        naming the file, rather than a crash (SIGBUS) at the first query touching it.
 
         Args:
             root: index folder.
             model_id: when given, the identity of the model that will query the index.
+            pooled_precision: RAM copy of the pooled embeddings: ``float32``, ``float16`` (half
+                the memory; the first stage then ranks the stored fp16 vectors exactly, as
+                ``precision=float16`` does), or ``auto``: fp16 from
+                :data:`~diffusionret.index.first_stage.LARGE_INDEX_VIDEOS` rows, where the
+                first stage's ``auto`` precision searches fp16 anyway.
 
         Raises:
             FileNotFoundError: no index at ``root``.
             ModelMismatchError: ``model_id`` is not the model that built the index.
+            ShardFormatError: a shard does not match the catalogue or is truncated.
         """
+        if pooled_precision not in ("auto", "float32", "float16"):
+            raise ValueError(f"pooled_precision must be auto, float32 or float16, got {pooled_precision!r}")
         root = Path(root)
         info = cls.read_info(root)
         if model_id is not None and model_id != info.model_id:
@@ -183,9 +254,10 @@ class VideoIndex:
                 f"with model {model_id[:12]}: its features live in another embedding space"
             )
         # A concurrent `index update` may retire a shard between reading the catalogue and the file.
+        # Once mapped, it may not: an unlinked or replaced file lives on while this process maps it.
         for attempt in range(3):
             try:
-                return cls._load_once(root, info)
+                return cls._load_once(root, info, pooled_precision)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
@@ -193,29 +265,20 @@ class VideoIndex:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _load_once(cls, root: Path, info: IndexInfo) -> "VideoIndex":
+    def _load_once(cls, root: Path, info: IndexInfo, pooled_precision: PooledPrecision) -> "VideoIndex":
         with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
-            records = _registered_only(root, catalog.list_rows(conn), set(catalog.shard_sizes(conn)))
+            sizes = catalog.shard_sizes(conn)
+            records = _registered_only(root, catalog.list_rows(conn), set(sizes))
         n, t, d = len(records), info.num_frames, info.embed_dim
-        frames = torch.zeros(n, t, d, dtype=torch.float16)
-        frame_mask = torch.zeros(n, t, dtype=torch.bool)
-        pooled = torch.zeros(n, d, dtype=torch.float32)
-        weights = torch.zeros(n, t, dtype=torch.float32)
-        known = torch.zeros(n, dtype=torch.bool)
-        by_shard: dict[str, list[int]] = {}
-        for row, record in enumerate(records):
-            by_shard.setdefault(record.shard, []).append(row)
-        for shard, rows in by_shard.items():
-            target = torch.as_tensor(rows, dtype=torch.long)
-            shard_rows = [records[r].row for r in rows]
-            f, m, p = read_shard_rows(root / SHARD_DIR / shard, shard_rows)
-            frames[target], frame_mask[target], pooled[target] = f, m, p
-            w = read_shard_weights(root / SHARD_DIR / shard, shard_rows)
-            if w is not None:
-                weights[target], known[target] = w, True
-        logger.info("loaded index %s: %d videos, %d frames x %d dims, stored frame weights for %d",
-                    root, n, t, d, int(known.sum()))
-        return cls(root, info, records, frames, frame_mask, pooled, frame_weights=weights, weights_known=known)
+        store = MappedFrames.open(root / SHARD_DIR, [(r.shard, r.row) for r in records], sizes,
+                                  num_frames=t, embed_dim=d)
+        half = pooled_precision == "float16" or (pooled_precision == "auto" and n >= LARGE_INDEX_VIDEOS)
+        pooled = _read_pooled(store, d, torch.float16 if half else torch.float32)
+        known = store.weights_known
+        logger.info("loaded index %s: %d rows, %d frames x %d dims memory-mapped from %d shards, pooled %s in "
+                    "memory, stored frame weights for %d", root, n, t, d, len(store.shards),
+                    str(pooled.dtype).removeprefix("torch."), 0 if known is None else int(known.sum()))
+        return cls.from_frame_store(root, info, records, store, pooled)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -240,7 +303,7 @@ class VideoIndex:
             return catalog.thumbnail(conn, video_id)
 
     def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Features of selected rows for the second stage.
+        """Features of selected rows for the second stage (read from the shard maps of a loaded index).
 
         Args:
             rows: (n,) long row indices.
@@ -248,15 +311,18 @@ class VideoIndex:
         Returns:
             ``frames`` (n, T, D) float32 and ``frame_mask`` (n, T) long (0/1, the mask type the model uses).
         """
-        return self.frames[rows].float(), self.frame_mask[rows].long()
+        frames, mask = self.frame_store.stored(rows)
+        return frames.float(), mask.long()
 
     def gather_weights(self, rows: Tensor) -> Tensor | None:
         """Stored WTI frame weights of selected rows, (n, T) float32, or ``None`` unless every row has them."""
-        if self.frame_weights is None:
+        known = self.frame_store.weights_known
+        if known is None:
             return None
-        if not self._all_weights and not bool(self.weights_known[rows].all()):  # type: ignore[index]
+        if not self._all_weights and not bool(known[rows].all()):
             return None
-        return self.frame_weights[rows]
+        stored = self.frame_store.stored_weights(rows)
+        return None if stored is None else stored[0]
 
     # ------------------------------------------------------------------------------ first stage
     @property
@@ -317,11 +383,25 @@ class VideoIndex:
                                    "exact first stage", self.root)
         if stage is None:
             half = config.precision == "float16" or (config.precision == "auto" and large)
-            if half and self._pooled_half is None:
-                self._pooled_half = self.pooled.half()
-            stage = ExactFirstStage(self._pooled_half if half else self.pooled)
+            stage = ExactFirstStage(self._pooled_as(torch.float16 if half else torch.float32))
         logger.info("first stage: %s", stage.describe())
         return stage
+
+    def _pooled_as(self, dtype: torch.dtype) -> Tensor:
+        """The pooled embeddings in ``dtype``: :attr:`pooled`, or a copy made once (float32 from the shards)."""
+        if self.pooled.dtype == dtype:
+            return self.pooled
+        if dtype == torch.float16:
+            if self._pooled_half is None:
+                self._pooled_half = self.pooled.half()
+            return self._pooled_half
+        if self._pooled_full is None:
+            if isinstance(self.frame_store, MappedFrames):  # the shards keep the float32 originals
+                logger.info("reading float32 pooled embeddings of %d rows for an exact float32 first stage", len(self))
+                self._pooled_full = _read_pooled(self.frame_store, self.info.embed_dim, torch.float32)
+            else:
+                self._pooled_full = self.pooled.float()
+        return self._pooled_full
 
     @staticmethod
     def _faiss_installed() -> bool:
@@ -379,6 +459,16 @@ class VideoIndex:
             return torch.zeros(queries.shape[0], 0), torch.zeros(queries.shape[0], 0, dtype=torch.long)
         stage = stage or self.first_stage or self.configure_first_stage()
         return stage.search(queries, k)
+
+
+def _read_pooled(store: MappedFrames, embed_dim: int, dtype: torch.dtype) -> Tensor:
+    """(N, D) pooled embeddings of every row of ``store`` in ``dtype``, read shard by shard (one shard's
+    float32 tensor in flight at a time, so an fp16 copy never needs the fp32 whole in RAM)."""
+    pooled = torch.empty(len(store), embed_dim, dtype=dtype)
+    for number, shard in enumerate(store.shards):
+        positions = (store.shard_of == number).nonzero()[:, 0]
+        pooled[positions] = read_pooled(shard, embed_dim)[store.local_row[positions]].to(dtype)
+    return pooled
 
 
 def _registered_only(root: Path, records: list[VideoRecord], registered: set[str]) -> list[VideoRecord]:

@@ -252,7 +252,7 @@ def _encode_shards(model: nn.Module, dataset: Any, spec: CacheSpec, ctx: DistCon
 def _merge_shards(dataset: Any, spec: CacheSpec) -> None:
     """Stream every shard into one features file (rank 0); captions of unreadable videos are dropped."""
     from diffusionret.evaluation.features import features_metadata
-    from diffusionret.evaluation.safetensors_mmap import mmap_tensors, write_streamed
+    from diffusionret.safetensors_mmap import mmap_tensors, write_streamed
 
     text_paths = [_shard_path(spec, "text", k) for k in range(len(_shards(len(dataset), spec.shard_size)))]
     video_paths = [_shard_path(spec, "video", k) for k in range(len(_shards(dataset.num_videos, spec.shard_size)))]

@@ -5,7 +5,8 @@ A ``.safetensors`` file is an 8-byte little-endian header length, a JSON header
 C-contiguous, little-endian tensor bytes. Because the layout is that simple, a tensor can be mapped
 with ``numpy.memmap`` at its offset: indexing rows then reads only the pages those rows live on, so a
 feature file larger than RAM can feed training (the 180k-caption MSR-VTT text tokens are ~12 GB in
-float32). The writer streams tensors from parts (shards) into one file, so merging shards never
+float32), and a search index's frame features stay on disk (:mod:`diffusionret.index.frame_store`).
+Training, evaluation and the index reader all use it, so it sits below them. The writer streams tensors from parts (shards) into one file, so merging shards never
 holds more than one part in memory either; the result is an ordinary file that
 ``safetensors.safe_open`` / ``load_file`` read.
 """
@@ -47,11 +48,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]
             raise ValueError(f"{path}: truncated safetensors header ({length} bytes announced, file has {size})")
         try:
             header = json.loads(handle.read(length))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: unreadable safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: unreadable safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + length
-    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    try:
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{path}: malformed safetensors header (data_offsets): {exc!r}") from exc
     if data_start + end > size:
         raise ValueError(f"{path}: truncated ({size} bytes, the header describes {data_start + end})")
     return header, dict(metadata), data_start

@@ -1,0 +1,178 @@
+"""Where a loaded index's second-stage features live: in RAM, or memory-mapped from its shards.
+
+The second stage reads the frame features (N, T, D) fp16, frame masks and stored WTI frame weights
+of only the ~100 rows the first stage selects per query, so these need not be resident: a
+:class:`MappedFrames` maps them from the (immutable) shard files and each gather reads the pages
+of the selected rows (about 12 KB per row at T = 12, D = 512), from the page cache when warm. At 1M
+segments that keeps ~12 GB out of the process's resident memory (BENCHMARKS.md, "Archive scale").
+:class:`InMemoryFrames` holds the same tensors in RAM (indexes assembled in memory: tests, benchmarks).
+
+Both give the same values for the same rows: ``gather`` returns exactly what the in-RAM tensors
+indexed by ``rows`` would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from diffusionret.index.shards import MappedShard, ShardFormatError, map_shard
+
+logger = logging.getLogger(__name__)
+
+
+class FrameStore(Protocol):
+    """Per-row second-stage features of an index (row ``i`` is the index's row ``i``).
+
+    ``weights_known``: (N,) bool, which rows have stored WTI frame weights, or ``None`` when none has.
+    """
+
+    weights_known: Tensor | None
+
+    def __len__(self) -> int: ...
+
+    def stored(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``frames`` (n, T, D) float16 and ``frame_mask`` (n, T) bool of ``rows`` (n,) long, as stored."""
+        ...
+
+    def stored_weights(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``weights`` (n, T) float32 (zeros where unknown) and ``known`` (n,) bool, or ``None`` when no row has any."""
+        ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+@dataclass(frozen=True)
+class InMemoryFrames:
+    """Second-stage features held in RAM.
+
+    Attributes:
+        frames: (N, T, D) float16.
+        frame_mask: (N, T) bool.
+        frame_weights: (N, T) float32, or ``None``.
+        weights_known: (N,) bool, which rows of ``frame_weights`` are stored, or ``None``.
+    """
+
+    frames: Tensor
+    frame_mask: Tensor
+    frame_weights: Tensor | None = None
+    weights_known: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def stored(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        return self.frames[rows], self.frame_mask[rows]
+
+    def stored_weights(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.frame_weights is None or self.weights_known is None:
+            return None
+        return self.frame_weights[rows], self.weights_known[rows]
+
+    def describe(self) -> dict[str, object]:
+        return {"frames": "in memory"}
+
+
+class MappedFrames:
+    """Second-stage features memory-mapped from the index's shard files.
+
+    Args:
+        shards: the mapped shards (see :func:`~diffusionret.index.shards.map_shard`).
+        shard_of: (N,) int32, which of ``shards`` holds each index row.
+        local_row: (N,) int64, the row inside that shard.
+        num_frames, embed_dim: T and D.
+    """
+
+    def __init__(self, shards: Sequence[MappedShard], shard_of: Tensor, local_row: Tensor, *, num_frames: int,
+                 embed_dim: int) -> None:
+        if shard_of.shape != local_row.shape:
+            raise ValueError("shard_of and local_row disagree in length")
+        self.shards = list(shards)
+        self.shard_of = shard_of
+        self.local_row = local_row
+        has = torch.tensor([s.frame_weights is not None for s in self.shards], dtype=torch.bool)
+        self.weights_known: Tensor | None = has[shard_of.long()] if bool(has.any()) else None
+        self._frame_shape = (num_frames, embed_dim)
+
+    @classmethod
+    def open(cls, shard_dir: Path, rows: Sequence[tuple[str, int]], num_rows: dict[str, int], *,
+             num_frames: int, embed_dim: int) -> "MappedFrames":
+        """Validate and map every shard that ``rows`` use.
+
+        Args:
+            shard_dir: the index's ``shards/`` folder.
+            rows: ``(shard name, row in shard)`` of every index row, in index order.
+            num_rows: rows of each shard according to the catalogue.
+            num_frames, embed_dim: T and D of the index.
+
+        Raises:
+            FileNotFoundError: a shard file is gone (a concurrent update retired it).
+            ShardFormatError: a shard does not match the catalogue or is truncated (names the file).
+        """
+        order: dict[str, int] = {}
+        owners = [order.setdefault(name, len(order)) for name, _ in rows]
+        shard_of = torch.tensor(owners, dtype=torch.int32)
+        local_row = torch.tensor([row for _, row in rows], dtype=torch.int64)
+        shards = [map_shard(shard_dir / name, num_rows=num_rows[name], num_frames=num_frames, embed_dim=embed_dim)
+                  for name in order]
+        # A catalogue row past the end of its shard would read another row's bytes.
+        sizes = torch.tensor([s.num_rows for s in shards], dtype=torch.int64)
+        bad = ((local_row < 0) | (local_row >= sizes[shard_of.long()])).nonzero()[:, 0] if shards else []
+        if len(bad):
+            shard = shards[int(shard_of[bad[0]])]
+            raise ShardFormatError(f"index shard {shard.path}: the catalogue names row {int(local_row[bad[0]])}, "
+                                   f"the file holds {shard.num_rows}")
+        return cls(shards, shard_of, local_row, num_frames=num_frames, embed_dim=embed_dim)
+
+    def __len__(self) -> int:
+        return int(self.shard_of.shape[0])
+
+    def _groups(self, rows: Tensor) -> list[tuple[MappedShard, Tensor | None, Tensor]]:
+        """``(shard, positions in rows or None for all, rows inside the shard)`` per shard that ``rows`` touch."""
+        owners = self.shard_of[rows]
+        local = self.local_row[rows]
+        if owners.numel() == 0:
+            return []
+        first = int(owners[0])
+        if bool((owners == first).all()):  # one shard (small indexes, or a lucky query): no regrouping
+            return [(self.shards[first], None, local)]
+        groups = []
+        for owner in owners.unique().tolist():
+            positions = (owners == owner).nonzero()[:, 0]
+            groups.append((self.shards[owner], positions, local[positions]))
+        return groups
+
+    def stored(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        rows = rows.long()
+        frames = torch.empty(rows.shape[0], *self._frame_shape, dtype=torch.float16)
+        mask = torch.empty(rows.shape[0], self._frame_shape[0], dtype=torch.bool)
+        for shard, positions, local in self._groups(rows):
+            if positions is None:
+                frames.copy_(shard.frames[local])
+                mask.copy_(shard.frame_mask[local])
+            else:
+                frames[positions] = shard.frames[local]
+                mask[positions] = shard.frame_mask[local].bool()
+        return frames, mask
+
+    def stored_weights(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.weights_known is None:
+            return None
+        rows = rows.long()
+        weights = torch.zeros(rows.shape[0], self._frame_shape[0], dtype=torch.float32)
+        for shard, positions, local in self._groups(rows):
+            if shard.frame_weights is None:
+                continue
+            if positions is None:
+                weights.copy_(shard.frame_weights[local])
+            else:
+                weights[positions] = shard.frame_weights[local]
+        return weights, self.weights_known[rows]
+
+    def describe(self) -> dict[str, object]:
+        return {"frames": "memory-mapped", "shards": len(self.shards)}
