@@ -29,6 +29,7 @@ _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
        "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _ST = {torch.float32: "F32", torch.float16: "F16", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
        torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH = {name: dtype for dtype, name in _ST.items()}
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str], int]:
@@ -66,8 +67,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]
 def mmap_tensors(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file as CPU tensors backed by a read-only-on-disk memory map.
 
-    The map is copy-on-write (``numpy.memmap`` mode ``"c"``): writing to a returned tensor changes
-    this process's pages only, never the file. Resident memory grows with the rows actually read.
+    The map is copy-on-write (private): writing to a returned tensor changes this process's pages
+    only, never the file. Resident memory grows with the rows actually read. The file is mapped
+    once (``torch.from_file``), which keeps no file descriptor open, so an index of thousands of
+    shards stays far below the open-file limit; a tensor whose offset is not a multiple of its
+    element size (a writer that does not order tensors by alignment, e.g. :func:`write_streamed`)
+    is mapped on its own with ``numpy.memmap`` instead, which holds one descriptor.
 
     Args:
         path: the file.
@@ -80,6 +85,7 @@ def mmap_tensors(path: str | os.PathLike, names: Iterable[str] | None = None) ->
     path = Path(path)
     header, _meta, data_start = read_header(path)
     out = {}
+    whole: torch.Tensor | None = None
     for name in (list(header) if names is None else list(names)):
         if name not in header:
             raise KeyError(f"{path}: no tensor {name!r} (has {sorted(header)})")
@@ -92,7 +98,13 @@ def mmap_tensors(path: str | os.PathLike, names: Iterable[str] | None = None) ->
         if end == begin:  # numpy cannot map zero bytes
             out[name] = torch.from_numpy(np.zeros(shape, dtype=dtype))
             continue
-        array = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
+        offset = data_start + begin
+        if offset % np.dtype(dtype).itemsize == 0:
+            if whole is None:
+                whole = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+            out[name] = whole[offset:offset + end - begin].view(_TORCH[info["dtype"]]).view(shape)
+            continue
+        array = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
         out[name] = torch.from_numpy(array)
     return out
 
