@@ -3,11 +3,12 @@
 A ``.safetensors`` file is an 8-byte little-endian header length, a JSON header
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``) and the raw,
 C-contiguous, little-endian tensor bytes. Because the layout is that simple, a tensor can be mapped
-with ``numpy.memmap`` at its offset: indexing rows then reads only the pages those rows live on, so a
-feature file larger than RAM can feed training (the 180k-caption MSR-VTT text tokens are ~12 GB in
-float32), and a search index's frame features stay on disk (:mod:`diffusionret.index.frame_store`).
-Training, evaluation and the index reader all use it, so it sits below them. The writer streams tensors from parts (shards) into one file, so merging shards never
-holds more than one part in memory either; the result is an ordinary file that
+at its offset: indexing rows then reads only the pages those rows live on, so a feature file larger
+than RAM can feed training (the 180k-caption MSR-VTT text tokens are ~12 GB in float32), and a
+search index's frame features stay on disk (:mod:`diffusionret.index.frame_store`). Training,
+evaluation and the index reader all use it, so it sits below them. The writer streams tensors from
+parts (shards) into one file, so merging shards never holds more than one part in memory either;
+the result is an ordinary file that
 ``safetensors.safe_open`` / ``load_file`` read.
 """
 
