@@ -20,10 +20,10 @@ frames), pooled first-stage embeddings computed from them with the index's own
 :func:`~diffusionret.index.features.pool_frames`, and one catalogue record per video. They are
 :class:`VideoIndex` objects built in memory, exactly as :meth:`VideoIndex.load` would return them,
 from feature files cached in ``benchmarks/.cache/search/`` (generated on first use: 1M videos
-take about 5 minutes and 14 GB of disk). One difference at 1M: ``VideoIndex.load`` would hold
-the 12 GB of frame features in RAM, which this 24 GB shared machine cannot spare, so for indexes
-above ``--mmap-above`` videos the frame features are a read-only memory map of the cached file
-(the page cache serves the 100 rows a query gathers; the pooled embeddings are in RAM as usual).
+take about 5 minutes and 14 GB of disk). Above ``--mmap-above`` videos the frame features are a
+read-only memory map of the cached file, as ``VideoIndex.load`` maps them from an index's shards
+(the page cache serves the 100 rows a query gathers; the pooled embeddings are in RAM, here fp32);
+``bench_scale.py`` measures a real index folder loaded both ways.
 The WTI frame weights an index stores are computed once with the model (``DiffusionRet.frame_weights``)
 and cached next to the features; so are the ANN files (``pq-<content>.faiss``, ``ivf-<content>.faiss``,
 as in an index folder; ``--rebuild-ann`` times fresh builds).
