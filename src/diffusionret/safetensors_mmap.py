@@ -85,6 +85,13 @@ def mmap_tensors(path: str | os.PathLike, names: Iterable[str] | None = None) ->
     """
     path = Path(path)
     header, _meta, data_start = read_header(path)
+    return mmap_from_header(path, header, data_start, names)
+
+
+def mmap_from_header(path: str | os.PathLike, header: Mapping[str, Any], data_start: int,
+                     names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`mmap_tensors` with the header already read (``read_header``'s tensors and data start)."""
+    path = Path(path)
     out = {}
     whole: torch.Tensor | None = None
     for name in (list(header) if names is None else list(names)):

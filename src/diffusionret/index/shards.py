@@ -33,7 +33,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from diffusionret.config_utils import atomic_write_bytes
-from diffusionret.safetensors_mmap import mmap_tensors, read_header
+from diffusionret.safetensors_mmap import mmap_from_header, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def map_shard(path: Path, *, num_rows: int, num_frames: int, embed_dim: int) -> 
     """
     header, data_start = validate_shard(path, num_rows=num_rows, num_frames=num_frames, embed_dim=embed_dim)
     names = ["frames", "frame_mask"] + (["frame_weights"] if "frame_weights" in header else [])
-    mapped = mmap_tensors(path, names)
+    mapped = mmap_from_header(path, header, data_start, names)
     return MappedShard(path=path, frames=mapped["frames"], frame_mask=mapped["frame_mask"],
                        frame_weights=mapped.get("frame_weights"),
                        pooled_offset=data_start + int(header["pooled"]["data_offsets"][0]))
