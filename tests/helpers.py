@@ -350,6 +350,39 @@ def worker_pid(_item):
     return os.getpid()
 
 
+def paced_job(item, progress):
+    """A fake decoder for the isolated pool's progress budget (runs in a worker).
+
+    ``item = (steps, step_s, media_per_step, stall_after)``: ``steps`` times, sleep ``step_s`` and report
+    ``media_per_step`` more seconds of media decoded; after ``stall_after`` steps (``None``: never) hang.
+    """
+    steps, step_s, media_per_step, stall_after = item
+    for step in range(steps):
+        if step == stall_after:
+            time.sleep(600)
+        time.sleep(step_s)
+        progress((step + 1) * media_per_step)
+    return "done"
+
+
+def slowed_decode(request, progress, delay_s=0.0, stall_after=None):
+    """The index's real decode job with every frame along the timeline slowed by ``delay_s`` seconds, and
+    hung for good after ``stall_after`` frames (``None``: never): a slow or stuck decoder (runs in a worker)."""
+    from diffusionret.index.segment_job import decode_any
+
+    frames = 0
+
+    def slow(media_s):
+        nonlocal frames
+        frames += 1
+        if stall_after is not None and frames > stall_after:
+            time.sleep(600)
+        time.sleep(delay_s)
+        progress(media_s)
+
+    return decode_any(request, slow)
+
+
 def padded_wti(model, tokens, tmask, video, vmask, frame_weights=None):
     """WTI over every padded position in one block (docs/reference.md §1.4 as written, vectorised): the
     computation before length bucketing. (Nt, L, D), (Nt, L), (Nv, T, D), (Nv, T) -> (Nt, Nv)."""

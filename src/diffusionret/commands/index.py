@@ -98,9 +98,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "it, a run whose sources lost many videos, e.g. an unmounted disk, changes nothing)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="decode again the files that failed before (default: skipped until they change)")
-    parser.add_argument("--decode-timeout", type=float, default=120.0, metavar="SECONDS",
+    parser.add_argument("--decode-timeout", type=_positive, default=120.0, metavar="SECONDS",
                         help="time budget to decode one video; a decoder that takes longer is killed and the file "
-                             "recorded as failed (default: 120)")
+                             "recorded as failed. A segmented video's whole timeline may take longer while it "
+                             "progresses: it is killed after this long without progress, or when it falls below "
+                             "--decode-min-speed (default: 120)")
+    parser.add_argument("--decode-min-speed", type=_positive, default=1.0, metavar="X",
+                        help="slowest decoding of a segmented video's timeline, in seconds of video per second: "
+                             "after --decode-timeout + duration decoded / X seconds it is killed (default: 1, real "
+                             "time)")
     parser.add_argument("--decode-memory", type=float, default=4.0, metavar="GIB",
                         help="address-space budget of each decoding worker process (default: 4 GiB)")
     parser.add_argument("--batch-size", type=int, default=16, help="videos encoded per forward pass")
@@ -125,6 +131,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="PQ sub-quantisers, a divisor of the embedding dimension (default: D/2, 256 at D=512)")
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _ann_config(args: argparse.Namespace) -> Any:
     from diffusionret.index.ann_build import AnnBuildConfig
 
@@ -138,7 +151,8 @@ def _encoder(args: argparse.Namespace, model_path: str, device: str | None, sett
     from diffusionret.models.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(model_path, device=device or "cpu")
-    budget = DecodeBudget(timeout_s=args.decode_timeout, memory_bytes=int(args.decode_memory * 2**30))
+    budget = DecodeBudget(timeout_s=args.decode_timeout, memory_bytes=int(args.decode_memory * 2**30),
+                          min_speed=args.decode_min_speed)
     options = dict(batch_size=args.batch_size, decode_workers=args.decode_workers, model_path=model_path,
                    budget=budget)
     if settings is not None:

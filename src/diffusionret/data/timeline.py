@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -70,6 +70,8 @@ class TimelineReader:
         keep_originals: also yield each frame at its decoded size (for thumbnails).
         max_duration: stop after this many seconds (a guard against corrupt timestamps that jump
             hours ahead); ``None``: no limit.
+        progress: called with the presentation time (seconds) of each decoded frame, before the
+            samples it shows are made (for a decode budget that follows progress); ``None``: none.
 
     After a complete iteration, :attr:`duration` (seconds, the end of the last decoded frame),
     :attr:`header_duration` (what the container said, or ``None``), :attr:`num_samples` and
@@ -81,7 +83,7 @@ class TimelineReader:
 
     def __init__(self, path: str | os.PathLike, *, fps: float, size: int | None, batch_size: int = 32,
                  keep_originals: bool = False, max_duration: float | None = None,
-                 stats: DecodeStats | None = None) -> None:
+                 stats: DecodeStats | None = None, progress: Callable[[float], None] | None = None) -> None:
         if fps <= 0 or batch_size <= 0:
             raise ValueError(f"fps and batch_size must be positive, got {fps}, {batch_size}")
         self.path = path
@@ -91,6 +93,7 @@ class TimelineReader:
         self.keep_originals = keep_originals
         self.max_duration = max_duration
         self.stats = stats
+        self.progress = progress
         self.duration: float | None = None
         self.header_duration: float | None = None
         self.num_samples = 0
@@ -136,6 +139,8 @@ class TimelineReader:
             previous = None
             capped = False  # stopped at max_duration with more stream to come
             for decoded in src._decode():
+                if self.progress is not None:
+                    self.progress(float(decoded.time))
                 holder = previous if previous is not None else decoded  # targets before the first frame
                 # Target k belongs to the last frame shown at or before it (read_frames' rule).
                 while Fraction(k) / self.rate + src.tolerance < decoded.time and not _past(k, self.rate, limit):

@@ -5,8 +5,8 @@ model's image size, then :class:`~diffusionret.data.transforms.ClipTransform`), 
 features equal the features evaluation computes for it. Decoding runs in worker processes
 (:class:`~diffusionret.data.isolate.IsolatedPool`), each file under a time and memory budget: a
 hostile file fails on its own (recorded in the index with its error) instead of hanging the build.
-Segmented files are decoded along their whole timeline in the same workers, under the same budget
-(:mod:`~diffusionret.index.segment_job`).
+Segmented files are decoded along their whole timeline in the same workers, under the same memory
+budget and a time budget that follows their progress (:mod:`~diffusionret.index.segment_job`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from diffusionret.data.isolate import DecodeBudget, IsolatedPool, JobFailed
+from diffusionret.data.isolate import MEMORY, SPEED, STALL, TIME, DecodeBudget, IsolatedPool, JobFailed
 from diffusionret.index.decode_job import DecodedVideo, DecodeRequest, decode_for_index
 from diffusionret.index.features import ExtractionFailure, ModelIdentity, SegmentedFeatures, VideoFeatures
 from diffusionret.index.identity import model_identity
@@ -55,14 +55,19 @@ class ModelVideoEncoder:
         decode_workers: decoding worker processes (started on first use, reused until :meth:`close`).
         model_path: the checkpoint ``model`` came from (recorded in the index).
         identity: precomputed identity (skips hashing the weights).
-        budget: time and memory each file may take to decode (a segmented file's whole timeline included).
+        budget: time and memory each file may take to decode: a clip within ``timeout_s``; a segmented
+            file's timeline (and shot detection) without a stall of ``timeout_s`` and at
+            ``min_speed`` or faster (:class:`~diffusionret.data.isolate.JobWatch`).
         max_timeline_s: a segmented file whose frames run past this many seconds fails (a timestamp
             jumping years ahead would otherwise repeat one frame for every ``1 / fps`` of the gap).
+        decode_job: the workers' job (default :func:`~diffusionret.index.segment_job.decode_any`; tests
+            substitute a slowed one). A module-level function ``(request, progress) -> result``.
     """
 
     def __init__(self, model: nn.Module, input_config: InputConfig | None = None, *, batch_size: int = 16,
                  decode_workers: int = 2, model_path: str | None = None, identity: ModelIdentity | None = None,
-                 budget: DecodeBudget | None = None, max_timeline_s: float = MAX_TIMELINE_S) -> None:
+                 budget: DecodeBudget | None = None, max_timeline_s: float = MAX_TIMELINE_S,
+                 decode_job: Callable[..., Any] = decode_any) -> None:
         if batch_size <= 0 or decode_workers <= 0 or not max_timeline_s > 0:
             raise ValueError("batch_size, decode_workers and max_timeline_s must be positive")
         self.image_size = int(model.image_size)
@@ -77,7 +82,7 @@ class ModelVideoEncoder:
         self.max_timeline_s = max_timeline_s
         self.device = next(model.parameters()).device
         self._identity = identity or model_identity(model, str(Path(model_path).resolve()) if model_path else None)
-        self._pool = IsolatedPool(decode_any, workers=decode_workers, budget=budget)
+        self._pool = IsolatedPool(decode_job, workers=decode_workers, budget=budget, progress=True)
         # Workers also stop when this encoder is collected or the interpreter exits without close().
         self._finalizer = weakref.finalize(self, self._pool.close)
 
@@ -147,7 +152,9 @@ class ModelVideoEncoder:
 
         Every file is decoded in a worker process under the decode budget, as in :meth:`extract`:
         the whole timeline of a segmented file (and its shot detection) included, so a file that
-        fails, hangs or exhausts memory there is recorded as failed with its reason. In ``auto`` mode
+        fails, hangs or exhausts memory there is recorded as failed with its reason. The timeline's
+        time budget follows its progress (a long recording is not killed for being long, one that
+        stalls or decodes too slowly is). In ``auto`` mode
         a video no longer than :data:`~diffusionret.index.segments.AUTO_WHOLE_FACTOR` windows (by its
         probed duration) is decoded and encoded exactly as :meth:`extract` does (a
         :class:`VideoFeatures`, stored as a whole-video row). The other videos' timeline frames come
@@ -169,10 +176,6 @@ class ModelVideoEncoder:
                 try:
                     if isinstance(decoded, DecodedTimeline):
                         batch.append(self._segment(decoded))
-                    elif isinstance(decoded, JobFailed) and _TIMED_OUT in decoded.error:
-                        batch.append(ExtractionFailure(
-                            f"{decoded.error}; a segmented video is decoded whole (and scanned for shots) within "
-                            "the decode budget: raise --decode-timeout for long videos"))
                     else:
                         batch.append(self._prepare(Path(path), decoded))
                 finally:
@@ -215,7 +218,8 @@ class ModelVideoEncoder:
         from diffusionret.data.transforms import ClipTransform
 
         if isinstance(result, JobFailed):
-            return ExtractionFailure(_cause(path, result.error))
+            cause = _cause(path, result.error)
+            return ExtractionFailure(f"{cause}; {_ADVICE[result.limit]}" if result.limit in _ADVICE else cause)
         try:
             clip = ClipTransform(self.image_size)(result.frames)  # (n, 3, S, S)
         except Exception as exc:  # noqa: BLE001 - odd frames are this file's problem, not the build's
@@ -248,8 +252,14 @@ class ModelVideoEncoder:
         return results
 
 
-# How IsolatedPool reports a job killed for its time budget.
-_TIMED_OUT = "took longer than"
+# What to change when a file exceeds one of the decode budget's limits (the index command's options).
+_ADVICE = {
+    TIME: "raise --decode-timeout to allow more",
+    STALL: "raise --decode-timeout if the decoder is only slow (a segmented video's timeline may go that long "
+           "without progress)",
+    SPEED: "lower --decode-min-speed if this machine decodes the file that slowly",
+    MEMORY: "raise --decode-memory to allow more",
+}
 
 
 def _describe_failure(exc: BaseException) -> str:

@@ -12,13 +12,18 @@ worker under its memory limit), so the worker streams them into a scratch folder
 returns only the layout, the times, the planned segments and their thumbnails. The parent encodes
 the frames from that file (:func:`stored_batches`) and deletes the folder. A job that fails or is
 killed leaves at most a partial file there, which the parent deletes without reading it.
+
+Decoding a whole recording takes time in proportion to its length, so a flat time budget would fail
+long videos: the timeline job reports the media it has decoded (:class:`MediaMeter`) and the pool
+judges it by its progress (:class:`~diffusionret.data.isolate.JobWatch`). A clip decode (short videos
+in ``auto`` mode) reports nothing and keeps the flat budget.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +34,8 @@ from diffusionret.index.segments import AUTO_WHOLE_FACTOR, Segment, SegmentConfi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_TIMELINE_S", "DecodedTimeline", "SegmentRequest", "decode_any", "decode_for_segments", "middle_sample",
-           "square_crop", "stored_batches"]
+__all__ = ["MAX_TIMELINE_S", "DecodedTimeline", "MediaMeter", "SegmentRequest", "decode_any", "decode_for_segments",
+           "middle_sample", "square_crop", "stored_batches"]
 
 # A video whose frames run past this many seconds is refused rather than indexed: real recordings
 # that long are rare, and a timestamp that jumps years ahead (a corrupt or hostile file) would
@@ -40,6 +45,38 @@ FRAMES_NAME = "frames.u8"
 THUMBS_NAME = "thumbs.jpg"
 # Slack when locating a segment's middle among sampling times (times are k / fps in float64).
 _EPS = 1e-6
+# Media seconds one decoded frame may earn the speed floor: a frame's timestamp that jumps ahead is no
+# media decoded (else a file claiming a day-long gap would earn a day of decoding time). Real frames
+# last far less; a slideshow's long frames still earn this much each, and cost next to nothing to decode.
+MAX_FRAME_CREDIT_S = 10.0
+
+Progress = Callable[[float], None]
+
+
+class MediaMeter:
+    """Seconds of media decoded, over one or more passes through a video, for a progress budget.
+
+    Call it with the time of each decoded frame (seconds into the video); it adds the step from the
+    furthest time reached in the current pass, at most :data:`MAX_FRAME_CREDIT_S` (times that go back
+    earn nothing) and hands the running total to ``report``. :meth:`next_pass` starts another pass
+    from time 0 (shot detection and the timeline each read the whole file: both count).
+    """
+
+    def __init__(self, report: Progress | None, max_step_s: float = MAX_FRAME_CREDIT_S) -> None:
+        self._report = report
+        self._max_step_s = max_step_s
+        self.total = 0.0
+        self._reached = 0.0
+
+    def __call__(self, time_s: float) -> None:
+        if time_s > self._reached:
+            self.total += min(time_s - self._reached, self._max_step_s)
+            self._reached = time_s
+            if self._report is not None:
+                self._report(self.total)
+
+    def next_pass(self) -> None:
+        self._reached = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +132,7 @@ class DecodedTimeline:
         return len(self.times)
 
 
-def decode_for_segments(request: SegmentRequest) -> DecodedVideo | DecodedTimeline:
+def decode_for_segments(request: SegmentRequest, progress: Progress | None = None) -> DecodedVideo | DecodedTimeline:
     """Decode one video for segment indexing; raises on any problem (the pool reports it per file).
 
     In ``auto`` mode a video no longer than :data:`AUTO_WHOLE_FACTOR` windows (by
@@ -103,6 +140,9 @@ def decode_for_segments(request: SegmentRequest) -> DecodedVideo | DecodedTimeli
     :func:`decode_for_index` decodes it (a :class:`DecodedVideo`); every other video is decoded along
     its timeline into ``request.workdir`` (a :class:`DecodedTimeline`), after passing the checks of a
     clip decode (so a file indexed whole and one indexed in segments fail alike, e.g. a truncated one).
+
+    ``progress`` (a :class:`~diffusionret.data.isolate.ProgressReporter`) is told the seconds of media
+    decoded along the timeline (and by shot detection), never during a clip decode.
     """
     from diffusionret.data.decode import probe_video, read_frames
 
@@ -114,12 +154,15 @@ def decode_for_segments(request: SegmentRequest) -> DecodedVideo | DecodedTimeli
         return decode_for_index(request.clip)
     clip = request.clip
     read_frames(clip.path, fps=clip.fps, max_frames=clip.max_frames, size=clip.size, sampling=clip.sampling)
+    meter = MediaMeter(progress)
     cuts = None
     if config.mode == "shots":
         from diffusionret.index.shots import detect_cuts
 
-        cuts = detect_cuts(request.clip.path, detector=config.shot_detector, threshold=config.shot_threshold)
-    timeline = _write_timeline(request)
+        cuts = detect_cuts(request.clip.path, detector=config.shot_detector, threshold=config.shot_threshold,
+                           progress=meter)
+        meter.next_pass()
+    timeline = _write_timeline(request, meter)
     spans = plan_segments(timeline.duration, config, cuts)
     return DecodedTimeline(
         frames_path=timeline.frames_path, shapes=timeline.shapes, rows=timeline.rows, times=timeline.times,
@@ -149,7 +192,7 @@ class _Written:
         return out
 
 
-def _write_timeline(request: SegmentRequest) -> _Written:
+def _write_timeline(request: SegmentRequest, progress: Progress | None = None) -> _Written:
     """Stream the timeline frames (square-cropped, each distinct frame once) and a JPEG per distinct
     shown frame into ``request.workdir``."""
     from diffusionret.data.errors import VideoDecodeError
@@ -160,7 +203,7 @@ def _write_timeline(request: SegmentRequest) -> _Written:
     workdir.mkdir(parents=True, exist_ok=True)
     frames_path, thumbs_path = workdir / FRAMES_NAME, workdir / THUMBS_NAME
     reader = TimelineReader(path, fps=request.clip.fps, size=size, batch_size=request.batch_size,
-                            keep_originals=True, max_duration=request.max_duration)
+                            keep_originals=True, max_duration=request.max_duration, progress=progress)
     shapes: list[tuple[int, int]] = []
     rows: list[int] = []
     times: list[np.ndarray] = []
@@ -257,9 +300,10 @@ def stored_batches(decoded: DecodedTimeline) -> Iterator[np.ndarray]:
         del data
 
 
-def decode_any(request: DecodeRequest | SegmentRequest) -> DecodedVideo | DecodedTimeline:
-    """The index's decode job: a clip (:func:`decode_for_index`) or a segmented video
-    (:func:`decode_for_segments`), so one pool of workers serves both."""
+def decode_any(request: DecodeRequest | SegmentRequest,
+               progress: Progress | None = None) -> DecodedVideo | DecodedTimeline:
+    """The index's decode job: a clip (:func:`decode_for_index`, flat budget: no progress reported) or
+    a segmented video (:func:`decode_for_segments`), so one pool of workers serves both."""
     if isinstance(request, SegmentRequest):
-        return decode_for_segments(request)
+        return decode_for_segments(request, progress)
     return decode_for_index(request)

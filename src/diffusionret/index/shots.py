@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from diffusionret.data.errors import VideoDecodeError
 
@@ -36,7 +38,7 @@ SHOT_DETECTORS: tuple[str, ...] = ("adaptive", "content")
 
 
 def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshold: float | None = None,
-                min_scene_len: float = 0.0) -> list[float]:
+                min_scene_len: float = 0.0, progress: Callable[[float], None] | None = None) -> list[float]:
     """Times (seconds from the first frame) where a new shot starts, ascending, ``0`` excluded.
 
     Args:
@@ -47,6 +49,8 @@ def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshol
         min_scene_len: seconds that must pass after a cut before the next one; short shots are
             merged again later by :func:`~diffusionret.index.segments.shot_spans`, so the default
             keeps every cut the detector sees.
+        progress: called with the time (seconds) of each decoded frame (for a decode budget that
+            follows progress; from PySceneDetect's decoding thread); ``None``: none.
 
     Returns:
         Cut times; empty for a single-shot video.
@@ -59,11 +63,10 @@ def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshol
         raise ValueError(f"unknown shot detector {detector!r}; expected one of {SHOT_DETECTORS}")
     require_scenedetect()
     from scenedetect import AdaptiveDetector, ContentDetector, SceneManager
-    from scenedetect.backends.pyav import VideoStreamAv
 
     path = Path(path)
     try:
-        video = VideoStreamAv(str(path), suppress_output=True)
+        video = _open_stream(path, progress)
     except Exception as exc:  # noqa: BLE001 - PySceneDetect raises its own types and PyAV's
         raise VideoDecodeError(path, f"shot detection cannot open the video ({type(exc).__name__}: {exc})") from exc
     manager = SceneManager()
@@ -83,3 +86,20 @@ def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshol
     cuts = [float(start.seconds) for start, _ in scenes[1:]]
     logger.debug("%s: %d shot cuts", path, len(cuts))
     return cuts
+
+
+def _open_stream(path: Path, progress: Callable[[float], None] | None) -> Any:
+    """PySceneDetect's PyAV stream, reporting the time of each frame it reads to ``progress``."""
+    from scenedetect.backends.pyav import VideoStreamAv
+
+    if progress is None:
+        return VideoStreamAv(str(path), suppress_output=True)
+
+    class _Reporting(VideoStreamAv):  # type: ignore[misc]  # PySceneDetect has no per-frame hook
+        def read(self, *args: Any, **kwargs: Any) -> Any:
+            frame = super().read(*args, **kwargs)
+            if frame is not False:
+                progress(float(self.position.seconds))
+            return frame
+
+    return _Reporting(str(path), suppress_output=True)
