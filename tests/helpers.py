@@ -365,11 +365,16 @@ def paced_job(item, progress):
     return "done"
 
 
-def slowed_decode(request, progress, delay_s=0.0, stall_after=None):
+def slowed_decode(request, progress, delay_s=0.0, stall_after=None, only=None):
     """The index's real decode job with every frame along the timeline slowed by ``delay_s`` seconds, and
-    hung for good after ``stall_after`` frames (``None``: never): a slow or stuck decoder (runs in a worker)."""
+    hung for good after ``stall_after`` frames (``None``: never): a slow or stuck decoder (runs in a worker).
+    ``only``: slow down only the file of that name (the others decode as usual)."""
+    from pathlib import Path
+
     from diffusionret.index.segment_job import decode_any
 
+    if only is not None and Path(request.clip.path).name != only:
+        return decode_any(request, progress)
     frames = 0
 
     def slow(media_s):

@@ -123,7 +123,8 @@ def test_the_meter_credits_forward_steps_capped_per_frame_over_passes() -> None:
 def test_pool_kills_a_stalled_job_after_the_stall_timeout_and_goes_on() -> None:
     budget = DecodeBudget(timeout_s=1.0)
     with IsolatedPool(paced_job, workers=1, budget=budget, progress=True) as pool:
-        stalled, after = pool.map([(10, 0.05, 1.0, 3), (2, 0.0, 1.0, None)])
+        # steps longer than the report interval (0.1 s): the parent hears of each one
+        stalled, after = pool.map([(10, 0.15, 1.0, 3), (2, 0.0, 1.0, None)])
     assert isinstance(stalled, JobFailed) and stalled.limit == STALL, stalled
     assert "no progress for 1 s" in stalled.error and "3.0 s of media" in stalled.error
     assert after == "done"

@@ -7,11 +7,13 @@ Every video is written by the test (PyAV), with known lengths, timestamps and cu
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from helpers import (hostile_corpus, lying_duration_mkv, lying_duration_mp4, run_cli, save_tiny_model,
-                     write_shot_video)
+                     slowed_decode, write_shot_video)
 from diffusionret.data.decode import probe_video
 from diffusionret.data.isolate import DecodeBudget
 from diffusionret.index import catalog
@@ -132,7 +134,9 @@ def test_square_crop_leaves_the_transform_output_unchanged() -> None:
 
 def test_timeline_decode_is_killed_at_the_time_budget(tmp_path: Path, model: torch.nn.Module, scratch: Path) -> None:
     """A timeline that would run for hours (a 10-year timestamp jump, no length cap) is killed at the
-    decode budget; the file fails alone, the next one is indexed, nothing is left behind."""
+    decode budget: the gap earns no progress (filling it decodes nothing), so the job stalls, at 0.2 s
+    of media (the speed floor may fire first: 3 s + 0.2 s from the start); the file fails alone, the
+    next one is indexed, nothing is left behind."""
     jump = _jump_video(tmp_path / "jump.mkv")
     good = write_index_video(tmp_path / "good.mp4", 30, fps=10)
     encoder = _encoder(model, budget=DecodeBudget(timeout_s=3.0), max_timeline_s=1e12)
@@ -141,8 +145,66 @@ def test_timeline_decode_is_killed_at_the_time_budget(tmp_path: Path, model: tor
     finally:
         encoder.close()
     assert isinstance(failed, ExtractionFailure)
-    assert "longer than 3 s" in failed.error and "--decode-timeout" in failed.error, failed.error
+    assert ("no progress for 3 s" in failed.error or "slower than 1x real time" in failed.error) \
+        and "--decode-timeout" in failed.error, failed.error
     assert isinstance(indexed, SegmentedFeatures) and indexed.frame_mask.any(dim=1).all()
+    assert _leftovers(scratch) == []
+
+
+def _scratch_children(scratch: Path) -> list[Path]:
+    """The per-file folders inside the encoder's scratch folder (while it runs)."""
+    return [child for folder in _leftovers(scratch) for child in folder.iterdir()]
+
+
+@pytest.mark.parametrize("case", ["stall", "slow"])
+def test_a_stalled_or_too_slow_timeline_is_killed_and_its_scratch_deleted(
+        tmp_path: Path, model: torch.nn.Module, scratch: Path, case: str) -> None:
+    """A fake decoder (the real job at 3x real time, hung after 4 s of media, or slowed to 0.4x real time)
+    is killed at the stall timeout or the speed floor, the file fails with the limit and the option to change, its
+    scratch folder goes at once (before the next file), and the next file is indexed."""
+    video = write_index_video(tmp_path / "long.mp4", 100, fps=10)  # 10 s: 25 s to decode at 0.4x
+    good = write_index_video(tmp_path / "good.mp4", 30, fps=10)
+    job = functools.partial(slowed_decode, delay_s=0.03, stall_after=40, only="long.mp4") if case == "stall" else \
+        functools.partial(slowed_decode, delay_s=0.25, only="long.mp4")
+    encoder = _encoder(model, budget=DecodeBudget(timeout_s=1.0), decode_job=job, batch_size=1)
+    try:
+        results = encoder.extract_segments([video, good], SegmentConfig("fixed").resolved(2.0))
+        failed = next(results)
+        assert _scratch_children(scratch) == []
+        indexed, *rest = list(results)
+    finally:
+        encoder.close()
+    assert isinstance(failed, ExtractionFailure)
+    if case == "stall":
+        assert "no progress for 1 s" in failed.error and "--decode-timeout" in failed.error, failed.error
+    else:
+        assert "slower than 1x real time" in failed.error and "--decode-min-speed" in failed.error, failed.error
+    assert isinstance(indexed, SegmentedFeatures) and indexed.frame_mask.any(dim=1).all() and rest == []
+    assert _leftovers(scratch) == []
+
+
+def test_a_long_progressing_timeline_outlives_the_flat_timeout(tmp_path: Path, model: torch.nn.Module,
+                                                              scratch: Path) -> None:
+    """Decoding steadily (3x real time) for three times the timeout is not killed, and gives what an
+    unhurried decode gives."""
+    video = write_index_video(tmp_path / "long.mp4", 100, fps=10)
+    config = SegmentConfig("fixed").resolved(2.0)
+    slow = _encoder(model, budget=DecodeBudget(timeout_s=1.0),
+                    decode_job=functools.partial(slowed_decode, delay_s=0.03))
+    try:
+        start = time.monotonic()
+        [result] = list(slow.extract_segments([video], config))
+        elapsed = time.monotonic() - start
+    finally:
+        slow.close()
+    encoder = _encoder(model)
+    try:
+        [expected] = list(encoder.extract_segments([video], config))
+    finally:
+        encoder.close()
+    assert elapsed >= 3.0  # 100 frames x 0.03 s of sleep: a flat 1 s budget would have killed it
+    assert isinstance(result, SegmentedFeatures) and isinstance(expected, SegmentedFeatures), result
+    assert result.spans == expected.spans and torch.equal(result.frames, expected.frames)
     assert _leftovers(scratch) == []
 
 

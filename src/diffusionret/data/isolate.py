@@ -173,8 +173,8 @@ class JobWatch:
                              "media; killed)", STALL)
         if now >= self.speed_deadline:
             return JobFailed(f"decoding ran slower than {self.budget.min_speed:g}x real time ({self.media_s:.1f} s "
-                             f"of media in {now - self.started:.0f} s, {timeout:g} s + media / "
-                             f"{self.budget.min_speed:g} allowed; killed)", SPEED)
+                             f"of media in {now - self.started:.1f} s, the last progress {now - self.last_progress:.1f} "
+                             f"s ago; {timeout:g} s + media / {self.budget.min_speed:g} allowed; killed)", SPEED)
         return None
 
 

@@ -257,7 +257,8 @@ _ADVICE = {
     TIME: "raise --decode-timeout to allow more",
     STALL: "raise --decode-timeout if the decoder is only slow (a segmented video's timeline may go that long "
            "without progress)",
-    SPEED: "lower --decode-min-speed if this machine decodes the file that slowly",
+    SPEED: "lower --decode-min-speed (or raise --decode-timeout, its head start) if this machine decodes the "
+           "file that slowly",
     MEMORY: "raise --decode-memory to allow more",
 }
 
