@@ -162,3 +162,17 @@ def test_a_pool_without_progress_keeps_the_flat_timeout() -> None:
 def test_budget_rejects_a_non_positive_minimum_speed() -> None:
     with pytest.raises(ValueError, match="minimum decoding speed"):
         DecodeBudget(min_speed=0.0)
+
+
+def test_the_index_commands_take_the_budget_options() -> None:
+    from diffusionret.cli import build_parser
+    from diffusionret.commands.index import decode_budget
+
+    base = ["index", "build", "--model", "m.safetensors", "--videos", "videos", "--out", "idx"]
+    args = build_parser().parse_args(base + ["--decode-timeout", "30", "--decode-min-speed", "0.5"])
+    assert decode_budget(args) == DecodeBudget(timeout_s=30.0, memory_bytes=4 * 2**30, min_speed=0.5)
+    update = build_parser().parse_args(["index", "update", "idx"])
+    assert decode_budget(update) == DecodeBudget()  # the library's defaults
+    for option in ["--decode-min-speed", "--decode-timeout"]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(base + [option, "0"])

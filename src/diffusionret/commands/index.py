@@ -145,16 +145,21 @@ def _ann_config(args: argparse.Namespace) -> Any:
                           kind=args.ann_kind, pq_m=args.pq_m)
 
 
-def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
+def decode_budget(args: argparse.Namespace) -> Any:
+    """The :class:`~diffusionret.data.isolate.DecodeBudget` of ``--decode-timeout/-memory/-min-speed``."""
     from diffusionret.data.isolate import DecodeBudget
+
+    return DecodeBudget(timeout_s=args.decode_timeout, memory_bytes=int(args.decode_memory * 2**30),
+                        min_speed=args.decode_min_speed)
+
+
+def _encoder(args: argparse.Namespace, model_path: str, device: str | None, settings: dict[str, Any] | None = None):
     from diffusionret.index.encode import ModelVideoEncoder
     from diffusionret.models.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(model_path, device=device or "cpu")
-    budget = DecodeBudget(timeout_s=args.decode_timeout, memory_bytes=int(args.decode_memory * 2**30),
-                          min_speed=args.decode_min_speed)
     options = dict(batch_size=args.batch_size, decode_workers=args.decode_workers, model_path=model_path,
-                   budget=budget)
+                   budget=decode_budget(args))
     if settings is not None:
         return ModelVideoEncoder.from_settings(loaded.model, settings, **options)
     # The checkpoint's input settings, with the command-line flags on top.

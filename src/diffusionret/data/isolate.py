@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -136,13 +136,12 @@ class JobWatch:
 
     budget: DecodeBudget
     started: float
-    media_s: float = 0.0
-    last_progress: float = -1.0  # set to ``started`` below
-    reported: bool = False
+    media_s: float = field(default=0.0, init=False)  # the most media decoded that was reported
+    last_progress: float = field(init=False)  # when media_s last increased (``started`` until then)
+    reported: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if self.last_progress < self.started:
-            self.last_progress = self.started
+        self.last_progress = self.started
 
     def progress(self, media_s: float, now: float) -> None:
         if media_s > self.media_s:
@@ -172,9 +171,10 @@ class JobWatch:
             return JobFailed(f"decoding made no progress for {timeout:g} s (stuck after {self.media_s:.1f} s of "
                              "media; killed)", STALL)
         if now >= self.speed_deadline:
-            return JobFailed(f"decoding ran slower than {self.budget.min_speed:g}x real time ({self.media_s:.1f} s "
-                             f"of media in {now - self.started:.1f} s, the last progress {now - self.last_progress:.1f} "
-                             f"s ago; {timeout:g} s + media / {self.budget.min_speed:g} allowed; killed)", SPEED)
+            speed, elapsed, idle = self.budget.min_speed, now - self.started, now - self.last_progress
+            return JobFailed(f"decoding ran slower than {speed:g}x real time ({self.media_s:.1f} s of media in "
+                             f"{elapsed:.1f} s, the last progress {idle:.1f} s ago; {timeout:g} s + media / {speed:g} "
+                             "allowed; killed)", SPEED)
         return None
 
 
