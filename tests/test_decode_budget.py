@@ -118,6 +118,13 @@ def test_the_meter_credits_forward_steps_capped_per_frame_over_passes() -> None:
     assert totals == sorted(totals) and totals[-1] == meter.total
 
 
+def test_the_meter_credits_no_more_than_the_cap_per_pass() -> None:
+    meter = MediaMeter(None, limit_s=25.0)
+    for t in range(100):
+        meter(float(t))
+    assert meter.total == 25.0
+
+
 # --------------------------------------------------------------------- the pool, real workers
 @pytest.mark.slow  # starts processes
 def test_pool_kills_a_stalled_job_after_the_stall_timeout_and_goes_on() -> None:

@@ -58,17 +58,21 @@ class MediaMeter:
 
     Call it with the time of each decoded frame (seconds into the video); it adds the step from the
     furthest time reached in the current pass, at most :data:`MAX_FRAME_CREDIT_S` (times that go back
-    earn nothing) and hands the running total to ``report``. :meth:`next_pass` starts another pass
+    earn nothing) and hands the running total to ``report``. Times past ``limit_s`` (the timeline's
+    cap) earn nothing either, so a pass earns at most that. :meth:`next_pass` starts another pass
     from time 0 (shot detection and the timeline each read the whole file: both count).
     """
 
-    def __init__(self, report: Progress | None, max_step_s: float = MAX_FRAME_CREDIT_S) -> None:
+    def __init__(self, report: Progress | None, max_step_s: float = MAX_FRAME_CREDIT_S,
+                 limit_s: float = MAX_TIMELINE_S) -> None:
         self._report = report
         self._max_step_s = max_step_s
+        self._limit_s = limit_s
         self.total = 0.0
         self._reached = 0.0
 
     def __call__(self, time_s: float) -> None:
+        time_s = min(time_s, self._limit_s)
         if time_s > self._reached:
             self.total += min(time_s - self._reached, self._max_step_s)
             self._reached = time_s
@@ -154,13 +158,13 @@ def decode_for_segments(request: SegmentRequest, progress: Progress | None = Non
         return decode_for_index(request.clip)
     clip = request.clip
     read_frames(clip.path, fps=clip.fps, max_frames=clip.max_frames, size=clip.size, sampling=clip.sampling)
-    meter = MediaMeter(progress)
+    meter = MediaMeter(progress, limit_s=request.max_duration)
     cuts = None
     if config.mode == "shots":
         from diffusionret.index.shots import detect_cuts
 
         cuts = detect_cuts(request.clip.path, detector=config.shot_detector, threshold=config.shot_threshold,
-                           progress=meter)
+                           progress=meter, max_duration=request.max_duration)
         meter.next_pass()
     timeline = _write_timeline(request, meter)
     spans = plan_segments(timeline.duration, config, cuts)

@@ -38,7 +38,8 @@ SHOT_DETECTORS: tuple[str, ...] = ("adaptive", "content")
 
 
 def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshold: float | None = None,
-                min_scene_len: float = 0.0, progress: Callable[[float], None] | None = None) -> list[float]:
+                min_scene_len: float = 0.0, progress: Callable[[float], None] | None = None,
+                max_duration: float | None = None) -> list[float]:
     """Times (seconds from the first frame) where a new shot starts, ascending, ``0`` excluded.
 
     Args:
@@ -51,6 +52,8 @@ def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshol
             keeps every cut the detector sees.
         progress: called with the time (seconds) of each decoded frame (for a decode budget that
             follows progress; from PySceneDetect's decoding thread); ``None``: none.
+        max_duration: stop reading after this many seconds (the timeline's cap, which then refuses the
+            file); ``None``: read to the end.
 
     Returns:
         Cut times; empty for a single-shot video.
@@ -79,7 +82,7 @@ def detect_cuts(path: str | os.PathLike, *, detector: str = "adaptive", threshol
         options = {} if threshold is None else {"threshold": threshold}
         manager.add_detector(ContentDetector(min_scene_len=frames, **options))
     try:
-        manager.detect_scenes(video=video, show_progress=False)
+        manager.detect_scenes(video=video, show_progress=False, end_time=max_duration)
     except Exception as exc:  # noqa: BLE001 - a decode error mid-stream: the file is at fault
         raise VideoDecodeError(path, f"shot detection failed ({type(exc).__name__}: {exc})") from exc
     scenes = manager.get_scene_list(start_in_scene=True)
