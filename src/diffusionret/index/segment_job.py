@@ -4,7 +4,8 @@ Segmenting a video decodes all of it (:class:`~diffusionret.data.timeline.Timeli
 per ``1 / fps``) and, in ``shots`` mode, runs PySceneDetect over it: a hostile file can hang or
 exhaust memory there as easily as in :func:`~diffusionret.index.decode_job.decode_for_index`, so
 :class:`~diffusionret.index.encode.ModelVideoEncoder` runs :func:`decode_for_segments` in the same
-:class:`~diffusionret.data.isolate.IsolatedPool` workers, under the same time and memory budget.
+:class:`~diffusionret.data.isolate.IsolatedPool` workers, under the same memory budget and a time
+budget that follows its progress (below).
 
 A long video's frames are too many to send back through a pipe in one reply (and to hold in a
 worker under its memory limit), so the worker streams them into a scratch folder the parent chose
@@ -15,8 +16,9 @@ killed leaves at most a partial file there, which the parent deletes without rea
 
 Decoding a whole recording takes time in proportion to its length, so a flat time budget would fail
 long videos: the timeline job reports the media it has decoded (:class:`MediaMeter`) and the pool
-judges it by its progress (:class:`~diffusionret.data.isolate.JobWatch`). A clip decode (short videos
-in ``auto`` mode) reports nothing and keeps the flat budget.
+judges it by its progress (:class:`~diffusionret.data.isolate.JobWatch`). The checks of a clip decode
+that come first report nothing, so they must finish within the timeout, as a clip must. A clip decode
+(short videos in ``auto`` mode) reports nothing and keeps the flat budget.
 """
 
 from __future__ import annotations
