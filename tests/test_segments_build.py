@@ -189,8 +189,10 @@ def test_a_long_progressing_timeline_outlives_the_flat_timeout(tmp_path: Path, m
     unhurried decode gives."""
     video = write_index_video(tmp_path / "long.mp4", 100, fps=10)
     config = SegmentConfig("fixed").resolved(2.0)
-    slow = _encoder(model, budget=DecodeBudget(timeout_s=1.0),
-                    decode_job=functools.partial(slowed_decode, delay_s=0.03))
+    # 2 s, not 1: the checks before the timeline report no progress and must fit in the budget even
+    # on a loaded machine
+    slow = _encoder(model, budget=DecodeBudget(timeout_s=2.0),
+                    decode_job=functools.partial(slowed_decode, delay_s=0.06))
     try:
         start = time.monotonic()
         [result] = list(slow.extract_segments([video], config))
@@ -202,7 +204,7 @@ def test_a_long_progressing_timeline_outlives_the_flat_timeout(tmp_path: Path, m
         [expected] = list(encoder.extract_segments([video], config))
     finally:
         encoder.close()
-    assert elapsed >= 3.0  # 100 frames x 0.03 s of sleep: a flat 1 s budget would have killed it
+    assert elapsed >= 6.0  # 100 frames x 0.06 s of sleep: a flat 2 s budget would have killed it
     assert isinstance(result, SegmentedFeatures) and isinstance(expected, SegmentedFeatures), result
     assert result.spans == expected.spans and torch.equal(result.frames, expected.frames)
     assert _leftovers(scratch) == []
