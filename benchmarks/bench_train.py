@@ -57,11 +57,13 @@ def random_batch(batch: int, frames: int, words: int, image: int, g: torch.Gener
 
 
 def make_run(stage: str, total_steps: int, *, config: ModelConfig | None = None, device: str = "cpu",
-             amp_dtype: torch.dtype | None = None, num_negatives: int | None = None, seed: int = 0) -> _Run:
+             amp_dtype: torch.dtype | None = None, num_negatives: int | None = None, seed: int = 0,
+             factored: bool = False) -> _Run:
     """The trainer's run state for ``stage`` (default: the tiny model on CPU, fp32), without a dataset.
 
     ``amp_dtype`` is the autocast dtype ``_train_step`` uses (``None``: fp32), as
     :func:`diffusionret.training.loop.resolve_amp_dtype` would set it from ``train.precision``.
+    ``factored``: the generation objective's denoiser form (on when ``train`` reads the feature cache).
     """
     ctx = DistContext.single(device)
     optim = OptimConfig()
@@ -78,7 +80,8 @@ def make_run(stage: str, total_steps: int, *, config: ModelConfig | None = None,
         stage2 = torch.Generator(device=ctx.device).manual_seed(seed + 1)
         objective = GenerationObjective(model, ctx, num_negatives=num_negatives or d.num_negatives,
                                         negative_label=d.negative_label, loss_temp=d.loss_temp, generator=stage2,
-                                        diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device))
+                                        diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device),
+                                        factored=factored)
         generators = {"stage2": stage2}
     objective.train()
     optimizer = build_optimizer(model, lr=optim.lr, clip_lr_scale=optim.clip_lr_scale, weight_decay=optim.weight_decay,

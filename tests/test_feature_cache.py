@@ -95,10 +95,11 @@ def _build(directory: Path, model: torch.nn.Module, ds: VideoTextDataset, **kw) 
     return TrainFeatureCache(path, len(ds))
 
 
-def _objective(model: torch.nn.Module, ctx: DistContext, seed: int, negatives=None) -> GenerationObjective:
+def _objective(model: torch.nn.Module, ctx: DistContext, seed: int, negatives=None,
+               factored: bool = False) -> GenerationObjective:
     objective = GenerationObjective(model, ctx, num_negatives=127, negative_label=0, loss_temp=100.0,
                                     generator=torch.Generator().manual_seed(seed), diffusion=GaussianDiffusion(10),
-                                    dataset_negatives=negatives)
+                                    dataset_negatives=negatives, factored=factored)
     objective.train()
     return objective
 
@@ -121,7 +122,8 @@ def _assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- equality
-def test_cached_path_gives_the_online_losses_and_gradients(tmp_path: Path) -> None:
+@pytest.mark.parametrize("factored", [False, True], ids=["reference-form", "factored-form"])
+def test_cached_path_gives_the_online_losses_and_gradients(tmp_path: Path, factored: bool) -> None:
     ds, model = _dataset(), _model()
     cache = _build(tmp_path / "cache", model, ds)
     sampler = TrainSampler(len(ds), GLOBAL_BATCH, DistContext(), seed=3)
@@ -134,8 +136,9 @@ def test_cached_path_gives_the_online_losses_and_gradients(tmp_path: Path) -> No
             chunk = indices[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
             online_args = stage1_batch_args(collate([ds[i] for i in chunk]), torch.device("cpu"))
             assert torch.equal(cached.video_key, online_args["video_key"])
-            online = _loss_and_grads(model, _objective(model, DistContext(), seed=step), online_args)
-            from_cache = _loss_and_grads(model, _objective(model, DistContext(), seed=step),
+            online = _loss_and_grads(model, _objective(model, DistContext(), seed=step, factored=factored),
+                                     online_args)
+            from_cache = _loss_and_grads(model, _objective(model, DistContext(), seed=step, factored=factored),
                                          cached.args(torch.device("cpu")))
             assert online[0]["num_negatives"].item() >= 3  # hard negatives were mined
             _assert_same(online, from_cache)
@@ -151,6 +154,29 @@ def test_unreadable_videos_are_dropped_like_the_data_loader_does(tmp_path: Path)
     assert online is not None and cached is not None and len(online) == cached.tokens.shape[0] == 2
     assert torch.equal(online.video_key, cached.video_key)
     assert cache.batch([3, 8]) is None
+
+
+def _assert_close_forms(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    """The reference and the factored denoiser forms: the same numbers up to float re-association."""
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    for key in ("loss", "gen_t2v", "gen_v2t", "disc_loss", "num_negatives"):
+        torch.testing.assert_close(out_a[key], out_b[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert set(grads_a) == set(grads_b) and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_factored_denoisers_train_like_the_reference_form(tmp_path: Path) -> None:
+    """Global-batch negatives (videos with several captions in a batch, masked frames), shared banks."""
+    ds, model = _dataset(), _model()
+    cache = _build(tmp_path / "cache", model, ds)
+    sampler = TrainSampler(len(ds), GLOBAL_BATCH, DistContext(), seed=5)
+    for step, cached in enumerate(CachedBatches(cache, sampler)):
+        args = cached.args(torch.device("cpu"))
+        reference = _loss_and_grads(model, _objective(model, DistContext(), seed=step), args)
+        assert reference[0]["num_negatives"].item() >= 3
+        _assert_close_forms(reference, _loss_and_grads(model, _objective(model, DistContext(), seed=step,
+                                                                         factored=True), args))
 
 
 # ---------------------------------------------------------------------------------------------- resume / invalidation
@@ -361,9 +387,11 @@ def test_dataset_negatives_train_end_to_end_on_a_cache(tmp_path: Path) -> None:
     neg = build_dataset_negatives(model, cache, captions, 127, ctx=DistContext())
     assert neg.num == 5  # 7 videos; "a red thing" excludes v0 and v5
     batch = cache.batch([0, 5, 7, 2]).args(torch.device("cpu"))
-    out = _objective(model, DistContext(), 0, negatives=neg)(**batch)
-    assert out["num_negatives"].item() == 5 and torch.isfinite(out["loss"])
-    out["loss"].backward()
+    reference = _loss_and_grads(model, _objective(model, DistContext(), 0, negatives=neg), batch)
+    assert reference[0]["num_negatives"].item() == 5 and torch.isfinite(reference[0]["loss"])
+    # The trainer's form from the cache (per-query candidates: no shared bank) gives the same training.
+    _assert_close_forms(reference, _loss_and_grads(model, _objective(model, DistContext(), 0, negatives=neg,
+                                                                     factored=True), batch))
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -408,7 +436,8 @@ def _dist_worker(rank: int, world: int, port: int, directory: str) -> None:
         # Encoding sharded over both ranks (shard k on rank k % 2).
         spec = _spec(Path(directory) / "dist_cache", model, shard_size=2)
         cache = TrainFeatureCache(ensure_feature_cache(model, ds, spec, ctx), len(ds))
-        ddp = torch.nn.parallel.DistributedDataParallel(_objective(model, ctx, seed=10 + rank))
+        # The factored form, as ``train`` uses from the cache: local queries against global-batch rows.
+        ddp = torch.nn.parallel.DistributedDataParallel(_objective(model, ctx, seed=10 + rank, factored=True))
         sampler = TrainSampler(len(ds), GLOBAL_BATCH, ctx, seed=3)
         sampler.set_epoch(1)
         local = list(sampler)[:GLOBAL_BATCH // world]

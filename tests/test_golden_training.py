@@ -74,13 +74,15 @@ class _RecordedDraws(GenerationObjective):
         return t, noise_t2v, noise_v2t
 
 
-def test_stage2_objective_matches_the_reference(golden: dict, train_golden: dict) -> None:
+@pytest.mark.parametrize("factored", [False, True], ids=["reference-form", "factored-form"])
+def test_stage2_objective_matches_the_reference(golden: dict, train_golden: dict, factored: bool) -> None:
+    """Both denoiser forms: the reference's arithmetic (online) and the factored one (from the cache)."""
     model = prepare_stage2_model(diffusionret.load_model(golden["checkpoint"]))
     inputs, out, cfg = train_golden["inputs"], train_golden["outputs"], train_golden["config"]
     objective = _RecordedDraws(model, DistContext(), num_negatives=cfg["num"], negative_label=0,
                                loss_temp=cfg["d_temp"], generator=torch.Generator(),
                                diffusion=GaussianDiffusion(50, "cosine"),  # the reference's setting
-                               draws=(inputs["t"], inputs["noise_t2v"], inputs["noise_v2t"]))
+                               draws=(inputs["t"], inputs["noise_t2v"], inputs["noise_v2t"]), factored=factored)
     objective.train()
 
     result = objective(*_batch(inputs))

@@ -82,6 +82,11 @@ def gather_rows(source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return source.index_select(0, idx.reshape(-1)).view(*idx.shape, *source.shape[1:])
 
 
+def _grid_rows(cand_idx: torch.Tensor, queries: int) -> torch.Tensor:
+    """(B, N) bank rows -> (B, N) cells ``m * B + b`` of a flattened (M, B) grid of (bank row, query)."""
+    return cand_idx * queries + torch.arange(queries, device=cand_idx.device).unsqueeze(1)
+
+
 class _DenoiserBase(nn.Module):
     def __init__(self, dim: int, temp: float = 1.0) -> None:
         super().__init__()
@@ -100,6 +105,37 @@ class _DenoiserBase(nn.Module):
         h = self.proj(torch.einsum("bn,bnd->bd", w, values))
         h = h.unsqueeze(1).expand(-1, dec_in.shape[1], -1)
         return self.decoder(torch.cat([h, dec_in], dim=-1)).squeeze(-1) + w
+
+    def _candidate_columns(self) -> torch.Tensor:
+        """``W1_c``: the (2D, D) columns of the decoder's first layer that see the candidate (a view)."""
+        return self.decoder[0].weight[:, self.dim:]
+
+    def _factored_head(self, w: torch.Tensor, pooled: torch.Tensor, e: torch.Tensor, cand: torch.Tensor,
+                       grid_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`_head` with the value path and the decoder's h-columns applied once per query.
+
+        ``sum_n w_n Wv(c_n + e) = Wv(sum_n w_n c_n + e)`` (the weights sum to 1), and the decoder's
+        first layer on ``cat([h, c_n])`` is ``W1_h h + W1_c c_n + b1``, with ``W1_h h`` the same for
+        all N candidates.
+
+        Args:
+            w: (B, N) attention weights; pooled: (B, D) ``sum_n w_n c_n`` of the value inputs;
+            e: (B, D) timestep embedding.
+            cand: ``W1_c c`` (no bias): (B, N, 2D) per pair; or, with ``grid_rows``, for every
+                (bank row m, query b) as (M, B, 2D) or (M, 1, 2D) (the same for all queries).
+            grid_rows: (B, N) the flat (M, B) grid cell of every pair, ``m * B + b``: the decoder
+                then runs on the grid and its output is gathered, instead of gathering (B, N, 2D)
+                inputs (worth it when the lists cover most of the bank).
+        Returns:
+            x0 (B, N).
+        """
+        first, last = self.decoder[0], self.decoder[2]
+        h = self.proj(self.v_proj(pooled + e))  # (B, D)
+        per_query = torch.addmm(first.bias, h, first.weight[:, :self.dim].T)  # (B, 2D)
+        if grid_rows is None:
+            return torch.matmul(torch.relu(cand + per_query.unsqueeze(1)), last.weight[0]) + last.bias + w
+        grid = torch.matmul(torch.relu(cand + per_query.unsqueeze(0)), last.weight[0])  # (M, B)
+        return grid.reshape(-1).index_select(0, grid_rows.reshape(-1)).view_as(w) + last.bias + w
 
     @torch.no_grad()
     def step_tables(self, num_steps: int, *, value_rows: int | None = None) -> StepTables:
@@ -155,6 +191,54 @@ class T2VDenoiser(_DenoiserBase):
         v = self.v_proj(vbar + e.unsqueeze(1))
         logits = torch.einsum("bd,bnd->bn", q, k) + x  # no 1/sqrt(D), as in the reference
         return self._head(logits, v, vbar)
+
+    def forward_factored(self, x: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, video_emb: torch.Tensor,
+                         video_mask: torch.Tensor, cand_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` rearranged for training on shared candidates: the same x0 up to float re-association.
+
+        No D x D product runs per (query, candidate) pair: the keys enter only through
+        ``<q, Wk vbar_n> = <Wk^T q, vbar_n>``, the values only through their attention-weighted sum
+        (:meth:`_factored_head`), and the decoder's candidate columns ``W1_c`` through a pooled
+        video, a weighted sum of frames. With a bank of M videos shared by all queries (stage 2's
+        global batch), each frame is mapped by ``W1_c`` once and the frame pooling runs for every
+        (query, bank video): ``M T D 2D + B M T 2D`` multiply-adds instead of ``B N D 2D`` per pair.
+
+        Args:
+            x: (B, N) noisy scores; t: (B,) integer timesteps; text_emb: (B, D) query text.
+            video_emb, video_mask: candidates per query (B, N, T, D), (B, N, T); or, with
+                ``cand_idx`` (B, N) rows into it, a bank (M, T, D), (M, T).
+        Returns:
+            (B, N).
+        """
+        b, n = x.shape
+        d = self.dim
+        w1_c = self._candidate_columns()
+        grid_rows = None
+        if cand_idx is not None:
+            m, frames = video_emb.shape[:2]
+            if m * frames * (d + b) > b * n * d:  # a bank much larger than the lists: per pair is cheaper
+                video_emb, video_mask = gather_rows(video_emb, cand_idx), gather_rows(video_mask, cand_idx)
+                cand_idx = None
+        if cand_idx is None:
+            vbar = _pool_frames(text_emb.unsqueeze(1), video_emb, video_mask, self.temp)  # (B, N, D)
+            cand = torch.matmul(vbar, w1_c.T)  # (B, N, 2D)
+        else:
+            # Pooling weights of every (query, bank video), laid out (M, B, T) for batched products.
+            logits_mbt = torch.matmul(video_emb, text_emb.T).transpose(1, 2) / self.temp  # (M, B, T)
+            weights = torch.softmax(logits_mbt, dim=-1) * video_mask.unsqueeze(1).to(logits_mbt.dtype)
+            grid_rows = _grid_rows(cand_idx, b)
+            vbar = torch.bmm(weights, video_emb).view(m * b, d).index_select(0, grid_rows.view(-1)).view(b, n, d)
+            frame_cols = torch.matmul(video_emb, w1_c.T)  # (M, T, 2D): W1_c of every frame, once
+            cand = torch.bmm(weights, frame_cols)  # (M, B, 2D)
+            if m > 1.5 * n:  # the decoder on the (M, B) grid would do much more than the N pairs need
+                cand = cand.view(m * b, 2 * d).index_select(0, grid_rows.view(-1)).view(b, n, 2 * d)
+                grid_rows = None
+        e = self.embed_timestep(t)
+        q = self.q_proj(text_emb + e)  # (B, D)
+        q_k = q @ self.k_proj.weight  # (B, D): <q, Wk v> = <q Wk, v>
+        logits = torch.einsum("bnd,bd->bn", vbar, q_k) + (q_k * e).sum(-1, keepdim=True) + x
+        w = torch.softmax(logits, dim=-1)
+        return self._factored_head(w, torch.bmm(w.unsqueeze(1), vbar).squeeze(1), e, cand, grid_rows)
 
     @torch.no_grad()
     def candidate_frames(self, video_emb: torch.Tensor, steps: int | StepTables) -> CandidateFrames:
@@ -258,6 +342,47 @@ class V2TDenoiser(_DenoiserBase):
         v = self.v_proj(text_emb + e)
         logits = (q * k).sum(-1) + x  # per-candidate dot product, not full attention
         return self._head(logits, v, text_emb)
+
+    def forward_factored(self, x: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, video_emb: torch.Tensor,
+                         video_mask: torch.Tensor, cand_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` rearranged for training on shared candidates: the same x0 up to float re-association.
+
+        ``<Wq(vbar_n + e), Wk(c_n + e)> = <vbar_n, Wq^T Wk c_n> + <vbar_n, Wq^T Wk e> + <c_n, Wk^T Wq e>
+        + <Wq e, Wk e>``: the only D x D products per candidate text are ``Wq^T Wk c`` and ``W1_c c``,
+        computed once per bank row when candidates come from a bank shared by all queries; the values
+        enter through their attention-weighted sum (:meth:`_factored_head`).
+
+        Args:
+            x: (B, N) noisy scores; t: (B,) integer timesteps.
+            text_emb: (B, N, D) candidate texts per query; or, with ``cand_idx`` (B, N) rows into
+                it, a bank (M, D).
+            video_emb: (B, T, D) query video; video_mask: (B, T).
+        Returns:
+            (B, N).
+        """
+        b, n = x.shape
+        d = self.dim
+        bank = text_emb.reshape(-1, d)  # (M, D)
+        wq, wk = self.q_proj.weight, self.k_proj.weight
+        # Wq^T Wk c for every bank row: two thin products, or one through the fused (D, D) matrix.
+        text_qk = (bank @ wk.T) @ wq if bank.shape[0] <= d else bank @ (wk.T @ wq)  # (M, D)
+        cand = torch.matmul(bank, self._candidate_columns().T)  # (M, 2D)
+        grid_rows = None
+        if cand_idx is None:
+            text, text_qk, cand = text_emb, text_qk.view(b, n, d), cand.view(b, n, 2 * d)
+        else:
+            text, text_qk = gather_rows(bank, cand_idx), gather_rows(text_qk, cand_idx)
+            if bank.shape[0] > 1.5 * n:  # see T2VDenoiser.forward_factored
+                cand = gather_rows(cand, cand_idx)
+            else:
+                cand, grid_rows = cand.unsqueeze(1), _grid_rows(cand_idx, b)
+        vbar = _pool_frames(text, video_emb.unsqueeze(1), video_mask.unsqueeze(1), self.temp)  # (B, N, D)
+        e = self.embed_timestep(t)
+        qe, ke = self.q_proj(e), self.k_proj(e)  # (B, D)
+        logits = (torch.einsum("bnd,bnd->bn", vbar, text_qk + (ke @ wq).unsqueeze(1))
+                  + torch.einsum("bnd,bd->bn", text, qe @ wk) + (qe * ke).sum(-1, keepdim=True) + x)
+        w = torch.softmax(logits, dim=-1)
+        return self._factored_head(w, torch.bmm(w.unsqueeze(1), text).squeeze(1), e, cand, grid_rows)
 
     @torch.no_grad()
     def candidate_texts(self, text_emb: torch.Tensor, steps: int | StepTables) -> CandidateTexts:

@@ -251,6 +251,40 @@ class DiffusionRet(nn.Module):
                              f"video {tuple(video.shape)}, frame_mask {tuple(frame_mask.shape)}")
         return self.diffusion_model_v(x_t, t, cand_cls, video, frame_mask)
 
+    def denoise_t2v_factored(self, x_t: torch.Tensor, t: torch.Tensor, cls: torch.Tensor, cand_video: torch.Tensor,
+                             cand_mask: torch.Tensor, cand_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`denoise_t2v` in the training form of :meth:`T2VDenoiser.forward_factored` (same x0 up to rounding).
+
+        With ``cand_idx`` (B, K), ``cand_video`` (M, T, D) and ``cand_mask`` (M, T) are a bank of
+        videos shared by all queries and ``cand_idx`` their rows; otherwise as :meth:`denoise_t2v`.
+        """
+        self.require_denoisers()
+        if cand_idx is None:
+            _check_shapes("denoise_t2v_factored", x_t=(x_t, 2), cand_video=(cand_video, 4), cand_mask=(cand_mask, 3))
+        else:
+            _check_shapes("denoise_t2v_factored", x_t=(x_t, 2), cand_video=(cand_video, 3), cand_mask=(cand_mask, 2),
+                          cand_idx=(cand_idx, 2))
+            if cand_idx.shape != x_t.shape:
+                raise ValueError(f"denoise_t2v_factored: cand_idx {tuple(cand_idx.shape)} != x_t {tuple(x_t.shape)}")
+        return self.diffusion_model.forward_factored(x_t, t, cls, cand_video, cand_mask, cand_idx)
+
+    def denoise_v2t_factored(self, x_t: torch.Tensor, t: torch.Tensor, cand_cls: torch.Tensor, video: torch.Tensor,
+                             frame_mask: torch.Tensor, cand_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`denoise_v2t` in the training form of :meth:`V2TDenoiser.forward_factored` (same x0 up to rounding).
+
+        With ``cand_idx`` (B, K), ``cand_cls`` (M, D) is a bank of texts shared by all queries and
+        ``cand_idx`` their rows; otherwise as :meth:`denoise_v2t`.
+        """
+        self.require_denoisers()
+        if cand_idx is None:
+            _check_shapes("denoise_v2t_factored", x_t=(x_t, 2), cand_cls=(cand_cls, 3), video=(video, 3))
+        else:
+            _check_shapes("denoise_v2t_factored", x_t=(x_t, 2), cand_cls=(cand_cls, 2), video=(video, 3),
+                          cand_idx=(cand_idx, 2))
+            if cand_idx.shape != x_t.shape:
+                raise ValueError(f"denoise_v2t_factored: cand_idx {tuple(cand_idx.shape)} != x_t {tuple(x_t.shape)}")
+        return self.diffusion_model_v.forward_factored(x_t, t, cand_cls, video, frame_mask, cand_idx)
+
 
 def _flatten_text(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim == 3 and x.shape[1] == 1:  # ActivityNet/DiDeMo loaders give (B, 1, L)

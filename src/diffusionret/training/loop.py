@@ -168,10 +168,11 @@ def _build_objective(cfg: Any, model: nn.Module, ctx: DistContext, cache: Any = 
                                             chunk_size=cfg.eval.chunk_size)
     # Per-rank stream: every rank draws t and noise for its own queries.
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1_000_003 * (ctx.rank + 1))
+    # From the cache the denoisers are the whole step: their factored form (same x0 up to rounding).
     objective = GenerationObjective(model, ctx, num_negatives=d.num_negatives, negative_label=d.negative_label,
                                     loss_temp=d.loss_temp, generator=gen,
                                     diffusion=GaussianDiffusion(d.steps, d.schedule).to(ctx.device),
-                                    dataset_negatives=negatives)
+                                    dataset_negatives=negatives, factored=cache is not None)
     return objective, {"stage2": gen}
 
 

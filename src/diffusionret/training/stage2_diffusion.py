@@ -58,11 +58,18 @@ class GenerationObjective(nn.Module):
         diffusion: the diffusion process trained (the run's ``diffusion.steps`` / ``schedule``).
         dataset_negatives: a :class:`~diffusionret.training.dataset_negatives.DatasetNegatives`
             table: negatives from the whole training split (batches must then come from the cache).
+        factored: run the denoisers in their factored training form (``forward_factored``: the same
+            x0 up to float re-association, no D x D product per (query, candidate) pair, and with
+            batch negatives the candidates stay rows of the global batch instead of being gathered
+            per query). Off: the reference's arithmetic (:meth:`T2VDenoiser.forward`), which the
+            online path keeps: there the encoders are the step, and its float order pins the
+            demo's numbers. The trainer turns it on when training from the feature cache, where the
+            denoisers are the whole step.
     """
 
     def __init__(self, model: nn.Module, ctx: DistContext, *, num_negatives: int, negative_label: int,
                  loss_temp: float, generator: torch.Generator, diffusion: GaussianDiffusion,
-                 dataset_negatives: Any = None) -> None:
+                 dataset_negatives: Any = None, factored: bool = False) -> None:
         super().__init__()
         self.model = model
         self.diffusion = diffusion
@@ -72,6 +79,7 @@ class GenerationObjective(nn.Module):
         self.loss_temp = loss_temp
         self.generator = generator
         self.dataset_negatives = dataset_negatives
+        self.factored = factored
         self._warned_cap = False
 
     def train(self, mode: bool = True) -> "GenerationObjective":
@@ -140,7 +148,10 @@ class GenerationObjective(nn.Module):
             all_video = all_gather_no_grad(video, ctx, sizes)
             all_frame_mask = all_gather_no_grad(frame_mask, ctx, sizes)
             t2v = model.similarity(tokens, text_mask, all_video, all_frame_mask)            # (b, B)
-            v2t = model.similarity(all_tokens, all_text_mask, video, frame_mask).t()        # (b, B)
+            if ctx.is_distributed:
+                v2t = model.similarity(all_tokens, all_text_mask, video, frame_mask).t()    # (b, B)
+            else:  # one rank: the local batch is the global batch, and the same scores transposed
+                v2t = t2v.t()
             positives = positive_mask(video_key, keys)
             scale = model.logit_scale.exp()
             disc = (soft_target_cross_entropy(scale * t2v, positives).mean()
@@ -165,6 +176,9 @@ class GenerationObjective(nn.Module):
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             loss_t2v = loss_v2t = zero
         else:
+            # Extra keyword arguments of the denoisers: the candidates' bank rows (factored form).
+            t2v_rows: dict[str, torch.Tensor] = {}
+            v2t_rows: dict[str, torch.Tensor] = {}
             with torch.no_grad():
                 if self.dataset_negatives is not None:
                     cand_video, cand_mask, cand_cls = self.dataset_negatives.candidates(caption_row[rows], num,
@@ -172,19 +186,30 @@ class GenerationObjective(nn.Module):
                 else:
                     t2v_idx = candidate_indices(t2v[rows], positives[rows], own, num)      # (n, K)
                     v2t_idx = candidate_indices(v2t[rows], positives[rows], own, num)      # (n, K)
-                    # index_select (gather_rows): the same rows as advanced indexing, 2-5x faster on
-                    # CPU for these (n, K, T, D) gathers, which are a tenth of a cached step.
-                    cand_video = gather_rows(all_video, t2v_idx)                            # (n, K, T, D)
-                    cand_mask = gather_rows(all_frame_mask, t2v_idx)                        # (n, K, T)
-                    cand_cls = gather_rows(all_cls, v2t_idx)                                # (n, K, D)
+                    if self.factored:
+                        # Candidates stay rows of the global batch: the factored denoisers map each
+                        # row once, not once per query that sees it.
+                        cand_video, cand_mask, cand_cls = all_video, all_frame_mask, all_cls
+                        t2v_rows, v2t_rows = {"cand_idx": t2v_idx}, {"cand_idx": v2t_idx}
+                    else:
+                        # index_select (gather_rows): the same rows as advanced indexing, 2-5x faster
+                        # on CPU for these (n, K, T, D) gathers.
+                        cand_video = gather_rows(all_video, t2v_idx)                        # (n, K, T, D)
+                        cand_mask = gather_rows(all_frame_mask, t2v_idx)                    # (n, K, T)
+                        cand_cls = gather_rows(all_cls, v2t_idx)                            # (n, K, D)
             n, k = rows.numel(), num + 1
             x0 = joint_distribution_target(n, k, self.negative_label, device=device)
             diffusion = self.diffusion
             t, noise_t2v, noise_v2t = self.draw_noise(n, k, device)
-            loss_t2v = diffusion.generation_loss(model.denoise_t2v, x0, t, noise_t2v, temp=self.loss_temp,
-                                                 cls=cls[rows], cand_video=cand_video, cand_mask=cand_mask)
-            loss_v2t = diffusion.generation_loss(model.denoise_v2t, x0, t, noise_v2t, temp=self.loss_temp,
-                                                 cand_cls=cand_cls, video=video[rows], frame_mask=frame_mask[rows])
+            if self.factored:
+                denoise_t2v, denoise_v2t = model.denoise_t2v_factored, model.denoise_v2t_factored
+            else:
+                denoise_t2v, denoise_v2t = model.denoise_t2v, model.denoise_v2t
+            loss_t2v = diffusion.generation_loss(denoise_t2v, x0, t, noise_t2v, temp=self.loss_temp,
+                                                 cls=cls[rows], cand_video=cand_video, cand_mask=cand_mask, **t2v_rows)
+            loss_v2t = diffusion.generation_loss(denoise_v2t, x0, t, noise_v2t, temp=self.loss_temp,
+                                                 cand_cls=cand_cls, video=video[rows], frame_mask=frame_mask[rows],
+                                                 **v2t_rows)
         # generation_loss is a mean over the local rows; scaled by the local share of the global batch
         # so that DDP's average over ranks is the global-batch mean (equal shares: factor 1).
         loss_t2v = loss_t2v * share
