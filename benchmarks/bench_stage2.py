@@ -9,10 +9,13 @@ videos with ``--captions`` captions each (default 512 x 2). Everything timed is 
 step (:func:`diffusionret.training.loop._train_step`: objective, backward, AdamW, EMA):
 
 * **cached step**: a batch of 128 read from a memory-mapped cache file of the whole split (written
-  by the same code as ``train``'s cache), WTI mining over it, both denoisers;
-* **online step**: the same step from frames and token ids. At batch 128 one CPU step takes
-  minutes, so on CPU it is timed at ``--online-batch`` and projected: encoding is linear in the
-  samples, so ``online(128) = cached(128) + (online(b) - cached(b)) * 128 / b``;
+  by the same code as ``train``'s cache), WTI mining over it, both denoisers in the factored form
+  ``train`` uses from the cache (``GenerationObjective(factored=True)``); the same step with the
+  reference form (the online path's denoisers) is timed too (``cached_ref``);
+* **online step**: the same step from frames and token ids, reference form, as ``train`` runs it
+  without the cache. At batch 128 one CPU step takes minutes, so on CPU it is timed at
+  ``--online-batch`` and projected: encoding is linear in the samples, so
+  ``online(128) = cached_ref(128) + (online(b) - cached_ref(b)) * 128 / b``;
 * **encoding**: the one-off pass that builds the cache (every video once, every caption once),
   timed on a few videos and captions and projected linearly.
 
@@ -90,14 +93,20 @@ def memory_probe(captions: int, batch: int, frames: int, words: int, dim: int) -
                file_backed_growth_mib=(peak["RssFile"] - before["RssFile"]) / 1024)
 
 
-def time_steps(run, batches, device: str, repeat: int) -> float:
-    """Mean seconds per step over ``repeat`` steps after one warm-up step."""
+def time_steps(run, batches, device: str, repeat: int, cpu: dict[str, float] | None = None) -> float:
+    """Mean wall seconds per step over ``repeat`` steps after one warm-up step.
+
+    ``cpu``, when given, receives the mean process CPU seconds per step under ``"s"`` (all threads;
+    less sensitive than wall time to other jobs on a shared machine).
+    """
     _train_step(run, batches[0])
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(repeat):
         _train_step(run, batches[(i + 1) % len(batches)])
     _sync(device)
+    if cpu is not None:
+        cpu["s"] = (time.process_time() - start_cpu) / repeat
     return (time.perf_counter() - start) / repeat
 
 
@@ -176,17 +185,23 @@ def main() -> None:
         after = _memory_kib()
         cached_batches = list(CachedBatches(cache, sampler))
         run = make_run("generation", total_steps=1000, config=config, device=args.device, amp_dtype=amp,
-                       num_negatives=args.batch - 1)
-        cached_big = time_steps(run, cached_batches, args.device, min(args.steps, len(cached_batches) - 1) or 1)
+                       num_negatives=args.batch - 1, factored=True)
+        big_steps = min(args.steps, len(cached_batches) - 1) or 1
+        cpu: dict[str, dict[str, float]] = {k: {} for k in ("cached", "cached_ref", "cached_small", "online_small")}
+        cached_big = time_steps(run, cached_batches, args.device, big_steps, cpu["cached"])
+        run.objective.factored = False  # the same step with the online path's (reference) denoisers
+        cached_ref_big = time_steps(run, cached_batches, args.device, big_steps, cpu["cached_ref"])
         small = args.online_batch
         small_cached = [b for b in CachedBatches(cache, TrainSampler(samples, small, DistContext.single(args.device)))][:4]
         run_small = make_run("generation", total_steps=1000, config=config, device=args.device, amp_dtype=amp,
-                             num_negatives=small - 1)
-        cached_small = time_steps(run_small, small_cached, args.device, args.steps)
+                             num_negatives=small - 1, factored=False)
+        cached_small = time_steps(run_small, small_cached, args.device, args.steps, cpu["cached_small"])
         online_batches = [random_batch(small, args.frames, args.words, image, g) for _ in range(2)]
         online_batches = [{k: v.to(args.device) for k, v in b.items()} for b in online_batches]
-        online_small = time_steps(run_small, online_batches, args.device, args.steps)
-        online_big = cached_big + max(0.0, online_small - cached_small) * args.batch / small
+        online_small = time_steps(run_small, online_batches, args.device, args.steps, cpu["online_small"])
+        online_big = cached_ref_big + max(0.0, online_small - cached_small) * args.batch / small
+        c = {k: v["s"] for k, v in cpu.items()}
+        online_big_cpu = c["cached_ref"] + max(0.0, c["online_small"] - c["cached_small"]) * args.batch / small
         per_video, per_caption = time_encoding(run.model, args.device, args.frames, args.words, image,
                                                args.encode_videos, args.encode_videos * args.captions, amp)
         encode_once = per_video * args.videos + per_caption * samples
@@ -196,7 +211,10 @@ def main() -> None:
         report("stage2_epoch", device=args.device, threads=torch.get_num_threads(), videos=args.videos,
                samples=samples, batch=args.batch, steps_per_epoch=steps_per_epoch,
                online_step_s_at_small_batch=online_small, cached_step_s_at_small_batch=cached_small,
-               online_step_s=online_big, cached_step_s=cached_big, epoch_online_s=epoch_online,
+               online_step_s=online_big, cached_step_s=cached_big, cached_ref_step_s=cached_ref_big,
+               factored_speedup=cached_ref_big / cached_big, online_step_cpu_s=online_big_cpu,
+               cached_step_cpu_s=c["cached"], cached_ref_step_cpu_s=c["cached_ref"],
+               speedup_cpu=online_big_cpu / c["cached"], epoch_online_s=epoch_online,
                epoch_cached_s=epoch_cached, speedup=epoch_online / epoch_cached,
                encode_once_s=encode_once, encode_s_per_video=per_video, encode_s_per_caption=per_caption,
                epoch_read_anon_growth_mib=(peak_anon - before.get("RssAnon", 0)) / 1024,
