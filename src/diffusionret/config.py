@@ -141,8 +141,9 @@ class TrainConfig:
         keep_epoch_checkpoints: keep ``epoch_<k>.pt`` for every epoch besides ``last.pt``.
         find_unused_parameters: DDP option, for model variants with parameters a step does not use.
         feature_cache: generation stage only: ``on`` encodes the training split once with the frozen
-            model into a memory-mapped feature file and trains the denoisers from it (the same
-            losses and gradients as encoding every step, much faster); ``off`` encodes every step;
+            model into a memory-mapped feature file and trains the denoisers from it, in their
+            factored form (the same losses and gradients as encoding every step up to float
+            rounding, much faster); ``off`` encodes every step;
             ``auto`` = ``on`` when the training data is deterministic (``data.augment: none``).
         feature_cache_dir: folder of the cache (``train.safetensors`` and, while encoding, its
             shards); default ``<output_dir>/feature_cache``. Must be shared by all ranks. A cache

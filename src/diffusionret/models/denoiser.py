@@ -21,6 +21,15 @@ their T pooling weights. The steps themselves can run in the compiled kernel of
 :mod:`diffusionret.native` (same arithmetic, one query at a time).
 
 It equals :meth:`forward` up to float re-association (tests check 1e-5).
+
+Factored training form (:meth:`T2VDenoiser.forward_factored`, :meth:`V2TDenoiser.forward_factored`),
+differentiable: the same algebra for a training step over N candidates per query. Keys and values are
+never projected per (query, candidate) pair (the logits are dot products with per-query vectors, the
+values enter through their attention-weighted sum), the decoder's first layer is split into its
+h-columns (once per query) and candidate columns, and candidates may be rows of a bank shared by all
+queries (stage 2's global batch), mapped once per row or frame instead of once per pair. The
+parameters are the same (the split is a view of ``decoder.0.weight``); x0 and gradients equal
+:meth:`forward`'s up to float re-association.
 """
 
 from __future__ import annotations
