@@ -426,6 +426,64 @@ def test_config_resolves_and_validates_the_cache(monkeypatch: pytest.MonkeyPatch
         assert f"feature_cache: {value}" in cfg.to_yaml().replace("'", "")
 
 
+def test_config_resolves_and_validates_augmented_views() -> None:
+    views = TrainConfig(feature_cache_views=3)
+    assert _run_config(augment="crop_flip", train=views).uses_feature_cache()  # auto: views stand in for draws
+    assert _run_config(augment="crop_flip", train=TrainConfig(feature_cache="on", feature_cache_views=2)).uses_feature_cache()
+    assert not _run_config(augment="crop_flip", train=TrainConfig(feature_cache="off", feature_cache_views=2)).uses_feature_cache()
+    with pytest.raises(ValueError, match="without augmentation every view is the same"):
+        _run_config(train=views)
+    with pytest.raises(ValueError, match="negatives 'dataset'"):
+        _run_config(augment="crop_flip", train=views, diffusion=DiffusionConfig(negatives="dataset"))
+    with pytest.raises(ValueError, match="feature_cache_views must be >= 1"):
+        TrainConfig(feature_cache_views=0)
+
+
+class _AugmentedVideos(_SyntheticVideos):
+    """Synthetic frames plus a draw from the item's augmentation generator (the dataset's seed/epoch)."""
+
+    def load_video(self, video_index: int, *, generator: torch.Generator | None = None):
+        frames, mask = super().load_video(video_index)
+        if generator is not None:
+            frames = frames + torch.rand(1, generator=generator) * mask[:, None, None, None]
+        return frames, mask
+
+
+def test_augmented_views_are_the_epoch_draws_and_epochs_cycle_through_them(tmp_path: Path) -> None:
+    from diffusionret.data.transforms import build_transform
+    from diffusionret.training.feature_cache import ensure_view_caches, view_directory
+
+    records = [VideoTextPair(video_id=v, caption=c, video_path=Path(f"/nonexistent/{v}.mp4")) for v, c in CAPTIONS]
+    ds = _AugmentedVideos(records, max_words=WORDS, max_frames=FRAMES, size=SIZE, name="synthetic",
+                          transform=build_transform(SIZE, "crop_flip"), seed=11)
+    model = _model()
+    ds.set_epoch(5)
+    specs = []
+    for view in range(2):
+        spec = _spec(tmp_path / "cache", model)
+        fp = cache_fingerprint(model, {**spec.meta, "augment": "crop_flip", "view": view}, encode_dtype="float32",
+                               store_dtype="float32")
+        specs.append(CacheSpec(directory=view_directory(spec.directory, view, 2), fingerprint=fp, meta=spec.meta,
+                               batch_size=4, shard_size=4))
+    caches = [TrainFeatureCache(p, len(ds)) for p in ensure_view_caches(model, ds, specs, DistContext())]
+    assert ds.epoch == 5  # restored
+    first, second = caches[0].features, caches[1].features
+    assert torch.equal(first.tokens, second.tokens)  # captions are not augmented
+    assert not torch.allclose(first.video, second.video)  # each view its own draw
+    for view, feats in enumerate((first, second)):  # ... and that draw is the epoch's
+        ds.set_epoch(view)
+        items = [ds.video_view()[j] for j in range(ds.num_videos)]
+        online = model.encode_video(torch.stack([i["frames"] for i in items]), torch.stack([i["frame_mask"] for i in items]))
+        torch.testing.assert_close(feats.video, online, rtol=0, atol=1e-6)
+    sampler = TrainSampler(len(ds), GLOBAL_BATCH, DistContext(), seed=3)
+    batches = CachedBatches(caches, sampler)
+    for epoch, view in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        sampler.set_epoch(epoch)
+        batch = next(iter(batches))
+        expected = caches[view].features.video[batch.video_row]
+        assert batches.cache is caches[view] and torch.equal(batch.video, expected)
+
+
 # ---------------------------------------------------------------------------------------------- two processes
 def _dist_worker(rank: int, world: int, port: int, directory: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -142,3 +142,17 @@ def test_stage2_from_the_feature_cache_trains_like_stage2_online(smoke_runs: Pat
     for key in ("loss", "gen_t2v", "gen_v2t", "disc_loss", "num_negatives"):
         torch.testing.assert_close(torch.tensor([r[key] for r in steps[cached]]),
                                    torch.tensor([r[key] for r in steps[online]]), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_stage2_with_augmentation_trains_from_cached_augmented_views(smoke_runs: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.feature_cache_views: 2`` with ``data.augment``: two views encoded, each epoch trained from one."""
+    from diffusionret.evaluation.features import CorpusFeatures
+
+    monkeypatch.setenv("DIFFUSIONRET_SMOKE", str(smoke_runs))
+    run = smoke_runs / "runs" / "stage2_views"
+    assert main(["train", "--config", str(SMOKE2), f"output_dir={run}", "data.augment=crop_flip",
+                 "train.feature_cache_views=2", "eval.test_after_training=false", "eval.model_selection=last"]) == 0
+    views = [CorpusFeatures.load(run / "feature_cache" / f"view{v}" / "train.safetensors") for v in range(2)]
+    assert torch.equal(views[0].tokens, views[1].tokens) and not torch.equal(views[0].video, views[1].video)
+    assert [r["step"] for r in _records(run) if r["kind"] == "train"] == [1, 2, 3, 4]  # 2 epochs, one view each

@@ -144,7 +144,11 @@ class TrainConfig:
             model into a memory-mapped feature file and trains the denoisers from it, in their
             factored form (the same losses and gradients as encoding every step up to float
             rounding, much faster); ``off`` encodes every step;
-            ``auto`` = ``on`` when the training data is deterministic (``data.augment: none``).
+            ``auto`` = ``on`` when the training data is deterministic (``data.augment: none``) or
+            when ``feature_cache_views`` caches several augmented views.
+        feature_cache_views: with ``data.augment``, cache this many augmented views of every video
+            (view v is the augmentation draw of epoch v) and train epoch e from view ``e mod N``; 1
+            (the default) caches the one deterministic view and needs ``data.augment: none``.
         feature_cache_dir: folder of the cache (``train.safetensors`` and, while encoding, its
             shards); default ``<output_dir>/feature_cache``. Must be shared by all ranks. A cache
             made by another model or other input settings is detected and re-encoded.
@@ -166,12 +170,15 @@ class TrainConfig:
     feature_cache: Union[Literal["auto", "on", "off"], bool] = "auto"
     feature_cache_dir: Optional[Path] = None
     feature_cache_dtype: Literal["float32", "float16"] = "float32"
+    feature_cache_views: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.feature_cache, bool):
             object.__setattr__(self, "feature_cache", "on" if self.feature_cache else "off")
         if self.epochs <= 0 or self.log_every <= 0:
             raise ValueError("epochs and log_every must be positive")
+        if self.feature_cache_views < 1:
+            raise ValueError(f"feature_cache_views must be >= 1, got {self.feature_cache_views}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive or null, got {self.max_steps}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
@@ -301,11 +308,17 @@ class RunConfig:
         if cache == "on" and self.stage != "generation":
             raise ValueError("train.feature_cache 'on' applies to stage 'generation' only (stage 1 trains the "
                              "encoders, whose features change every step); use 'auto' or 'off'")
-        if cache == "on" and self.data.augment != "none":
+        views = self.train.feature_cache_views
+        if cache == "on" and self.data.augment != "none" and views == 1:
             raise ValueError(f"train.feature_cache 'on' with data.augment {self.data.augment!r}: a cache holds one "
                              "deterministic view per sample, so augmentation would be lost; set data.augment "
-                             "to 'none' or train.feature_cache to 'auto'/'off'")
-        if self.stage == "generation" and self.diffusion.negatives == "dataset" and not self.uses_feature_cache():
+                             "to 'none', train.feature_cache_views to 2 or more (augmented views), or "
+                             "train.feature_cache to 'auto'/'off'")
+        if views > 1 and self.data.augment == "none":
+            raise ValueError(f"train.feature_cache_views {views} with data.augment 'none': without augmentation "
+                             "every view is the same; set train.feature_cache_views to 1")
+        if self.stage == "generation" and self.diffusion.negatives == "dataset" and (
+                not self.uses_feature_cache() or self.data.augment != "none"):
             raise ValueError("diffusion.negatives 'dataset' mines negatives over the cached features of the whole "
                              "training split: it needs train.feature_cache 'on'/'auto' and data.augment 'none'")
 
@@ -313,8 +326,9 @@ class RunConfig:
         """Whether training runs from the feature cache (``train.feature_cache`` resolved)."""
         if self.stage != "generation" or self.train.feature_cache == "off":
             return False
-        # ``auto``: only a deterministic pipeline gives the same features every epoch.
-        return self.data.augment == "none"
+        # ``auto``: a deterministic pipeline gives the same features every epoch; with augmentation,
+        # only cached augmented views stand in for the online draws.
+        return self.data.augment == "none" or self.train.feature_cache_views > 1
 
     def model_config(self) -> ModelConfig:
         """The architecture a fresh model of this run gets (denoisers for stage 2, their temperature)."""

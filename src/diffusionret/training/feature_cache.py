@@ -26,7 +26,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -169,6 +169,30 @@ def ensure_feature_cache(model: nn.Module, dataset: Any, spec: CacheSpec, ctx: D
         shutil.rmtree(spec.shard_dir, ignore_errors=True)
     barrier(ctx)
     return path
+
+
+def view_directory(directory: Path, view: int, views: int) -> Path:
+    """The cache folder of augmented view ``view`` of ``views`` (the folder itself for a single view)."""
+    return directory if views == 1 else directory / f"view{view}"
+
+
+def ensure_view_caches(model: nn.Module, dataset: Any, specs: Sequence[CacheSpec], ctx: DistContext) -> list[Path]:
+    """:func:`ensure_feature_cache` for each of N augmented views of an augmenting ``dataset``.
+
+    View v holds the dataset's augmentation draw of epoch v (``dataset.set_epoch(v)``; each video's
+    draw is keyed by the video, so all its captions see the same view). Each spec's fingerprint must
+    name its view, so that a view is never taken for another. A collective, like
+    :func:`ensure_feature_cache`; the dataset's epoch is restored afterwards.
+    """
+    epoch = dataset.epoch
+    try:
+        paths = []
+        for view, spec in enumerate(specs):
+            dataset.set_epoch(view)
+            paths.append(ensure_feature_cache(model, dataset, spec, ctx))
+        return paths
+    finally:
+        dataset.set_epoch(epoch)
 
 
 def _prepare_shard_dir(spec: CacheSpec) -> None:
@@ -361,21 +385,35 @@ class TrainFeatureCache:
 
 class CachedBatches:
     """Iterates a :class:`~diffusionret.distributed.TrainSampler` in local batches of cached features:
-    a drop-in for the training ``DataLoader`` (same samples, same order, resumable the same way)."""
+    a drop-in for the training ``DataLoader`` (same samples, same order, resumable the same way).
 
-    def __init__(self, cache: TrainFeatureCache, sampler: Any) -> None:
-        self.cache = cache
+    Args:
+        cache: the cache, or the caches of N augmented views (:func:`ensure_view_caches`): epoch e
+            (the sampler's) reads view ``e mod N``.
+        sampler: the training sampler.
+    """
+
+    def __init__(self, cache: TrainFeatureCache | Sequence[TrainFeatureCache], sampler: Any) -> None:
+        self.views = (cache,) if isinstance(cache, TrainFeatureCache) else tuple(cache)
+        if not self.views:
+            raise ValueError("CachedBatches needs at least one cache")
         self.sampler = sampler
 
+    @property
+    def cache(self) -> TrainFeatureCache:
+        """The cache of the sampler's current epoch."""
+        return self.views[self.sampler.epoch % len(self.views)]
+
     def __iter__(self) -> Iterator[CachedBatch | None]:
+        cache = self.cache
         chunk: list[int] = []
         for index in self.sampler:
             chunk.append(index)
             if len(chunk) == self.sampler.local_batch:
-                yield self.cache.batch(chunk)
+                yield cache.batch(chunk)
                 chunk = []
         if chunk:
-            yield self.cache.batch(chunk)
+            yield cache.batch(chunk)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.sampler.local_batch

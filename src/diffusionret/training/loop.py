@@ -176,10 +176,14 @@ def _build_objective(cfg: Any, model: nn.Module, ctx: DistContext, cache: Any = 
     return objective, {"stage2": gen}
 
 
-def _feature_cache(cfg: Any, ctx: DistContext, run_dir: Path, model: nn.Module, train_set: Any) -> Any:
-    """Encode the training split once (or find it encoded) and memory-map it (generation stage)."""
+def _feature_cache(cfg: Any, ctx: DistContext, run_dir: Path, model: nn.Module, train_set: Any) -> list[Any]:
+    """Encode the training split once (or find it encoded) and memory-map it (generation stage).
+
+    Returns:
+        the caches of the ``train.feature_cache_views`` views (one without augmentation).
+    """
     from diffusionret.training.feature_cache import (CacheSpec, TrainFeatureCache, cache_fingerprint,
-                                                     ensure_feature_cache, input_settings)
+                                                     ensure_view_caches, input_settings, view_directory)
 
     data = cfg.data
     amp_dtype = resolve_amp_dtype(cfg.train.precision, ctx.device)
@@ -187,16 +191,23 @@ def _feature_cache(cfg: Any, ctx: DistContext, run_dir: Path, model: nn.Module, 
     inputs = {**input_settings(cfg.input_config()), "dataset": data.dataset, "split": data.reader_split("train"),
               "anno_path": str(data.anno_path), "video_path": str(data.video_path),
               "exclude_ids": list(data.exclude_ids), "num_samples": len(train_set)}
-    fingerprint = cache_fingerprint(model, inputs, encode_dtype=encode_dtype, store_dtype=cfg.train.feature_cache_dtype)
     directory = Path(cfg.train.feature_cache_dir) if cfg.train.feature_cache_dir is not None else run_dir / "feature_cache"
-    spec = CacheSpec(directory=directory, fingerprint=fingerprint, meta=inputs, batch_size=data.batch_size_val,
-                     num_workers=data.num_workers, amp_dtype=amp_dtype, store_dtype=cfg.train.feature_cache_dtype)
+    views = cfg.train.feature_cache_views
+    specs = []
+    for view in range(views):
+        # An augmented view is the draw of one epoch: the augmentation, its seed and the view name it.
+        meta = inputs if views == 1 else {**inputs, "augment": data.augment, "augment_seed": data.seed, "view": view}
+        fingerprint = cache_fingerprint(model, meta, encode_dtype=encode_dtype, store_dtype=cfg.train.feature_cache_dtype)
+        specs.append(CacheSpec(directory=view_directory(directory, view, views), fingerprint=fingerprint, meta=meta,
+                               batch_size=data.batch_size_val, num_workers=data.num_workers, amp_dtype=amp_dtype,
+                               store_dtype=cfg.train.feature_cache_dtype))
     started = time.monotonic()
-    path = ensure_feature_cache(model, train_set, spec, ctx)
-    cache = TrainFeatureCache(path, len(train_set))
-    logger.info("feature cache ready in %.1f s: %s (%d captions, %d videos); training from the cache",
-                time.monotonic() - started, path, cache.features.num_captions, cache.features.num_videos)
-    return cache
+    caches = [TrainFeatureCache(path, len(train_set)) for path in ensure_view_caches(model, train_set, specs, ctx)]
+    feats = caches[0].features
+    logger.info("feature cache ready in %.1f s: %s (%d captions, %d videos%s); training from the cache",
+                time.monotonic() - started, directory, feats.num_captions, feats.num_videos,
+                f", {views} augmented views, epoch e reads view e mod {views}" if views > 1 else "")
+    return caches
 
 
 def _wrap_ddp(objective: nn.Module, cfg: Any, ctx: DistContext) -> nn.Module:
@@ -252,8 +263,9 @@ def _setup(cfg: Any, ctx: DistContext, resume: bool | str | Path) -> _Run:
     if cfg.uses_feature_cache():
         from diffusionret.training.feature_cache import CachedBatches
 
-        cache = _feature_cache(cfg, ctx, run_dir, model, train_set)
-        loader = CachedBatches(cache, sampler)  # type: ignore[assignment]
+        caches = _feature_cache(cfg, ctx, run_dir, model, train_set)
+        loader = CachedBatches(caches, sampler)  # type: ignore[assignment]
+        cache = caches[0]  # dataset negatives (one view only: they need data.augment none)
     elif cfg.stage == "generation":
         logger.info("generation stage without the feature cache (train.feature_cache %s, data.augment %s): "
                     "the frozen encoders run at every step", cfg.train.feature_cache, cfg.data.augment)
