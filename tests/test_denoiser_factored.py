@@ -23,7 +23,8 @@ def _inputs(direction: str, d: int, frames: int, b: int, m: int, n: int, seed: i
         bank = torch.randn(m, frames, d, generator=g, dtype=torch.float64)
         mask = (torch.rand(m, frames, generator=g) > 0.3).long()
         mask[:, 0] = 1
-        per_pair = (torch.randn(b, d, generator=g, dtype=torch.float64), gather_rows(bank, idx), gather_rows(mask, idx))
+        text = torch.randn(b, d, generator=g, dtype=torch.float64)
+        per_pair = (text, gather_rows(bank, idx), gather_rows(mask, idx))
         shared = (per_pair[0], bank, mask)
     else:
         bank = torch.randn(m, d, generator=g, dtype=torch.float64)

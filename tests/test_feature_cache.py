@@ -429,8 +429,9 @@ def test_config_resolves_and_validates_the_cache(monkeypatch: pytest.MonkeyPatch
 def test_config_resolves_and_validates_augmented_views() -> None:
     views = TrainConfig(feature_cache_views=3)
     assert _run_config(augment="crop_flip", train=views).uses_feature_cache()  # auto: views stand in for draws
-    assert _run_config(augment="crop_flip", train=TrainConfig(feature_cache="on", feature_cache_views=2)).uses_feature_cache()
-    assert not _run_config(augment="crop_flip", train=TrainConfig(feature_cache="off", feature_cache_views=2)).uses_feature_cache()
+    on, off = (TrainConfig(feature_cache=value, feature_cache_views=2) for value in ("on", "off"))
+    assert _run_config(augment="crop_flip", train=on).uses_feature_cache()
+    assert not _run_config(augment="crop_flip", train=off).uses_feature_cache()
     with pytest.raises(ValueError, match="without augmentation every view is the same"):
         _run_config(train=views)
     with pytest.raises(ValueError, match="negatives 'dataset'"):
@@ -473,7 +474,8 @@ def test_augmented_views_are_the_epoch_draws_and_epochs_cycle_through_them(tmp_p
     for view, feats in enumerate((first, second)):  # ... and that draw is the epoch's
         ds.set_epoch(view)
         items = [ds.video_view()[j] for j in range(ds.num_videos)]
-        online = model.encode_video(torch.stack([i["frames"] for i in items]), torch.stack([i["frame_mask"] for i in items]))
+        frames, masks = torch.stack([i["frames"] for i in items]), torch.stack([i["frame_mask"] for i in items])
+        online = model.encode_video(frames, masks)
         torch.testing.assert_close(feats.video, online, rtol=0, atol=1e-6)
     sampler = TrainSampler(len(ds), GLOBAL_BATCH, DistContext(), seed=3)
     batches = CachedBatches(caches, sampler)

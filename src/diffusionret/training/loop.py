@@ -197,7 +197,8 @@ def _feature_cache(cfg: Any, ctx: DistContext, run_dir: Path, model: nn.Module, 
     for view in range(views):
         # An augmented view is the draw of one epoch: the augmentation, its seed and the view name it.
         meta = inputs if views == 1 else {**inputs, "augment": data.augment, "augment_seed": data.seed, "view": view}
-        fingerprint = cache_fingerprint(model, meta, encode_dtype=encode_dtype, store_dtype=cfg.train.feature_cache_dtype)
+        fingerprint = cache_fingerprint(model, meta, encode_dtype=encode_dtype,
+                                        store_dtype=cfg.train.feature_cache_dtype)
         specs.append(CacheSpec(directory=view_directory(directory, view, views), fingerprint=fingerprint, meta=meta,
                                batch_size=data.batch_size_val, num_workers=data.num_workers, amp_dtype=amp_dtype,
                                store_dtype=cfg.train.feature_cache_dtype))
