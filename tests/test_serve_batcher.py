@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import CancelledError
 
 import pytest
 
-from diffusionret.serve.batcher import BatchConfig, BatcherClosed, SearchBatcher
+from diffusionret.serve.batcher import REGROUP_FRACTION, BatchConfig, BatcherClosed, SearchBatcher
 
 
 class FakeTime:
@@ -145,11 +146,124 @@ def test_close_of_an_idle_batcher_ends_its_threads() -> None:
     assert all(not t.is_alive() for t in batcher._threads)
 
 
+class TimedSearch:
+    """A search_batch that takes ``duration`` seconds of the fake clock and records when each batch started."""
+
+    def __init__(self, fake: FakeTime, duration: float) -> None:
+        self.fake, self.duration = fake, duration
+        self.batches: list[list[str]] = []
+        self.started: list[float] = []
+
+    def __call__(self, queries: list[str], ks: list[int]) -> list[str]:
+        self.batches.append(list(queries))
+        self.started.append(self.fake.now)
+        self.fake.now += self.duration
+        return list(queries)
+
+
+def test_the_answered_requests_coming_back_join_the_queued_ones() -> None:
+    # A batch of 2 ran 1 s while "c" queued; its two clients send their next searches 4 ms after
+    # the answers: the next batch waits for them instead of running "c" alone (a half batch).
+    fake = FakeTime()
+    search = TimedSearch(fake, duration=1.0)
+    batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.0, regroup_s=0.02), clock=fake.clock,
+                            wait=fake.wait, start="manual")
+    first = [batcher.submit(q, 1) for q in "ab"]
+    returning: list = []
+    queued_while_running: list = []
+    original_call = search.__call__
+
+    def run(queries: list[str], ks: list[int]) -> list[str]:
+        out = original_call(queries, ks)
+        if len(search.batches) == 1:
+            queued_while_running.append(batcher.submit("c", 1))
+        return out
+
+    def wait(condition: threading.Condition, timeout: float | None) -> None:
+        if timeout is not None and not returning and len(search.batches) == 1:
+            fake.now += 0.004
+            returning.extend(batcher.submit(q, 1) for q in ("a2", "b2"))  # notify: the wait ends early
+            return
+        fake.wait(condition, timeout)
+
+    batcher._search, batcher._wait = run, wait
+    batcher.start()
+    assert [f.result(timeout=30) for f in first] == ["a", "b"]
+    assert queued_while_running[0].result(timeout=30) == "c"
+    assert [f.result(timeout=30) for f in returning] == ["a2", "b2"]
+    assert search.batches == [["a", "b"], ["c", "a2", "b2"]]
+    assert search.started[1] == pytest.approx(1.004)  # it ran as soon as the expected 3 were there
+    batcher.close()
+
+
+def test_a_regrouping_wait_is_bounded_by_regroup_s_and_a_share_of_the_batch_time() -> None:
+    for duration, bound in ((1.0, 0.02), (0.04, 0.04 * REGROUP_FRACTION)):
+        fake = FakeTime()
+        search = TimedSearch(fake, duration=duration)
+        batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.0, regroup_s=0.02), clock=fake.clock,
+                                wait=fake.wait, start="manual")
+        first = [batcher.submit(q, 1) for q in "ab"]
+        batcher.start()
+        assert [f.result(timeout=30) for f in first] == ["a", "b"]
+        late = batcher.submit("c", 1)  # the clients of "a" and "b" never come back; "c" waits at most the bound
+        assert late.result(timeout=30) == "c"
+        assert search.batches == [["a", "b"], ["c"]]
+        # (After "c" the worker waits for its client in turn: only the first wait is checked.)
+        assert fake.timed_waits[0] == pytest.approx(bound)
+        assert search.started[1] == pytest.approx(duration + bound)
+        batcher.close()
+
+
+def test_a_lone_client_is_not_delayed_by_regrouping() -> None:
+    # Concurrency 1: a batch of one answered, its client comes back after 3 ms and runs at once.
+    fake = FakeTime()
+    search = TimedSearch(fake, duration=1.0)
+    batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.0, regroup_s=0.02), clock=fake.clock,
+                            wait=fake.wait, start="manual")
+    futures = [batcher.submit("a", 1)]
+
+    def wait(condition: threading.Condition, timeout: float | None) -> None:
+        if timeout is not None and len(futures) == 1:
+            fake.now += 0.003
+            futures.append(batcher.submit("b", 1))
+            return
+        fake.wait(condition, timeout)
+
+    batcher._wait = wait
+    batcher.start()
+    assert [f.result(timeout=30) for f in futures[:1]] == ["a"]
+    for _ in range(600):
+        if len(futures) == 2:
+            break
+        time.sleep(0.01)
+    assert futures[1].result(timeout=30) == "b"
+    assert search.batches == [["a"], ["b"]] and search.started[1] == pytest.approx(1.003)
+    batcher.close()
+
+
+def test_regrouping_takes_a_full_queue_at_once_and_can_be_turned_off() -> None:
+    for regroup_s in (0.02, 0.0):
+        fake = FakeTime()
+        search = TimedSearch(fake, duration=1.0)
+        batcher = SearchBatcher(search, BatchConfig(max_batch=2, max_wait_s=0.0, regroup_s=regroup_s),
+                                clock=fake.clock, wait=fake.wait, start="manual")
+        futures = [batcher.submit(q, 1) for q in "abcde"]
+        batcher.start()
+        assert [f.result(timeout=30) for f in futures] == list("abcde")
+        # Full batches run at once; the last one ("e") waits for the answered two only with regrouping.
+        assert search.batches == [["a", "b"], ["c", "d"], ["e"]]
+        assert search.started == pytest.approx([0.0, 1.0, 2.0 + regroup_s])
+        assert fake.timed_waits[:1] == ([pytest.approx(0.02)] if regroup_s else [])
+        batcher.close()
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         BatchConfig(max_batch=0)
     with pytest.raises(ValueError):
         BatchConfig(max_wait_s=-1)
+    with pytest.raises(ValueError):
+        BatchConfig(regroup_s=-0.001)
 
 
 class _Backend:

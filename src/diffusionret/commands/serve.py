@@ -17,7 +17,8 @@ than with 1 (BENCHMARKS.md). One thread per search gives stable tail latency; ``
 that many searches at once (e.g. ``--workers 2`` on two cores).
 
 Batching: the searches queued when a worker becomes free (up to ``--batch-max-size``; with
-``--batch-max-wait-ms`` the first also waits that long for others) run as one batch: the text
+``--batch-max-wait-ms`` the first also waits that long for others; after a batch, ``--batch-regroup-ms``
+waits briefly for the clients it answered, so that they join the queued ones) run as one batch: the text
 tower reads its weights once for all of them, and the first stage and the re-ranking run once per
 batch. Each query gets the result it gets alone. Under concurrent load this raises the throughput
 1.6-2x (BENCHMARKS.md); a lone query does not wait.
@@ -70,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-max-wait-ms", type=float, default=0.0, metavar="MS",
                         help="longest time the first search of a batch waits for others (default: 0: a batch is "
                              "what is queued when a worker is free; e.g. 5 for bursts reaching an idle server)")
+    parser.add_argument("--batch-regroup-ms", type=float, default=20.0, metavar="MS",
+                        help="after a batch, wait up to this long (and at most a quarter of the batch's time) for "
+                             "the clients it answered to send their next searches, so that they join the queued "
+                             "ones in one batch; a lone client is never delayed (default: 20; 0: off)")
     parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="close connections that send no complete request headers this long (default: 10)")
     parser.add_argument("--keep-alive", type=int, default=5, metavar="SECONDS",
@@ -127,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
                               max_connections=args.max_connections)
         if args.search_timeout <= 0:
             raise ValueError("--search-timeout must be positive")
-        if args.batch_max_size < 1 or args.batch_max_wait_ms < 0:
-            raise ValueError("--batch-max-size must be >= 1 and --batch-max-wait-ms >= 0")
+        if args.batch_max_size < 1 or args.batch_max_wait_ms < 0 or args.batch_regroup_ms < 0:
+            raise ValueError("--batch-max-size must be >= 1, --batch-max-wait-ms and --batch-regroup-ms >= 0")
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
@@ -159,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
                                            workers=args.workers, allowed_hosts=hosts, show_paths=args.show_paths,
                                            docs=args.docs, search_timeout_s=args.search_timeout,
                                            batch_max_size=args.batch_max_size,
-                                           batch_max_wait_ms=args.batch_max_wait_ms))
+                                           batch_max_wait_ms=args.batch_max_wait_ms,
+                                           batch_regroup_ms=args.batch_regroup_ms))
     logger.info("serving %d videos on http://%s:%d/ (%d torch threads per search, %d workers)", len(searcher.index),
                 args.host, args.port, torch.get_num_threads(), args.workers)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="warning", access_log=False)).run()

@@ -134,6 +134,9 @@ class ServeConfig:
             most this many queries; the first waits at most this long for others
             (:mod:`diffusionret.serve.batcher`). ``batch_max_size`` 1: no batching, each search
             runs alone on a worker thread.
+        batch_regroup_ms: after a batch, the longest wait for the clients it answered to send their
+            next searches, so that they join the queued ones in one batch (0: off; never delays
+            a lone client; :mod:`diffusionret.serve.batcher`).
         show_paths: answer absolute file and model paths (default: relative to the index's sources).
         docs: serve the interactive ``/docs`` page (it loads scripts from a CDN).
     """
@@ -152,6 +155,7 @@ class ServeConfig:
     docs: bool = False
     batch_max_size: int = 16
     batch_max_wait_ms: float = 0.0
+    batch_regroup_ms: float = 20.0
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -161,9 +165,9 @@ class ServeConfig:
                      "auth_failures_per_minute", "auth_failure_burst"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_max_size < 1 or self.batch_max_wait_ms < 0:
-            raise ValueError(f"batch_max_size must be >= 1 and batch_max_wait_ms >= 0, got {self.batch_max_size} "
-                             f"and {self.batch_max_wait_ms}")
+        if self.batch_max_size < 1 or self.batch_max_wait_ms < 0 or self.batch_regroup_ms < 0:
+            raise ValueError(f"batch_max_size must be >= 1, batch_max_wait_ms and batch_regroup_ms >= 0, got "
+                             f"{self.batch_max_size}, {self.batch_max_wait_ms} and {self.batch_regroup_ms}")
         if self.search_timeout_s is not None and self.search_timeout_s <= 0:
             raise ValueError(f"search_timeout_s must be positive or None, got {self.search_timeout_s}")
         if not self.allowed_hosts:
@@ -274,7 +278,8 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
     if config.batch_max_size > 1:
         # Through the backend at each batch: a reloading backend runs every batch on one snapshot.
         search_batch = getattr(backend, "search_batch", None) or loop_search_batch(backend.search)
-        batcher = SearchBatcher(search_batch, BatchConfig(config.batch_max_size, config.batch_max_wait_ms / 1000.0),
+        batcher = SearchBatcher(search_batch, BatchConfig(config.batch_max_size, config.batch_max_wait_ms / 1000.0,
+                                                           config.batch_regroup_ms / 1000.0),
                                 workers=config.workers, start="on_submit")
     gate = InferenceGate(config.workers, config.max_pending, config.search_timeout_s, batcher)
 
@@ -458,7 +463,7 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
         batching = {"max_size": 1}
         if batcher is not None:
             batching = {"max_size": batcher.config.max_batch, "max_wait_ms": batcher.config.max_wait_s * 1000.0,
-                        "batches": batcher.batches, "queries": batcher.batched_queries}
+                        "regroup_ms": batcher.config.regroup_s * 1000.0, "batches": batcher.batches, "queries": batcher.batched_queries}
         return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars, "batching": batching}
 
 

@@ -9,6 +9,14 @@ waits for a first request, then collects more until ``max_batch`` are queued or 
 passed since the first one arrived, runs one batched search and resolves the futures. A request
 withdrawn while still queued (:meth:`SearchBatcher.withdraw`: its client timed out) leaves the queue. :meth:`close` fails
 the queued requests with :class:`BatcherClosed` and joins the threads.
+
+Regrouping: the clients a batch has just answered tend to send their next search at once (a
+closed loop: a page, a script, a load test). Taking only what is queued when a batch ends would
+split them from the requests that queued meanwhile, and a server at concurrency 8 would settle
+into two alternating half batches, each paying the per-batch costs (BENCHMARKS.md). So when a
+batch ends, the worker waits up to ``regroup_s`` (and at most a quarter of that batch's run time)
+for as many requests as the batch answered plus those queued, up to ``max_batch``; it stops as
+soon as they are there. It never delays a lone client: its next request is all it expects.
 """
 
 from __future__ import annotations
@@ -29,6 +37,11 @@ SearchBatch = Callable[[list[str], list[int]], Sequence[Any]]
 Wait = Callable[[threading.Condition, "float | None"], Any]
 
 
+#: A regrouping wait is at most this share of the run time of the batch that just ended, so that
+#: it costs little throughput even when the answered clients do not come back.
+REGROUP_FRACTION = 0.25
+
+
 class BatcherClosed(RuntimeError):
     """The batcher was closed before this request ran."""
 
@@ -43,16 +56,22 @@ class BatchConfig:
             takes what is queued when a worker is free; under load, the requests that arrive while
             a batch runs form the next one, and a lone query never waits (BENCHMARKS.md: a 5 ms
             wait added latency at concurrency 1 and no throughput at 8).
+        regroup_s: after a batch, the longest wait for the requests it answered to come back
+            (module docstring), also bounded by :data:`REGROUP_FRACTION` of the batch's run time;
+            0 turns regrouping off.
     """
 
     max_batch: int = 16
     max_wait_s: float = 0.0
+    regroup_s: float = 0.02
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+        if self.regroup_s < 0:
+            raise ValueError(f"regroup_s must be >= 0, got {self.regroup_s}")
 
 
 @dataclass
@@ -136,10 +155,25 @@ class SearchBatcher:
         with self._condition:
             return len(self._queue)
 
-    def _next_batch(self) -> list[_Request] | None:
-        """Block until a batch is due; ``None`` once closed."""
+    def _next_batch(self, answered: int = 0, regroup_s: float = 0.0) -> list[_Request] | None:
+        """Block until a batch is due; ``None`` once closed.
+
+        Args:
+            answered: requests the worker's previous batch answered (0: none, or it failed).
+            regroup_s: how long to wait for them to come back (module docstring).
+        """
         cfg = self.config
         with self._condition:
+            if answered and regroup_s > 0:
+                # A lone client (answered 1, nothing queued) expects just its own next request:
+                # this waits for nothing more than the plain path below would.
+                expected = min(cfg.max_batch, len(self._queue) + answered)
+                deadline = self._clock() + regroup_s
+                while len(self._queue) < expected and not self._closed:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        break
+                    self._wait(self._condition, remaining)
             while True:
                 while not self._queue and not self._closed:
                     self._wait(self._condition, None)
@@ -166,9 +200,11 @@ class SearchBatcher:
                     return batch
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        answered, regroup_s = 0, 0.0
+        while (batch := self._next_batch(answered, regroup_s)) is not None:
             self.batches += 1
             self.batched_queries += len(batch)
+            answered, started = 0, self._clock()
             try:
                 results = self._search([r.query for r in batch], [r.k for r in batch])
                 if len(results) != len(batch):
@@ -178,6 +214,8 @@ class SearchBatcher:
                 for request in batch:
                     request.future.set_exception(exc)
                 continue
+            regroup_s = min(self.config.regroup_s, REGROUP_FRACTION * (self._clock() - started))
+            answered = len(batch)
             for request, result in zip(batch, results, strict=True):
                 request.future.set_result(result)
 
