@@ -223,6 +223,70 @@ def encode_text_tokens(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch
     return hidden, cls
 
 
+def packed_attention_mask(lengths: list[int], valid: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask of several texts packed into one sequence (:func:`encode_text_packed`).
+
+    Each text attends only to its own earlier valid positions, exactly as
+    :func:`causal_key_padding_mask` lets it alone.
+
+    Args:
+        lengths: positions of each text in the packed sequence (their sum is S).
+        valid: (S,) 0/1, the packed text mask.
+    Returns:
+        (heads, S, S) float mask.
+    """
+    total = sum(lengths)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=valid.device),
+                                      torch.tensor(lengths, device=valid.device))
+    causal = torch.ones(total, total, dtype=torch.bool, device=valid.device).tril()
+    allowed = causal & (segment[:, None] == segment[None, :]) & valid.bool()[None, :]
+    starts = torch.tensor([0, *lengths[:-1]], device=valid.device).cumsum(0)
+    allowed[torch.arange(total, device=valid.device), starts[segment]] |= ~allowed.any(-1)  # as alone: the SOT key
+    mask = torch.zeros(total, total, dtype=dtype, device=valid.device)
+    mask.masked_fill_(~allowed, float("-inf"))
+    return mask.unsqueeze(0).expand(heads, total, total)
+
+
+def encode_text_packed(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_text_tokens` of each text's valid positions plus one padded one, packed in one sequence.
+
+    A batch of texts padded to the longest pays the tower (mostly its linear layers) for every
+    padded position; packed, the rows go through the linear layers together and attention stays
+    inside each text (:func:`packed_attention_mask`), so each text's outputs are those it gets
+    alone with its own padding trimmed to one position (the causal tower never lets a position
+    see later ones). Search batches use it: their queries' lengths differ.
+
+    Args:
+        text_ids: (B, L) int64, SOT ... EOT then 0-padding; text_mask: (B, L) 0/1 with each
+            row's valid positions first.
+    Returns:
+        tokens (B, L, D) float32: each row's valid positions and the one after them (when
+        ``L`` has it) as alone, 0 at the other padded positions (masked, so unused); cls (B, D).
+    """
+    batch, length = text_ids.shape
+    if length > clip.positional_embedding.shape[0]:
+        raise ValueError(f"text length {length} exceeds the CLIP context length {clip.positional_embedding.shape[0]}")
+    keep = [min(length, int(n) + 1) for n in text_mask.sum(dim=1).tolist()]
+    rows = torch.repeat_interleave(torch.arange(batch, device=text_ids.device), torch.tensor(keep, device=text_ids.device))
+    cols = torch.cat([torch.arange(n, device=text_ids.device) for n in keep])
+    ids, valid = text_ids[rows, cols], text_mask[rows, cols]
+    dtype = clip.token_embedding.weight.dtype
+    x = (clip.token_embedding(ids).to(dtype) + clip.positional_embedding[cols].to(dtype)).unsqueeze(0)  # (1, S, W)
+    heads = clip.transformer.resblocks[0].attn.num_heads
+    mask = packed_attention_mask(keep, valid, heads, x.dtype)
+    if not getattr(clip.transformer, "batch_first", True):
+        x = clip.transformer(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+    else:
+        x = clip.transformer(x, attn_mask=mask)
+    x = clip.ln_final(x[0])
+    proj = clip.text_projection
+    hidden = (proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)).float()  # (S, D)
+    tokens = hidden.new_zeros(batch, length, hidden.shape[-1])
+    tokens[rows, cols] = hidden
+    eot = text_ids.argmax(dim=-1)
+    return tokens, tokens[torch.arange(batch, device=tokens.device), eot]
+
+
 def encode_frames(clip: nn.Module, frames: torch.Tensor) -> torch.Tensor:
     """Projected CLS feature of every frame.
 

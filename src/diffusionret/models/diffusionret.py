@@ -149,12 +149,16 @@ class DiffusionRet(nn.Module):
                 logger.info("temporal transformer: %d of %d tensors initialised from CLIP text layers", len(usable), len(own))
 
     # ------------------------------------------------------------------ encoders
-    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor, *,
+                    packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features.
 
         Args:
             text_ids: (B, L) int64 (SOT ... EOT then 0); (B, 1, L) paragraph batches are flattened.
             text_mask: (B, L) 0/1.
+            packed: compute only each text's valid positions and the one after them, in one packed
+                sequence (:func:`~diffusionret.models.clip_backbone.encode_text_packed`): the same
+                outputs there, 0 at the other padded positions (a search batch of mixed lengths).
         Returns:
             tokens (B, L, D) float32, every position projected; cls (B, D): the projected EOT token.
         """
@@ -164,6 +168,8 @@ class DiffusionRet(nn.Module):
             raise ValueError(f"text_ids {tuple(text_ids.shape)} and text_mask {tuple(text_mask.shape)} differ in shape")
         if text_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"text_ids must be integer token ids, got {text_ids.dtype}")
+        if packed:
+            return clip_backbone.encode_text_packed(self.clip, text_ids.long(), text_mask)
         return clip_backbone.encode_text_tokens(self.clip, text_ids.long(), text_mask)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:

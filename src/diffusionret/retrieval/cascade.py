@@ -154,7 +154,10 @@ def encode_queries(model: nn.Module, queries: Sequence[str], max_words: int, *, 
     ``L' = min(max_words, longest + 1)``. The scores are the same: the text tower's attention is
     causal, so real positions never see later ones, and the WTI head needs only one padded
     position, whose similarity 0 takes part in the maximum over tokens (the "zero floor",
-    docs/reference.md §1.4) exactly as the ``max_words - longest`` padded positions would.
+    docs/reference.md §1.4) exactly as the ``max_words - longest`` padded positions would. Texts
+    of different lengths are then packed (``DiffusionRet.encode_text(packed=True)``): each runs
+    the tower on its own real positions plus one, not on the longest one's (the other padded
+    positions come back 0, masked).
     """
     if tokenizer is None:
         from diffusionret.tokenizer import tokenize as tokenizer
@@ -164,8 +167,21 @@ def encode_queries(model: nn.Module, queries: Sequence[str], max_words: int, *, 
         keep = min(ids.shape[1], int(mask.sum(dim=1).max()) + 1)
         ids, mask = ids[:, :keep], mask[:, :keep]
     ids, mask = ids.to(device), mask.to(device)
-    tokens, cls = model.encode_text(ids, mask)
+    if trim and _packing_saves(mask):
+        tokens, cls = model.encode_text(ids, mask, packed=True)
+    else:
+        tokens, cls = model.encode_text(ids, mask)
     return tokens, mask, cls
+
+
+def _packing_saves(mask: Tensor) -> bool:
+    """Whether packing texts (mask (B, L)) runs fewer positions than padding them all to L.
+
+    Packed, each text keeps its real positions plus one; their attention spans the whole packed
+    sequence (masked), which costs little beside the linear layers at search batch sizes.
+    """
+    keep = torch.clamp(mask.sum(dim=1) + 1, max=mask.shape[1])
+    return mask.shape[0] > 1 and int(keep.sum()) < mask.numel()
 
 
 @torch.no_grad()
