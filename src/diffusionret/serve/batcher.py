@@ -16,7 +16,8 @@ split them from the requests that queued meanwhile, and a server at concurrency 
 into two alternating half batches, each paying the per-batch costs (BENCHMARKS.md). So when a
 batch ends, the worker waits up to ``regroup_s`` (and at most a quarter of that batch's run time)
 for as many requests as the batch answered plus those queued, up to ``max_batch``; it stops as
-soon as they are there. It never delays a lone client: its next request is all it expects.
+soon as they are there, and meanwhile other idle workers leave that many queued requests to it.
+It never delays a lone client: its next request is all it expects.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class SearchBatcher:
         self._queue: deque[_Request] = deque()
         self._condition = threading.Condition()
         self._closed = False
+        self._reserved = 0  # queued requests that regrouping workers wait for (see _next_batch)
         self._threads = [threading.Thread(target=self._run, name=f"diffusionret-batch-{i}", daemon=True)
                          for i in range(workers)]
         self.batches = 0  # batches run, and the queries in them (the mean batch size, for /api/info)
@@ -167,15 +169,23 @@ class SearchBatcher:
             if answered and regroup_s > 0:
                 # A lone client (answered 1, nothing queued) expects just its own next request:
                 # this waits for nothing more than the plain path below would.
-                expected = min(cfg.max_batch, len(self._queue) + answered)
-                deadline = self._clock() + regroup_s
-                while len(self._queue) < expected and not self._closed:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        break
-                    self._wait(self._condition, remaining)
+                # Requests other regrouping workers wait for are theirs, not counted here.
+                expected = min(cfg.max_batch, max(0, len(self._queue) - self._reserved) + answered)
+                # Reserved: an idle worker leaves these for this one (it would take the first
+                # to come back alone, splitting the group this wait is for).
+                self._reserved += expected
+                try:
+                    deadline = self._clock() + regroup_s
+                    while len(self._queue) - (self._reserved - expected) < expected and not self._closed:
+                        remaining = deadline - self._clock()
+                        if remaining <= 0:
+                            break
+                        self._wait(self._condition, remaining)
+                finally:
+                    self._reserved -= expected
+                    self._condition.notify_all()
             while True:
-                while not self._queue and not self._closed:
+                while len(self._queue) <= self._reserved and not self._closed:
                     self._wait(self._condition, None)
                 if self._closed:
                     return None
