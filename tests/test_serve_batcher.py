@@ -257,6 +257,22 @@ def test_regrouping_takes_a_full_queue_at_once_and_can_be_turned_off() -> None:
         batcher.close()
 
 
+def test_an_idle_worker_leaves_the_requests_a_regrouping_worker_waits_for() -> None:
+    search = Recorder()
+    batcher = SearchBatcher(search, BatchConfig(max_batch=8), start="manual")
+    with batcher._condition:
+        batcher._reserved = 2  # another worker is regrouping: it expects two requests
+    reserved = [batcher.submit(q, 1) for q in "ab"]
+    batcher.start()
+    assert not search.entered.wait(timeout=0.2)  # the idle worker does not split the group
+    with batcher._condition:  # the regrouping worker gives up its reservation (its wait ended)
+        batcher._reserved = 0
+        batcher._condition.notify_all()
+    assert [f.result(timeout=30) for f in reserved] == ["a@1", "b@1"]
+    assert search.batches == [[("a", 1), ("b", 1)]]
+    batcher.close()
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         BatchConfig(max_batch=0)
