@@ -158,8 +158,13 @@ def test_diffusion_reranks_the_top_k(setup: dict) -> None:
     assert [(h.id, h.score) for h in again] == [(h.id, h.score) for h in hits]
     other = setup["corpus"].test_captions[1]
     batch = searcher.search_batch([query, other], k=n)
-    assert [[(h.id, h.score) for h in result] for result in batch] == [
-        [(h.id, h.score) for h in searcher.search(q, k=n)] for q in (query, other)]
+    alone = [searcher.search(q, k=n) for q in (query, other)]
+    # Same hits; scores within 1e-6 (a batch of two lengths goes through the text tower packed,
+    # whose products differ in size from a lone query's and may round the last bits differently).
+    assert [[h.id for h in result] for result in batch] == [[h.id for h in result] for result in alone]
+    for got, want in zip(batch, alone, strict=True):
+        torch.testing.assert_close(torch.tensor([h.score for h in got]), torch.tensor([h.score for h in want]),
+                                   atol=1e-6, rtol=0)
 
 
 def test_index_stores_the_model_frame_weights(setup: dict) -> None:

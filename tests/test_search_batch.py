@@ -153,3 +153,25 @@ def test_a_batch_of_mixed_lengths_is_packed(searcher: Searcher, monkeypatch: pyt
     searcher.search_batch(["red car", "dog runs"], 3)  # same lengths: nothing to save, padded as before
     searcher.search("a man is cooking pasta", 3)
     assert calls == [True, False, False]
+
+
+def test_a_large_batch_is_packed_in_bounded_groups(searcher: Searcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed sequences stay within PACK_POSITIONS (attention over one is quadratic in its length)."""
+    from diffusionret.retrieval import cascade
+
+    monkeypatch.setattr(cascade, "PACK_POSITIONS", 12)
+    groups: list[tuple[int, int]] = []  # (texts, packed positions) of each tower call
+    encode = searcher.model.encode_text
+
+    def spy(ids: torch.Tensor, mask: torch.Tensor, **kwargs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        groups.append((ids.shape[0], int(torch.clamp(mask.sum(dim=1) + 1, max=mask.shape[1]).sum())))
+        return encode(ids, mask, **kwargs)
+
+    queries = ["red", "a man is cooking pasta", "a dog runs", "man", "the car sings loudly", "dog"]
+    ks = [3, 5, 2, 4, 1, 3]
+    monkeypatch.setattr(searcher.model, "encode_text", spy)
+    batch = searcher.search_batch(queries, ks)
+    monkeypatch.undo()
+    assert len(groups) > 1 and sum(texts for texts, _ in groups) == len(queries)
+    assert all(positions <= 12 or texts == 1 for texts, positions in groups)
+    _assert_same(batch, [searcher.search(q, k) for q, k in zip(queries, ks, strict=True)])
