@@ -247,7 +247,8 @@ def packed_attention_mask(lengths: list[int], valid: torch.Tensor, heads: int, d
     return mask.unsqueeze(0).expand(heads, total, total)
 
 
-def encode_text_packed(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text_packed(clip: nn.Module, text_ids: torch.Tensor,
+                       text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`encode_text_tokens` of each text's valid positions plus one padded one, packed in one sequence.
 
     A batch of texts padded to the longest pays the tower (mostly its linear layers) for every
@@ -267,8 +268,9 @@ def encode_text_packed(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch
     if length > clip.positional_embedding.shape[0]:
         raise ValueError(f"text length {length} exceeds the CLIP context length {clip.positional_embedding.shape[0]}")
     keep = [min(length, int(n) + 1) for n in text_mask.sum(dim=1).tolist()]
-    rows = torch.repeat_interleave(torch.arange(batch, device=text_ids.device), torch.tensor(keep, device=text_ids.device))
-    cols = torch.cat([torch.arange(n, device=text_ids.device) for n in keep])
+    device = text_ids.device
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(keep, device=device))
+    cols = torch.cat([torch.arange(n, device=device) for n in keep])
     ids, valid = text_ids[rows, cols], text_mask[rows, cols]
     dtype = clip.token_embedding.weight.dtype
     x = (clip.token_embedding(ids).to(dtype) + clip.positional_embedding[cols].to(dtype)).unsqueeze(0)  # (1, S, W)

@@ -463,7 +463,8 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
         batching = {"max_size": 1}
         if batcher is not None:
             batching = {"max_size": batcher.config.max_batch, "max_wait_ms": batcher.config.max_wait_s * 1000.0,
-                        "regroup_ms": batcher.config.regroup_s * 1000.0, "batches": batcher.batches, "queries": batcher.batched_queries}
+                        "regroup_ms": batcher.config.regroup_s * 1000.0, "batches": batcher.batches,
+                        "queries": batcher.batched_queries}
         return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars, "batching": batching}
 
 
