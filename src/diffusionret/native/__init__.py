@@ -5,5 +5,6 @@ loaded (no compiler, an unsupported platform, ``DIFFUSIONRET_NATIVE=0``).
 """
 
 from diffusionret.native.ddim import DdimKernel, load_ddim_kernel
+from diffusionret.native.wti import WtiKernel, load_wti_kernel
 
-__all__ = ["DdimKernel", "load_ddim_kernel"]
+__all__ = ["DdimKernel", "WtiKernel", "load_ddim_kernel", "load_wti_kernel"]

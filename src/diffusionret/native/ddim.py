@@ -1,69 +1,31 @@
 """The compiled DDIM re-ranking kernel (``ddim_rerank.c``): build, cache, load and call.
 
-The C source is compiled once per source, compiler and CPU into a shared library under the user's
-cache directory (``$DIFFUSIONRET_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusionret`` or
-``~/.cache/diffusionret``), written atomically (temp file, then rename), and loaded with
-:mod:`ctypes` (which releases the GIL during the call, so query rows can be split over threads).
-A failed build leaves a ``.failed`` note next to it so that later processes do not retry it; delete
-the note to retry. ``DIFFUSIONRET_NATIVE=0`` disables the kernel.
+Built and cached by :mod:`diffusionret.native.build` (keyed by source, compiler and CPU) and loaded
+with :mod:`ctypes`, which releases the GIL during the call, so query rows can be split over threads.
+``DIFFUSIONRET_NATIVE=0`` disables the kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+# ENV_SWITCH, cache_dir and _compiler are re-exported: callers and tests reach them through this module.
+from diffusionret.native.build import ENV_CACHE, ENV_SWITCH, _compiler, cache_dir, load_library
+
+__all__ = ["DdimKernel", "load_ddim_kernel", "SOURCE", "ENV_CACHE", "ENV_SWITCH", "cache_dir", "_compiler"]
 
 SOURCE = "ddim_rerank.c"
-ENV_SWITCH = "DIFFUSIONRET_NATIVE"
-ENV_CACHE = "DIFFUSIONRET_CACHE_DIR"
-#: Tried in order; the first that compiles is kept. -march=native: the library is keyed by the CPU.
-FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
-COMPILE_TIMEOUT_S = 120.0
 
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _I64_P = ctypes.POINTER(ctypes.c_int64)
 _ARGTYPES = [ctypes.c_int64] * 5 + [_FLOAT_P, _FLOAT_P, _FLOAT_P, _I64_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P,
                                     ctypes.c_float, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, ctypes.c_int, _FLOAT_P,
                                     _FLOAT_P]
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "diffusionret"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags (a -march=native build must not move to another CPU)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    keys = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
 
 
 def _ptr(tensor: torch.Tensor | None, kind: type = _FLOAT_P) -> ctypes._Pointer | None:
@@ -156,64 +118,16 @@ class DdimKernel:
         return out
 
 
-def _build(source: bytes, compiler: str, target: Path) -> None:
-    """Compile ``source`` into ``target`` (atomically), trying :data:`FLAG_SETS` in order."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
-        errors = []
-        for flags in FLAG_SETS:
-            out = Path(tmp) / target.name
-            cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-            if proc.returncode == 0:
-                os.replace(out, target)
-                return
-            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-2000:]}")
-        raise RuntimeError("\n".join(errors))
-
-
 def load_ddim_kernel(directory: Path | None = None) -> DdimKernel | None:
     """The compiled kernel, building it on first use; None (logged) when it cannot be had.
 
     Args:
         directory: where built libraries are kept (default :func:`cache_dir`).
     """
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        log.debug("native DDIM kernel disabled by %s", ENV_SWITCH)
+    loaded = load_library(SOURCE, "re-ranking uses the PyTorch DDIM loop", directory)
+    if loaded is None:
         return None
-    compiler = _compiler()
-    if compiler is None:
-        log.info("no C compiler found: re-ranking uses the PyTorch DDIM loop")
-        return None
-    source = resources.files("diffusionret.native").joinpath(SOURCE).read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), repr(FLAG_SETS).encode(),
-                                     platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:20]
-    directory = directory or cache_dir()
-    target = directory / f"ddim_rerank-{key}.so"
-    failed = target.with_suffix(".failed")
-    if failed.exists():
-        log.debug("native DDIM kernel: an earlier build failed (%s); using PyTorch", failed)
-        return None
-    try:
-        if not target.exists():
-            log.info("building the native DDIM kernel with %s into %s", compiler, target)
-            _build(source, compiler, target)
-        library = ctypes.CDLL(str(target))
-    except subprocess.TimeoutExpired as exc:  # a slow (loaded) machine, not a broken build: retry next time
-        log.warning("native DDIM kernel not built in time (%s); re-ranking uses the PyTorch DDIM loop", exc)
-        return None
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("native DDIM kernel unavailable (%s); re-ranking uses the PyTorch DDIM loop", exc)
-        try:
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            tmp = failed.with_name(failed.name + f".{os.getpid()}.tmp")
-            tmp.write_text(str(exc))
-            os.replace(tmp, failed)
-        except OSError:
-            pass
-        return None
+    target, library = loaded
     function = library.diffusionret_ddim_rerank
     function.argtypes = _ARGTYPES
     function.restype = ctypes.c_int

@@ -1,0 +1,126 @@
+"""Build, cache and load the optional C kernels of this package (nothing here is required).
+
+A kernel's C source is compiled once per source, compiler and CPU into a shared library under the
+user's cache directory (``$DIFFUSIONRET_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusionret`` or
+``~/.cache/diffusionret``), written atomically (temp file, then rename), and loaded with
+:mod:`ctypes` (which releases the GIL during a call). A failed build leaves a ``.failed`` note next
+to it so that later processes do not retry it; delete the note to retry. ``DIFFUSIONRET_NATIVE=0``
+disables every kernel: callers then use their PyTorch equivalent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "DIFFUSIONRET_NATIVE"
+ENV_CACHE = "DIFFUSIONRET_CACHE_DIR"
+#: Tried in order; the first that compiles is kept. -march=native: the library is keyed by the CPU.
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+COMPILE_TIMEOUT_S = 120.0
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffusionret"
+
+
+def native_enabled() -> bool:
+    """False when ``DIFFUSIONRET_NATIVE`` switches the kernels off (0, false, no, off)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (a -march=native build must not move to another CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
+
+
+def _build(source_name: str, source: bytes, compiler: str, target: Path) -> None:
+    """Compile ``source`` into ``target`` (atomically), trying :data:`FLAG_SETS` in order."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / source_name
+        src.write_bytes(source)
+        errors = []
+        for flags in FLAG_SETS:
+            out = Path(tmp) / target.name
+            cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            if proc.returncode == 0:
+                os.replace(out, target)
+                return
+            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError("\n".join(errors))
+
+
+def load_library(source_name: str, fallback: str, directory: Path | None = None) -> tuple[Path, ctypes.CDLL] | None:
+    """The compiled ``source_name`` (a C file of this package) and its path, built on first use.
+
+    Args:
+        source_name: e.g. ``"ddim_rerank.c"``.
+        fallback: what the caller does instead, for the log (e.g. "re-ranking uses the PyTorch DDIM loop").
+        directory: where built libraries are kept (default :func:`cache_dir`).
+    Returns:
+        ``(path, library)``, or None (logged) when the kernel is switched off or cannot be had.
+    """
+    stem = source_name.rsplit(".", 1)[0]
+    if not native_enabled():
+        log.debug("native kernel %s disabled by %s", stem, ENV_SWITCH)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: %s", fallback)
+        return None
+    source = resources.files("diffusionret.native").joinpath(source_name).read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), repr(FLAG_SETS).encode(),
+                                     platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:20]
+    directory = directory or cache_dir()
+    target = directory / f"{stem}-{key}.so"
+    failed = target.with_suffix(".failed")
+    if failed.exists():
+        log.debug("native kernel %s: an earlier build failed (%s); %s", stem, failed, fallback)
+        return None
+    try:
+        if not target.exists():
+            log.info("building the native kernel %s with %s into %s", stem, compiler, target)
+            _build(source_name, source, compiler, target)
+        library = ctypes.CDLL(str(target))
+    except subprocess.TimeoutExpired as exc:  # a slow (loaded) machine, not a broken build: retry next time
+        log.warning("native kernel %s not built in time (%s); %s", stem, exc, fallback)
+        return None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("native kernel %s unavailable (%s); %s", stem, exc, fallback)
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            tmp = failed.with_name(failed.name + f".{os.getpid()}.tmp")
+            tmp.write_text(str(exc))
+            os.replace(tmp, failed)
+        except OSError:
+            pass
+        return None
+    return target, library

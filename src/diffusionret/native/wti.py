@@ -1,0 +1,113 @@
+"""The compiled WTI reduction kernel (``wti_reduce.c``): load and call.
+
+Built and cached by :mod:`diffusionret.native.build`; ``DIFFUSIONRET_NATIVE=0`` disables it (WTI
+then reduces its score blocks with PyTorch ops, same numbers up to float rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusionret.native.build import load_library
+
+SOURCE = "wti_reduce.c"
+
+_FLOAT_P = ctypes.POINTER(ctypes.c_float)
+_I64_P = ctypes.POINTER(ctypes.c_int64)
+_U8_P = ctypes.POINTER(ctypes.c_uint8)
+_ARGTYPES = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _FLOAT_P, ctypes.c_int64, _I64_P, _FLOAT_P, _U8_P,
+             _FLOAT_P, _U8_P, _FLOAT_P, ctypes.c_int64, _I64_P, _I64_P]
+
+
+def _ptr(tensor: torch.Tensor, kind: type = _FLOAT_P) -> ctypes._Pointer:
+    return ctypes.cast(tensor.data_ptr(), kind)
+
+
+@dataclass(frozen=True)
+class WtiKernel:
+    """A loaded ``wti_reduce.c``: WTI's maxima, zero floors and weighted sums in one pass, on CPU float32.
+
+    Attributes:
+        path: the shared library.
+    """
+
+    path: Path
+    _function: ctypes._CFuncPtr
+
+    def reduce(self, scores: torch.Tensor, offsets: torch.Tensor, text_w: torch.Tensor, text_floor: torch.Tensor,
+               video_w: torch.Tensor, video_floor: torch.Tensor, out: torch.Tensor, out_rows: torch.Tensor,
+               out_cols: torch.Tensor, *, threads: int = 1) -> None:
+        """Write the WTI scores of A captions against B videos into ``out[out_rows][:, out_cols]``.
+
+        Args:
+            scores: (R, B T) float32, rows of unit token features against unit frame features, the
+                rows of caption i being ``offsets[i]:offsets[i + 1]`` (its real tokens only), the
+                columns of video b being ``b T:(b + 1) T``; rows may be strided, columns contiguous.
+            offsets: (A + 1,) int64, non-decreasing, from 0 to R.
+            text_w: (R,) the softmax weight of each row's token.
+            text_floor: (A,) bool, captions with padding (their max over tokens takes a 0 part).
+            video_w: (B, T) frame weights, 0 on padded frames; video_floor: (B,) bool, videos with padding.
+            out: (Nt, Nv) float32 with contiguous rows, written in place; out_rows (A,), out_cols (B,) int64.
+            threads: captions are split over this many threads (the kernel itself is serial).
+        """
+        a, (b, frames) = text_floor.shape[0], video_w.shape
+        r = scores.shape[0]
+        if (scores.ndim != 2 or scores.shape[1] != b * frames or offsets.shape != (a + 1,) or text_w.shape != (r,)
+                or video_floor.shape != (b,) or out_rows.shape != (a,) or out_cols.shape != (b,) or out.ndim != 2):
+            raise ValueError(f"inconsistent shapes: scores {tuple(scores.shape)}, offsets {tuple(offsets.shape)}, "
+                             f"text_w {tuple(text_w.shape)}, text_floor {tuple(text_floor.shape)}, video_w "
+                             f"{tuple(video_w.shape)}, video_floor {tuple(video_floor.shape)}, out_rows "
+                             f"{tuple(out_rows.shape)}, out_cols {tuple(out_cols.shape)}, out {tuple(out.shape)}")
+        if scores.dtype != torch.float32 or out.dtype != torch.float32 or scores.stride(1) != 1 or out.stride(1) != 1:
+            raise ValueError("scores and out must be float32 with contiguous rows")
+        if any(t.device.type != "cpu" for t in (scores, out, offsets, text_w, video_w)):
+            raise ValueError("the WTI kernel runs on CPU tensors only")
+        if a == 0 or b == 0:
+            return
+        offsets = offsets.to(torch.int64).contiguous()
+        if int(offsets[0]) != 0 or int(offsets[-1]) != r or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"offsets must rise from 0 to {r} (the rows of scores)")
+        rows, cols = out_rows.to(torch.int64).contiguous(), out_cols.to(torch.int64).contiguous()
+        if int(rows.min()) < 0 or int(rows.max()) >= out.shape[0] or int(cols.min()) < 0 or int(cols.max()) >= out.shape[1]:
+            raise ValueError(f"out_rows/out_cols outside out {tuple(out.shape)}")
+        text_w = text_w.to(torch.float32).contiguous()
+        video_w = video_w.to(torch.float32).contiguous()
+        text_floor = text_floor.to(torch.uint8).contiguous()
+        video_floor = video_floor.to(torch.uint8).contiguous()
+        threads = max(1, min(threads, a))
+        bounds = [a * i // threads for i in range(threads + 1)]
+
+        def run(lo: int, hi: int) -> int:
+            # Captions lo..hi: their offsets (absolute row numbers into scores) and output rows.
+            return self._function(hi - lo, b, frames, _ptr(scores), scores.stride(0), _ptr(offsets[lo:], _I64_P),
+                                  _ptr(text_w), _ptr(text_floor[lo:], _U8_P), _ptr(video_w), _ptr(video_floor, _U8_P),
+                                  _ptr(out), out.stride(0), _ptr(rows[lo:], _I64_P), _ptr(cols, _I64_P))
+
+        if threads == 1:
+            codes = [run(0, a)]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+        if any(codes):
+            raise MemoryError("the WTI kernel could not allocate its scratch memory")
+
+
+def load_wti_kernel(directory: Path | None = None) -> WtiKernel | None:
+    """The compiled kernel, building it on first use; None (logged) when it cannot be had.
+
+    Args:
+        directory: where built libraries are kept (default :func:`diffusionret.native.build.cache_dir`).
+    """
+    loaded = load_library(SOURCE, "WTI reduces with PyTorch ops", directory)
+    if loaded is None:
+        return None
+    target, library = loaded
+    function = library.diffusionret_wti_reduce
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    return WtiKernel(path=target, _function=function)
