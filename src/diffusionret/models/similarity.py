@@ -9,7 +9,10 @@ the (Nv, T) frame weights, the largest live tensor is one chunk's (A, L, B, T) s
 Work is spent only on the tokens and frames that exist: texts are grouped by real length and videos
 by real frame count, and each block keeps its rows' longest real length; the reference's zero floor
 (a padded position's 0 taking part in the maxima) is applied as ``max(., 0)`` on the rows that had
-padding (see :func:`length_buckets`).
+padding (see :func:`length_buckets`). On CPU, evaluation and search (``trim``) pack each chunk's real
+tokens without any padding and reduce each score block in one pass with a compiled kernel
+(:mod:`diffusionret.native.wti`); the PyTorch reductions remain where it cannot be built, with
+``DIFFUSIONRET_NATIVE=0``, on GPU, and where gradients are needed.
 """
 
 from __future__ import annotations
@@ -208,7 +211,11 @@ def wti_similarity(text_weight_fc: nn.Module, video_weight_fc: nn.Module, tokens
     With ``trim`` (evaluation and search), texts are grouped by real length and videos by real frame
     count (:func:`length_buckets`); each block's product covers only its rows' valid positions (the
     zero floor of padded rows is applied to the maxima), and the scores go back to the input order.
-    This equals the padded computation up to float re-association (tested: <= 1e-6). Training keeps
+    This equals the padded computation up to float re-association (tested: <= 1e-6). On CPU without
+    gradients, the chunk's real tokens are packed (no padded row at all) and the compiled reduction
+    (:mod:`diffusionret.native.wti`) reduces each block in one pass (same scores, tested <= 1e-6).
+    Besides a chunk's block, ``trim`` holds float32 unit copies of all the videos (the size of the
+    float32 video features), made once per call instead of once per text chunk. Training keeps
     the padded blocks (``trim=False``): its batches are small, and re-associated sums, however
     close, would send a seeded run down another trajectory. Features may be fp16/bf16 (e.g. from an
     index): every chunk is cast to float32 first.
