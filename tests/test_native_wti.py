@@ -114,7 +114,7 @@ def test_kernel_rejects_inconsistent_inputs(kernel):
         kernel.reduce(torch.zeros(5, 7), **args)
     with pytest.raises(ValueError, match="offsets"):
         kernel.reduce(scores, **{**args, "offsets": torch.tensor([0, 4, 3])})
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="inside"):
         kernel.reduce(scores, **{**args, "out_cols": torch.tensor([0, 1, 3])})
     with pytest.raises(ValueError, match="float32"):
         kernel.reduce(scores.double(), **args)

@@ -17,15 +17,17 @@ from diffusionret.native.build import load_library
 
 SOURCE = "wti_reduce.c"
 
-_FLOAT_P = ctypes.POINTER(ctypes.c_float)
-_I64_P = ctypes.POINTER(ctypes.c_int64)
-_U8_P = ctypes.POINTER(ctypes.c_uint8)
-_ARGTYPES = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _FLOAT_P, ctypes.c_int64, _I64_P, _FLOAT_P, _U8_P,
-             _FLOAT_P, _U8_P, _FLOAT_P, ctypes.c_int64, _I64_P, _I64_P]
+# Pointers travel as plain addresses (c_void_p from an int): a ctypes.cast per argument would cost
+# more than reducing a small block.
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_ARGTYPES = [_I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P]
 
 
-def _ptr(tensor: torch.Tensor, kind: type = _FLOAT_P) -> ctypes._Pointer:
-    return ctypes.cast(tensor.data_ptr(), kind)
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as contiguous uint8 (a view when it already is contiguous)."""
+    t = t.contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t.to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,12 @@ class WtiKernel:
             scores: (R, B T) float32, rows of unit token features against unit frame features, the
                 rows of caption i being ``offsets[i]:offsets[i + 1]`` (its real tokens only), the
                 columns of video b being ``b T:(b + 1) T``; rows may be strided, columns contiguous.
-            offsets: (A + 1,) int64, non-decreasing, from 0 to R.
+            offsets: (A + 1,) int64, non-decreasing, within 0..R.
             text_w: (R,) the softmax weight of each row's token.
             text_floor: (A,) bool, captions with padding (their max over tokens takes a 0 part).
             video_w: (B, T) frame weights, 0 on padded frames; video_floor: (B,) bool, videos with padding.
             out: (Nt, Nv) float32 with contiguous rows, written in place; out_rows (A,), out_cols (B,) int64.
-            threads: captions are split over this many threads (the kernel itself is serial).
+            threads: captions are split over up to this many threads (the kernel itself is serial).
         """
         a, (b, frames) = text_floor.shape[0], video_w.shape
         r = scores.shape[0]
@@ -69,30 +71,31 @@ class WtiKernel:
             raise ValueError("the WTI kernel runs on CPU tensors only")
         if a == 0 or b == 0:
             return
-        offsets = offsets.to(torch.int64).contiguous()
-        if int(offsets[0]) != 0 or int(offsets[-1]) != r or bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError(f"offsets must rise from 0 to {r} (the rows of scores)")
-        rows, cols = out_rows.to(torch.int64).contiguous(), out_cols.to(torch.int64).contiguous()
-        if int(rows.min()) < 0 or int(rows.max()) >= out.shape[0] or int(cols.min()) < 0 or int(cols.max()) >= out.shape[1]:
-            raise ValueError(f"out_rows/out_cols outside out {tuple(out.shape)}")
+        # Offsets and output indices are range-checked inside the kernel (a pass here per block
+        # would cost more than the reduction of a small block).
+        offsets, rows, cols = (t.to(torch.int64).contiguous() for t in (offsets, out_rows, out_cols))
         text_w = text_w.to(torch.float32).contiguous()
         video_w = video_w.to(torch.float32).contiguous()
-        text_floor = text_floor.to(torch.uint8).contiguous()
-        video_floor = video_floor.to(torch.uint8).contiguous()
-        threads = max(1, min(threads, a))
+        text_floor, video_floor = _bytes(text_floor), _bytes(video_floor)
+        # A thread per million scores at most: starting threads costs more than reducing a small block.
+        threads = max(1, min(threads, a, scores.numel() >> 20))
         bounds = [a * i // threads for i in range(threads + 1)]
 
         def run(lo: int, hi: int) -> int:
             # Captions lo..hi: their offsets (absolute row numbers into scores) and output rows.
-            return self._function(hi - lo, b, frames, _ptr(scores), scores.stride(0), _ptr(offsets[lo:], _I64_P),
-                                  _ptr(text_w), _ptr(text_floor[lo:], _U8_P), _ptr(video_w), _ptr(video_floor, _U8_P),
-                                  _ptr(out), out.stride(0), _ptr(rows[lo:], _I64_P), _ptr(cols, _I64_P))
+            return self._function(hi - lo, b, frames, scores.data_ptr(), scores.stride(0), r,
+                                  offsets[lo:].data_ptr(), text_w.data_ptr(), text_floor[lo:].data_ptr(),
+                                  video_w.data_ptr(), video_floor.data_ptr(), out.data_ptr(), out.stride(0),
+                                  out.shape[0], out.shape[1], rows[lo:].data_ptr(), cols.data_ptr())
 
         if threads == 1:
             codes = [run(0, a)]
         else:
             with ThreadPoolExecutor(threads) as pool:
                 codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+        if 2 in codes:
+            raise ValueError(f"offsets must rise from 0 to at most {r} (the rows of scores) and out_rows/out_cols "
+                             f"must lie inside out {tuple(out.shape)}")
         if any(codes):
             raise MemoryError("the WTI kernel could not allocate its scratch memory")
 

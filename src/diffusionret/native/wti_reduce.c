@@ -21,10 +21,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Returns 0, 1 when scratch memory cannot be had, 2 when an offset or output index is out of range
+ * (checked before anything is written: the caller raises). */
 int diffusionret_wti_reduce(int64_t n_text, int64_t n_video, int64_t frames, const float *s, int64_t ld_s,
-                            const int64_t *offsets, const float *text_w, const uint8_t *text_floor,
+                            int64_t n_rows, const int64_t *offsets, const float *text_w, const uint8_t *text_floor,
                             const float *video_w, const uint8_t *video_floor, float *out, int64_t ld_out,
-                            const int64_t *out_rows, const int64_t *out_cols) {
+                            int64_t n_out_rows, int64_t n_out_cols, const int64_t *out_rows,
+                            const int64_t *out_cols) {
+    for (int64_t i = 0; i < n_text; ++i)
+        if (offsets[i] < 0 || offsets[i] > offsets[i + 1] || offsets[i + 1] > n_rows || out_rows[i] < 0 ||
+            out_rows[i] >= n_out_rows)
+            return 2;
+    for (int64_t b = 0; b < n_video; ++b)
+        if (out_cols[b] < 0 || out_cols[b] >= n_out_cols) return 2;
     const int64_t width = n_video * frames;
     float *colmax = malloc((size_t)(width > 0 ? width : 1) * sizeof(float));
     float *t2v = malloc((size_t)(n_video > 0 ? n_video : 1) * sizeof(float));
