@@ -136,3 +136,15 @@ def test_similarity_matrix_groups_equal_one_call(model, monkeypatch):
         expected = padded_wti(model, feats.tokens, text_mask, feats.video, feats.frame_mask)
     torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(whole, expected, atol=1e-6, rtol=0)
+
+
+def test_single_query_scores_are_bit_identical(model, kernel):
+    """A search query's trimmed WTI is the PyTorch path's to the bit (the demo's pinned query results
+    compare exact floats): the kernel rounds products and sums separately, as the PyTorch reductions do."""
+    g = torch.Generator().manual_seed(2)
+    tokens, video = torch.randn(1, 12, 64, generator=g), torch.randn(40, 5, 64, generator=g)
+    tmask = (torch.arange(12)[None] < 7).long()
+    vmask = _mask(g, 40, 5, "prefix")
+    compiled = _trimmed(model, tokens, tmask, video, vmask, None, None, native=True)
+    loop = _trimmed(model, tokens, tmask, video, vmask, None, None, native=False)
+    assert torch.equal(compiled, loop)
