@@ -38,9 +38,9 @@ from diffusionret.retrieval.reranker import RerankConfig, Reranker
 logger = logging.getLogger(__name__)
 
 #: Captions per ``model.similarity`` call of :func:`similarity_matrix`. Each call normalises every
-#: video once (a pass over the video features), so few large calls beat one call per chunk (that
-#: was 8 % of WTI at 1,000 x 1,000); a group's tokens are its extra memory (2,048 captions of 32 x
-#: 512 float32: 128 MiB).
+#: video once (a pass over the video features), so few large calls beat one call per chunk of 128
+#: (that repeated pass was ~5 % of WTI at 1,000 x 1,000); a group's tokens are its extra memory
+#: (2,048 captions of 32 x 512 float32: 128 MiB).
 CAPTION_GROUP = 2048
 
 
