@@ -36,7 +36,8 @@ def kernel() -> WtiKernel:
     # CI's machines have a C compiler: a missing one fails here rather than skipping the kernel's tests.
     assert native_build._compiler() is not None, "no C compiler (cc/gcc/clang) found: the WTI kernel cannot be tested"
     loaded = load_wti_kernel()
-    assert loaded is not None, "a C compiler exists but the WTI kernel did not build (see the .failed note in the cache)"
+    assert loaded is not None, ("a C compiler exists but the WTI kernel did not build "
+                                "(see the .failed note in the cache)")
     return loaded
 
 
