@@ -41,16 +41,19 @@ def _one_thread_and_seed():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
-    """``diffusionret demo --seed 3`` (the full demo, a seed other than the default) through the CLI.
+    """``diffusionret demo --seed 3 --no-stage2-cache`` (the full demo, a seed other than the default) through the CLI.
 
     Run once per session (3-5 minutes on a 2-core machine); returns its exit status, output folder
-    (corpus, trained models, metrics) and what it printed. Shared by ``test_demo.py`` (the demo's
-    own targets) and ``test_search_demo.py`` (indexing and searching its test videos).
+    (corpus, trained models, metrics) and what it printed. Stage 2 is the online one (encoding every
+    step), not the default cached one: ``test_refactor_golden.py`` pins this run's metrics exactly.
+    Shared with ``test_demo.py`` (the demo's outputs and targets, which hold in either stage-2 mode)
+    and ``test_search_demo.py`` (indexing and searching its test videos), so CI runs one full demo;
+    ``test_demo.py`` checks the cached default on the ``--quick`` demo.
     """
     from diffusionret.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
     printed = io.StringIO()
     with cli_logging(), contextlib.redirect_stdout(printed):
-        code = main(["demo", "--out", str(out), "--seed", "3", "--threads", "2"])
+        code = main(["demo", "--out", str(out), "--seed", "3", "--threads", "2", "--no-stage2-cache"])
     return code, out, printed.getvalue()

@@ -1,6 +1,9 @@
 """``diffusionret demo`` end to end through the CLI (seed 3, not the default): outputs exist and the model learns.
 
-The run itself is the session fixture ``demo_run`` in ``conftest.py``.
+The full run is the session fixture ``demo_run`` in ``conftest.py``, with the online stage 2
+(``--no-stage2-cache``, pinned by ``test_refactor_golden.py``): what it checks here holds in either
+stage-2 mode. The default, stage 2 from the feature cache, is run on the ``--quick`` demo (about a
+minute) rather than as a second full demo.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ import json
 
 import pytest
 
+from helpers import cli_logging
 from diffusionret.cli import main
+from diffusionret.demo.pipeline import DemoConfig
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +64,29 @@ def test_demo_refuses_to_overwrite_a_run(demo_run):
 def test_demo_rejects_bad_arguments(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--num-videos", "3"]) == 2
     assert main(["demo", "--quick", "--out", str(tmp_path / "y"), "--threads", "0"]) == 2
+
+
+def _last_step(run_dir) -> int:
+    """Optimizer steps a training run took (its last end-of-epoch checkpoint event)."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max(e["step"] for e in events if e.get("kind") == "event" and "checkpoint" in e)
+
+
+def test_quick_demo_trains_stage_2_from_the_cache_by_default(tmp_path) -> None:
+    out = tmp_path / "quick"
+    with cli_logging():
+        assert main(["demo", "--quick", "--out", str(out), "--seed", "1", "--threads", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    quick = DemoConfig.quick()
+    assert metrics["config"]["stage2_cache"] is True
+    assert "feature_cache: on" in (out / "stage2" / "config.yaml").read_text()
+    assert list((out / "stage2" / "feature_cache").glob("*.safetensors")), "the training split was not cached"
+    # Every cached epoch ran: stage 2 took the stage-1 steps per epoch times its own epochs.
+    steps_per_epoch = _last_step(out / "stage1") // quick.stage1_epochs
+    assert _last_step(out / "stage2") == steps_per_epoch * quick.stage2_cached_epochs
+    test = metrics["test"]
+    for direction in ("t2v", "v2t"):
+        assert test["rerank_effect"][f"{direction}/R1"] == pytest.approx(
+            test["rerank"][direction]["R1"] - test["wti"][direction]["R1"], abs=1e-3)
+        # The re-ranked ranking stays a retrieval ranking (chance R@1 is 2 % on 50 test videos).
+        assert test["rerank"][direction]["R1"] >= 10 * test["chance_R1"]

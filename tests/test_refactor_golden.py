@@ -4,8 +4,10 @@
 out of the model, one input config, one retrieval path) produced, made by the script next to it:
 the metrics of ``diffusionret demo --seed 3 --threads 2`` and the top 10 of fixed queries over an index
 of that demo's test videos, plus that index itself (``legacy_index/``, written by the old code). The
-session's demo run (``demo_run`` in ``conftest.py``, the same command) must reproduce the metrics
-exactly, and searching the old index with today's code must return the same videos and scores.
+session's demo run (``demo_run`` in ``conftest.py``: the same command with ``--no-stage2-cache``, since
+stage 2 from the feature cache became the default; the online stage 2 stays an option and must not
+drift) must reproduce the metrics exactly, and searching the old index with today's code must return
+the same videos and scores.
 """
 
 from __future__ import annotations

@@ -37,14 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "while the others train")
     parser.add_argument("--query", default=None,
                         help="the example text query (default: a fresh description of a random test clip)")
-    parser.add_argument("--stage2-cache", action="store_true",
-                        help="train stage 2 from cached features (encode the training split once), with more "
-                             "denoiser steps in about the same time")
+    parser.add_argument("--stage2-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="train stage 2 from cached features: encode the training split once, then as many "
+                             "denoiser steps as fit into the time of the online stage 2 (default); "
+                             "--no-stage2-cache encodes every step, the reference's way")
     parser.add_argument("--stage2-epochs", type=int, default=None,
-                        help="stage-2 epochs (default: 3; with --stage2-cache: 12)")
+                        help="stage-2 epochs (default: EPOCHS_CLI from the cache, 3 with --no-stage2-cache; "
+                             "--quick: QUICK_CLI and 2)")
     parser.add_argument("--stage2-negatives", choices=("batch", "dataset"), default="batch",
                         help="hard negatives from the batch (default) or the whole training split "
-                             "(needs --stage2-cache)")
+                             "(needs the cache: not with --no-stage2-cache)")
     parser.set_defaults(func=run)
 
 
@@ -57,11 +59,11 @@ def _demo_config(args: argparse.Namespace) -> Any:
     # One decoding worker beside the training threads: on a small machine, torch threads that share
     # their cores with a decoder spin-wait on each other, which costs far more than it gains.
     changes: dict[str, Any] = {"seed": args.seed, "query": args.query, "num_workers": 1 if args.threads >= 2 else 0}
-    if args.stage2_cache:
-        changes["stage2_cache"] = True
+    cache = cfg.stage2_cache if args.stage2_cache is None else args.stage2_cache
+    changes["stage2_cache"] = cache
     changes["stage2_negatives"] = args.stage2_negatives
     if args.stage2_epochs is not None:
-        changes["stage2_cached_epochs" if args.stage2_cache else "stage2_epochs"] = args.stage2_epochs
+        changes["stage2_cached_epochs" if cache else "stage2_epochs"] = args.stage2_epochs
     if args.num_videos is not None:
         if args.num_videos < 8:
             raise ValueError(f"--num-videos must be at least 8, got {args.num_videos}")

@@ -43,7 +43,7 @@ class DemoConfig:
     Attributes:
         seed: seeds the corpus, the model initialisation, shuffling and the re-ranking noise.
         corpus: size and rendering of the synthetic corpus.
-        stage1_epochs, stage2_epochs: passes over the training captions in each stage.
+        stage1_epochs: passes over the training captions in stage 1.
         batch_size: training batch (stage 2 mines its hard negatives from it).
         lr: peak learning rate of stage 1; the backbone is random, so it trains at the full rate
             (``clip_lr_scale`` 1, unlike CLIP fine-tuning's 1e-3).
@@ -55,11 +55,13 @@ class DemoConfig:
         num_workers: DataLoader worker processes; one decodes while the training process computes
             (single-threaded, so it does not fight the training threads for the cores).
         query: the example text query; ``None`` describes a random test clip in fresh words.
-        stage2_cache: train stage 2 from the feature cache (``train.feature_cache: on``) for
-            ``stage2_cached_epochs`` epochs instead of encoding every step for ``stage2_epochs``
-            (off by default: the default demo's numbers are pinned).
-        stage2_cached_epochs: stage-2 epochs with the cache: 12 (204 steps instead of 51) take about
-            the time of the 3 online epochs (the demo's stage 2 is bound by video decoding).
+        stage2_cache: train stage 2 from the feature cache (``train.feature_cache: on``: the
+            training split is encoded once, then the denoisers train on the cached features in their
+            factored form) for ``stage2_cached_epochs`` epochs (the default); ``False`` encodes every
+            step for ``stage2_epochs`` epochs, the reference's way (``--no-stage2-cache``; the
+            pinned behaviour of ``tests/test_refactor_golden.py``).
+        stage2_epochs: stage-2 epochs without the cache.
+        stage2_cached_epochs: stage-2 epochs with the cache: EPOCHS_PLACEHOLDER
         stage2_negatives: ``batch`` or ``dataset`` (``diffusion.negatives``; ``dataset`` needs the cache).
     """
 
@@ -76,7 +78,7 @@ class DemoConfig:
     diffusion_steps: int = 50
     num_workers: int = 1
     query: str | None = None
-    stage2_cache: bool = False
+    stage2_cache: bool = True
     stage2_cached_epochs: int = 12
     stage2_negatives: str = "batch"
 
