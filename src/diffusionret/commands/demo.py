@@ -1,7 +1,8 @@
 """``diffusionret demo``: the whole method offline on a CPU in a few minutes.
 
 Writes a synthetic corpus of mp4 clips (coloured shapes moving on plain backgrounds, captioned in
-varied words), trains a tiny model from scratch (stage 1, then stage 2) through the same code as
+varied words), trains a tiny model from scratch (stage 1, then stage 2: the training split encoded
+once by the frozen encoders, the denoisers trained on those cached features) through the same code as
 ``diffusionret train``, evaluates the held-out test split with and without diffusion re-ranking,
 saves ``metrics.json`` and plots, and answers an example text query over the test videos.
 """
