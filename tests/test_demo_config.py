@@ -70,3 +70,13 @@ def test_dataset_negatives_need_the_cache() -> None:
     assert _config("--stage2-negatives", "dataset").stage2_negatives == "dataset"
     with pytest.raises(ValueError, match="needs stage2_cache"):
         _config("--no-stage2-cache", "--stage2-negatives", "dataset")
+
+
+def test_help_states_the_epochs_of_both_modes(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "500")  # one line per option: no "--no-" / "stage2-cache" wrapping
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    full, quick = DemoConfig(), DemoConfig.quick()
+    assert (f"default: {full.stage2_cached_epochs} from the cache, {full.stage2_epochs} with --no-stage2-cache; "
+            f"--quick: {quick.stage2_cached_epochs} and {quick.stage2_epochs})") in text

@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "denoiser steps as fit into the time of the online stage 2 (default); "
                              "--no-stage2-cache encodes every step, the reference's way")
     parser.add_argument("--stage2-epochs", type=int, default=None,
-                        help="stage-2 epochs (default: EPOCHS_CLI from the cache, 3 with --no-stage2-cache; "
-                             "--quick: QUICK_CLI and 2)")
+                        help="stage-2 epochs (default: 55 from the cache, 3 with --no-stage2-cache; "
+                             "--quick: 20 and 2)")
     parser.add_argument("--stage2-negatives", choices=("batch", "dataset"), default="batch",
                         help="hard negatives from the batch (default) or the whole training split "
                              "(needs the cache: not with --no-stage2-cache)")
