@@ -124,3 +124,26 @@ def load_library(source_name: str, fallback: str, directory: Path | None = None)
             pass
         return None
     return target, library
+
+
+def load_function(source_name: str, symbol: str, argtypes: list, fallback: str,
+                  directory: Path | None = None) -> tuple[Path, ctypes._CFuncPtr] | None:
+    """One C function of the compiled ``source_name`` with its argument types set (``int`` result).
+
+    Args:
+        source_name: the C file, as for :func:`load_library`.
+        symbol: the exported function, e.g. ``"diffusionret_wti_reduce"``.
+        argtypes: its ``ctypes`` argument types.
+        fallback: what the caller does instead, for the log.
+        directory: where built libraries are kept (default :func:`cache_dir`).
+    Returns:
+        ``(path of the library, function)``, or None (logged) when the kernel cannot be had.
+    """
+    loaded = load_library(source_name, fallback, directory)
+    if loaded is None:
+        return None
+    target, library = loaded
+    function = getattr(library, symbol)
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return target, function

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # ENV_SWITCH, cache_dir and _compiler are re-exported: callers and tests reach them through this module.
-from diffusionret.native.build import ENV_CACHE, ENV_SWITCH, _compiler, cache_dir, load_library
+from diffusionret.native.build import ENV_CACHE, ENV_SWITCH, _compiler, cache_dir, load_function
 
 __all__ = ["DdimKernel", "load_ddim_kernel", "SOURCE", "ENV_CACHE", "ENV_SWITCH", "cache_dir", "_compiler"]
 
@@ -124,11 +124,8 @@ def load_ddim_kernel(directory: Path | None = None) -> DdimKernel | None:
     Args:
         directory: where built libraries are kept (default :func:`cache_dir`).
     """
-    loaded = load_library(SOURCE, "re-ranking uses the PyTorch DDIM loop", directory)
+    loaded = load_function(SOURCE, "diffusionret_ddim_rerank", _ARGTYPES, "re-ranking uses the PyTorch DDIM loop", directory)
     if loaded is None:
         return None
-    target, library = loaded
-    function = library.diffusionret_ddim_rerank
-    function.argtypes = _ARGTYPES
-    function.restype = ctypes.c_int
+    target, function = loaded
     return DdimKernel(path=target, _function=function)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffusionret.native.build import load_library
+from diffusionret.native.build import load_function
 
 SOURCE = "wti_reduce.c"
 
@@ -106,11 +106,8 @@ def load_wti_kernel(directory: Path | None = None) -> WtiKernel | None:
     Args:
         directory: where built libraries are kept (default :func:`diffusionret.native.build.cache_dir`).
     """
-    loaded = load_library(SOURCE, "WTI reduces with PyTorch ops", directory)
+    loaded = load_function(SOURCE, "diffusionret_wti_reduce", _ARGTYPES, "WTI reduces with PyTorch ops", directory)
     if loaded is None:
         return None
-    target, library = loaded
-    function = library.diffusionret_wti_reduce
-    function.argtypes = _ARGTYPES
-    function.restype = ctypes.c_int
+    target, function = loaded
     return WtiKernel(path=target, _function=function)
