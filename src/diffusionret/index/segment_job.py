@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +105,8 @@ class SegmentRequest:
 
 
 @dataclass(frozen=True)
-class DecodedTimeline:
-    """A video decoded along its timeline, with its segments planned (the worker's reply).
+class _StoredTimeline:
+    """The timeline frames a worker stored in its scratch folder.
 
     Attributes:
         frames_path: raw uint8 frames, one after the other, each ``(H, W, 3)`` of ``shapes[i]``.
@@ -115,10 +115,6 @@ class DecodedTimeline:
         times: ``(n,)`` float64 sampling times ``k / fps`` (seconds).
         duration: decoded duration in seconds (the end of the last frame; the segments end there).
         header_duration: what the container claimed, or ``None``.
-        spans: the planned segments ``(start, end)`` in seconds.
-        thumbnails: one JPEG per span (the frame shown at its middle).
-        width, height: display size of the video.
-        batch_size: timeline frames per batch; every batch's frames share one size.
     """
 
     frames_path: str
@@ -127,6 +123,19 @@ class DecodedTimeline:
     times: np.ndarray
     duration: float
     header_duration: float | None
+
+
+@dataclass(frozen=True)
+class DecodedTimeline(_StoredTimeline):
+    """A video decoded along its timeline, with its segments planned (the worker's reply).
+
+    Attributes (besides the stored frames' of :class:`_StoredTimeline`):
+        spans: the planned segments ``(start, end)`` in seconds.
+        thumbnails: one JPEG per span (the frame shown at its middle).
+        width, height: display size of the video.
+        batch_size: timeline frames per batch; every batch's frames share one size.
+    """
+
     spans: list[tuple[float, float]]
     thumbnails: list[bytes | None]
     width: int
@@ -170,21 +179,16 @@ def decode_for_segments(request: SegmentRequest, progress: Progress | None = Non
         meter.next_pass()
     timeline = _write_timeline(request, meter)
     spans = plan_segments(timeline.duration, config, cuts)
+    stored = {f.name: getattr(timeline, f.name) for f in fields(_StoredTimeline)}
     return DecodedTimeline(
-        frames_path=timeline.frames_path, shapes=timeline.shapes, rows=timeline.rows, times=timeline.times,
-        duration=timeline.duration, header_duration=timeline.header_duration,
-        spans=[(s.start, s.end) for s in spans], thumbnails=timeline.thumbnails(spans),
+        **stored, spans=[(s.start, s.end) for s in spans], thumbnails=timeline.thumbnails(spans),
         width=int(info.width), height=int(info.height), batch_size=request.batch_size)
 
 
-@dataclass
-class _Written:
-    frames_path: str
-    shapes: list[tuple[int, int]]
-    rows: np.ndarray
-    times: np.ndarray
-    duration: float
-    header_duration: float | None
+@dataclass(frozen=True)
+class _Written(_StoredTimeline):
+    """What :func:`_write_timeline` leaves in the scratch folder: the frames, and a JPEG per shown frame."""
+
     thumbs_path: str
     thumb_spans: list[tuple[int, int]]  # (offset, length) in the thumbnail file of each sample's JPEG
 
