@@ -154,6 +154,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """KiB figures of this process from ``/proc/self/status`` (Linux), e.g. ``"RssAnon", "RssFile"``."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            out[key] = int(value.split()[0])
+    return out
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:

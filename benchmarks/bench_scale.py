@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CACHE_DIR, REPO_ROOT, load_text, percentile
+from _common import CACHE_DIR, REPO_ROOT, load_text, percentile, proc_status_kib
 
 _MADV_DONTNEED = 4
 
@@ -116,12 +116,7 @@ def disk_bytes(root: Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------ the serving child
 def memory() -> dict[str, float]:
     """GiB of this process: VmRSS, RssAnon, RssFile (``/proc/self/status``)."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) / 2**20
-    return out
+    return {key: kib / 2**20 for key, kib in proc_status_kib("VmRSS", "RssAnon", "RssFile").items()}
 
 
 def drop_cache(root: Path) -> None:

@@ -40,7 +40,7 @@ from diffusionret.models.config import ModelConfig
 from diffusionret.training.feature_cache import CachedBatches, TrainFeatureCache
 from diffusionret.training.loop import _train_step
 
-from _common import machine, report
+from _common import machine, proc_status_kib, report
 from bench_train import make_run, random_batch
 
 MSRVTT_VIDEOS, MSRVTT_CAPTIONS, MSRVTT_EPOCHS = 9_000, 180_000, 5
@@ -52,12 +52,7 @@ def _sync(device: str) -> None:
 
 
 def _memory_kib() -> dict[str, int]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("RssAnon:", "RssFile:")):
-            name, value = line.split(":")
-            fields[name] = int(value.split()[0])
-    return fields
+    return proc_status_kib("RssAnon", "RssFile")
 
 
 def write_cache(path: Path, videos: int, captions: int, frames: int, words: int, dim: int) -> Path:
