@@ -265,13 +265,8 @@ class DiffusionRet(nn.Module):
         videos shared by all queries and ``cand_idx`` their rows; otherwise as :meth:`denoise_t2v`.
         """
         self.require_denoisers()
-        if cand_idx is None:
-            _check_shapes("denoise_t2v_factored", x_t=(x_t, 2), cand_video=(cand_video, 4), cand_mask=(cand_mask, 3))
-        else:
-            _check_shapes("denoise_t2v_factored", x_t=(x_t, 2), cand_video=(cand_video, 3), cand_mask=(cand_mask, 2),
-                          cand_idx=(cand_idx, 2))
-            if cand_idx.shape != x_t.shape:
-                raise ValueError(f"denoise_t2v_factored: cand_idx {tuple(cand_idx.shape)} != x_t {tuple(x_t.shape)}")
+        _check_factored_shapes("denoise_t2v_factored", x_t, cand_idx,
+                               {"cand_video": (cand_video, 4), "cand_mask": (cand_mask, 3)})
         return self.diffusion_model.forward_factored(x_t, t, cls, cand_video, cand_mask, cand_idx)
 
     def denoise_v2t_factored(self, x_t: torch.Tensor, t: torch.Tensor, cand_cls: torch.Tensor, video: torch.Tensor,
@@ -282,13 +277,8 @@ class DiffusionRet(nn.Module):
         ``cand_idx`` their rows; otherwise as :meth:`denoise_v2t`.
         """
         self.require_denoisers()
-        if cand_idx is None:
-            _check_shapes("denoise_v2t_factored", x_t=(x_t, 2), cand_cls=(cand_cls, 3), video=(video, 3))
-        else:
-            _check_shapes("denoise_v2t_factored", x_t=(x_t, 2), cand_cls=(cand_cls, 2), video=(video, 3),
-                          cand_idx=(cand_idx, 2))
-            if cand_idx.shape != x_t.shape:
-                raise ValueError(f"denoise_v2t_factored: cand_idx {tuple(cand_idx.shape)} != x_t {tuple(x_t.shape)}")
+        _check_factored_shapes("denoise_v2t_factored", x_t, cand_idx, {"cand_cls": (cand_cls, 3)},
+                               video=(video, 3))
         return self.diffusion_model_v.forward_factored(x_t, t, cand_cls, video, frame_mask, cand_idx)
 
 
@@ -306,3 +296,19 @@ def _check_shapes(where: str, **tensors: tuple[torch.Tensor, int]) -> None:
             raise TypeError(f"{where}: {name} must be a tensor, got {type(tensor).__name__}")
         if tensor.ndim != ndim:
             raise ValueError(f"{where}: {name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+
+
+def _check_factored_shapes(where: str, x_t: torch.Tensor, cand_idx: torch.Tensor | None,
+                           candidates: dict[str, tuple[torch.Tensor, int]], **others: tuple[torch.Tensor, int]) -> None:
+    """:func:`_check_shapes` for a factored denoiser call.
+
+    ``candidates`` map a name to its tensor and its ndim per query; with ``cand_idx`` (B, K) they are
+    a bank shared by all queries (one dimension fewer) and ``cand_idx`` must have ``x_t``'s shape.
+    """
+    bank = cand_idx is not None
+    shapes = {name: (tensor, ndim - bank) for name, (tensor, ndim) in candidates.items()}
+    if bank:
+        others = {**others, "cand_idx": (cand_idx, 2)}
+    _check_shapes(where, x_t=(x_t, 2), **shapes, **others)
+    if bank and cand_idx.shape != x_t.shape:
+        raise ValueError(f"{where}: cand_idx {tuple(cand_idx.shape)} != x_t {tuple(x_t.shape)}")
