@@ -403,3 +403,33 @@ def padded_wti(model, tokens, tmask, video, vmask, frame_weights=None):
     t2v = torch.einsum("al,alb->ab", text_w, s.amax(dim=3))
     v2t = torch.einsum("bt,abt->ab", video_w, s.amax(dim=1))
     return (t2v + v2t) / 2
+
+
+def random_mask(g, rows, length, kind):
+    """(rows, length) 0/1: ``prefix`` real lengths from 0 to L, or ``scattered`` valid positions anywhere;
+    row 0 is forced all-padded and row 1 full when there are enough rows (the two edge cases)."""
+    import torch
+
+    if kind == "prefix":
+        lengths = torch.randint(0, length + 1, (rows,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    else:
+        mask = (torch.rand(rows, length, generator=g) < torch.rand(rows, 1, generator=g)).long()
+    if rows >= 3:
+        mask[0] = 0
+        mask[1] = 1
+    return mask
+
+
+def wti_problem(model, nt, nv, length, frames, text_kind, video_kind, precomputed, seed):
+    """A seeded WTI problem of random D=64 features and :func:`random_mask` masks, with its
+    :func:`padded_wti` scores. Returns ``(tokens, tmask, video, vmask, frame_weights or None, expected)``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens, video = torch.randn(nt, length, 64, generator=g), torch.randn(nv, frames, 64, generator=g)
+    tmask, vmask = random_mask(g, nt, length, text_kind), random_mask(g, nv, frames, video_kind)
+    with torch.no_grad():
+        fw = model.frame_weights(video, vmask) if precomputed else None
+        expected = padded_wti(model, tokens, tmask, video, vmask)
+    return tokens, tmask, video, vmask, fw, expected

@@ -22,7 +22,7 @@ from diffusionret.models.similarity import wti_similarity
 from diffusionret.native import build as native_build
 from diffusionret.native import load_wti_kernel
 from diffusionret.native.wti import WtiKernel
-from helpers import padded_wti
+from helpers import padded_wti, random_mask, wti_problem
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,6 @@ def kernel() -> WtiKernel:
     return loaded
 
 
-def _mask(g: torch.Generator, rows: int, length: int, kind: str) -> torch.Tensor:
-    """(rows, length) 0/1, prefix or scattered; row 0 all-padded and row 1 full when there are 3+ rows."""
-    if kind == "prefix":
-        mask = (torch.arange(length)[None] < torch.randint(0, length + 1, (rows,), generator=g)[:, None]).long()
-    else:
-        mask = (torch.rand(rows, length, generator=g) < torch.rand(rows, 1, generator=g)).long()
-    if rows >= 3:
-        mask[0], mask[1] = 0, 1
-    return mask
-
-
 def _trimmed(model, tokens, tmask, video, vmask, chunk, fw, native: bool) -> torch.Tensor:
     with mock.patch.dict(os.environ, {native_build.ENV_SWITCH: "1" if native else "0"}), torch.no_grad():
         return wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
@@ -65,12 +54,8 @@ def _trimmed(model, tokens, tmask, video, vmask, chunk, fw, native: bool) -> tor
 def test_native_trimmed_wti_equals_pytorch_and_padded(model, kernel, nt, nv, length, frames, chunk, text_kind,
                                                       video_kind, precomputed, video_block, seed):
     """All-padded and full rows, L = 1, T = 1, valid positions anywhere, video blocks split or not."""
-    g = torch.Generator().manual_seed(seed)
-    tokens, video = torch.randn(nt, length, 64, generator=g), torch.randn(nv, frames, 64, generator=g)
-    tmask, vmask = _mask(g, nt, length, text_kind), _mask(g, nv, frames, video_kind)
-    with torch.no_grad():
-        fw = model.frame_weights(video, vmask) if precomputed else None
-        expected = padded_wti(model, tokens, tmask, video, vmask)
+    tokens, tmask, video, vmask, fw, expected = wti_problem(model, nt, nv, length, frames, text_kind, video_kind,
+                                                            precomputed, seed)
     calls = []
     reduce = WtiKernel.reduce
 
@@ -125,10 +110,10 @@ def test_similarity_matrix_groups_equal_one_call(model, monkeypatch):
     """The evaluation's caption groups (one model call each) give the scores of a single call."""
     g = torch.Generator().manual_seed(5)
     nt, nv, length, frames, d = 23, 7, 9, 4, model.embed_dim
-    text_mask = _mask(g, nt, length, "prefix")
+    text_mask = random_mask(g, nt, length, "prefix")
     feats = CorpusFeatures(tokens=torch.randn(nt, length, d, generator=g), text_mask=text_mask,
                            cls=torch.randn(nt, d, generator=g), video=torch.randn(nv, frames, d, generator=g),
-                           frame_mask=_mask(g, nv, frames, "prefix"), caption_to_video=torch.arange(nt) % nv,
+                           frame_mask=random_mask(g, nv, frames, "prefix"), caption_to_video=torch.arange(nt) % nv,
                            video_ids=[str(i) for i in range(nv)])
     whole = evaluate_module.similarity_matrix(model, feats, chunk_size=4, ctx=DistContext(), progress=False)
     monkeypatch.setattr(evaluate_module, "CAPTION_GROUP", 5)
@@ -145,7 +130,7 @@ def test_single_query_scores_are_bit_identical(model, kernel):
     g = torch.Generator().manual_seed(2)
     tokens, video = torch.randn(1, 12, 64, generator=g), torch.randn(40, 5, 64, generator=g)
     tmask = (torch.arange(12)[None] < 7).long()
-    vmask = _mask(g, 40, 5, "prefix")
+    vmask = random_mask(g, 40, 5, "prefix")
     compiled = _trimmed(model, tokens, tmask, video, vmask, None, None, native=True)
     loop = _trimmed(model, tokens, tmask, video, vmask, None, None, native=False)
     assert torch.equal(compiled, loop)

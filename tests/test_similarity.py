@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from diffusionret.models.config import ModelConfig
 from diffusionret.models.factory import build_model
 from diffusionret.models.similarity import chunked_token_weights, length_buckets, token_weights, wti_similarity
-from helpers import padded_wti
+from helpers import random_mask, wti_problem
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +71,6 @@ def test_wti_permutation_equivariance(model, nt, nv, seed):
     torch.testing.assert_close(perm, base[pt][:, pv], atol=1e-6, rtol=0)
 
 
-def _random_mask(g, rows, length, kind):
-    """(rows, length) 0/1: ``prefix`` real lengths from 0 to L, or ``scattered`` valid positions anywhere;
-    row 0 is forced all-padded and row 1 full when there are enough rows (the two edge cases)."""
-    if kind == "prefix":
-        lengths = torch.randint(0, length + 1, (rows,), generator=g)
-        mask = (torch.arange(length)[None] < lengths[:, None]).long()
-    else:
-        mask = (torch.rand(rows, length, generator=g) < torch.rand(rows, 1, generator=g)).long()
-    if rows >= 3:
-        mask[0] = 0
-        mask[1] = 1
-    return mask
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 7), st.integers(1, 5), st.sampled_from([None, 1, 2, 3, 4]),
        st.sampled_from(["prefix", "scattered"]), st.sampled_from(["prefix", "scattered"]), st.booleans(),
@@ -92,12 +78,9 @@ def _random_mask(g, rows, length, kind):
 def test_bucketed_wti_equals_padded(model, nt, nv, length, frames, chunk, text_kind, video_kind, precomputed, seed):
     """Length bucketing (real tokens/frames, the zero floor applied to the maxima) gives the padded scores,
     for any masks: all-padded rows, full rows, L = 1, T = 1, valid positions anywhere."""
-    g = torch.Generator().manual_seed(seed)
-    tokens, video = torch.randn(nt, length, 64, generator=g), torch.randn(nv, frames, 64, generator=g)
-    tmask, vmask = _random_mask(g, nt, length, text_kind), _random_mask(g, nv, frames, video_kind)
+    tokens, tmask, video, vmask, fw, expected = wti_problem(model, nt, nv, length, frames, text_kind, video_kind,
+                                                            precomputed, seed)
     with torch.no_grad():
-        fw = model.frame_weights(video, vmask) if precomputed else None
-        expected = padded_wti(model, tokens, tmask, video, vmask)
         got = wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
                              frame_weights=fw, trim=True)
         padded = wti_similarity(model.text_weight_fc, model.video_weight_fc, tokens, tmask, video, vmask, chunk,
@@ -115,7 +98,7 @@ def test_length_buckets_cover_rows_once(rows, length, chunk, kind, seed):
     """Every row lands in exactly one bucket, which keeps all its valid positions (at least one, at
     most L) and marks the rows with padding for the zero floor."""
     g = torch.Generator().manual_seed(seed)
-    mask = _random_mask(g, rows, length, kind)
+    mask = random_mask(g, rows, length, kind)
     buckets = length_buckets(mask, chunk)
     seen = torch.cat([b.rows for b in buckets])
     assert sorted(seen.tolist()) == list(range(rows))
