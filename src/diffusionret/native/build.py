@@ -21,6 +21,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from diffusionret.config_utils import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "DIFFUSIONRET_NATIVE"
@@ -116,10 +118,7 @@ def load_library(source_name: str, fallback: str, directory: Path | None = None)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("native kernel %s unavailable (%s); %s", stem, exc, fallback)
         try:
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            tmp = failed.with_name(failed.name + f".{os.getpid()}.tmp")
-            tmp.write_text(str(exc))
-            os.replace(tmp, failed)
+            atomic_write_text(failed, str(exc))
         except OSError:
             pass
         return None
