@@ -14,17 +14,17 @@ from diffusionret.models.config import ModelConfig
 from diffusionret.models.denoiser import T2VDenoiser, V2TDenoiser
 from diffusionret.models.diffusionret import init_head_weights
 from diffusionret.models.factory import build_model
-from diffusionret.native import ddim as native
-from diffusionret.native import load_ddim_kernel
+from diffusionret.native import DdimKernel, load_ddim_kernel
+from diffusionret.native import build as native_build
 from diffusionret.retrieval import RerankConfig, Reranker
 from diffusionret.retrieval import reranker as reranker_module
 
 
 @pytest.fixture(scope="module")
-def kernel() -> native.DdimKernel:
+def kernel() -> DdimKernel:
     # CI's machines have a C compiler, so a missing one fails here rather than skipping the kernel's
     # tests (users without one get the PyTorch loop, which the fallback tests below cover).
-    assert native._compiler() is not None, "no C compiler (cc/gcc/clang) found: the native kernel cannot be tested"
+    assert native_build._compiler() is not None, "no C compiler (cc/gcc/clang) found: the native kernel cannot be tested"
     loaded = load_ddim_kernel()
     assert loaded is not None, "a C compiler exists but the kernel did not build (see the .failed note in the cache)"
     return loaded
@@ -136,7 +136,7 @@ def test_kernel_is_built_once_and_reused(kernel, tmp_path, monkeypatch):
 
 def test_failed_build_falls_back_and_is_not_retried(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(native_build.ENV_SWITCH, raising=False)
     assert load_ddim_kernel(tmp_path) is None
     assert "unavailable" in caplog.text and len(list(tmp_path.glob("*.failed"))) == 1
     calls = []
@@ -145,11 +145,11 @@ def test_failed_build_falls_back_and_is_not_retried(tmp_path, monkeypatch, caplo
 
 
 def test_kernel_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    monkeypatch.setenv(native_build.ENV_SWITCH, "0")
     assert load_ddim_kernel() is None
     model = build_model(ModelConfig.tiny(denoisers=True), generator=torch.Generator().manual_seed(0))
     assert not Reranker(model).native
-    monkeypatch.delenv(native.ENV_SWITCH)
+    monkeypatch.delenv(native_build.ENV_SWITCH)
     # Stochastic DDIM (eta > 0) always uses the PyTorch loop, which draws the step noise.
     assert not Reranker(model, RerankConfig(eta=0.5)).native
 

@@ -1,4 +1,4 @@
-"""The compiled DDIM re-ranking kernel (``ddim_rerank.c``): build, cache, load and call.
+"""The compiled DDIM re-ranking kernel (``ddim_rerank.c``): load and call.
 
 Built and cached by :mod:`diffusionret.native.build` (keyed by source, compiler and CPU) and loaded
 with :mod:`ctypes`, which releases the GIL during the call, so query rows can be split over threads.
@@ -14,10 +14,7 @@ from pathlib import Path
 
 import torch
 
-# ENV_SWITCH, cache_dir and _compiler are re-exported: callers and tests reach them through this module.
-from diffusionret.native.build import ENV_CACHE, ENV_SWITCH, _compiler, cache_dir, load_function
-
-__all__ = ["DdimKernel", "load_ddim_kernel", "SOURCE", "ENV_CACHE", "ENV_SWITCH", "cache_dir", "_compiler"]
+from diffusionret.native.build import load_function
 
 SOURCE = "ddim_rerank.c"
 
@@ -122,7 +119,7 @@ def load_ddim_kernel(directory: Path | None = None) -> DdimKernel | None:
     """The compiled kernel, building it on first use; None (logged) when it cannot be had.
 
     Args:
-        directory: where built libraries are kept (default :func:`cache_dir`).
+        directory: where built libraries are kept (default :func:`diffusionret.native.build.cache_dir`).
     """
     loaded = load_function(SOURCE, "diffusionret_ddim_rerank", _ARGTYPES, "re-ranking uses the PyTorch DDIM loop", directory)
     if loaded is None:
