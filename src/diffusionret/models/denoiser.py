@@ -144,7 +144,7 @@ class _DenoiserBase(nn.Module):
         if grid_rows is None:
             return torch.matmul(torch.relu(cand + per_query.unsqueeze(1)), last.weight[0]) + last.bias + w
         grid = torch.matmul(torch.relu(cand + per_query.unsqueeze(0)), last.weight[0])  # (M, B)
-        return grid.reshape(-1).index_select(0, grid_rows.reshape(-1)).view_as(w) + last.bias + w
+        return gather_rows(grid.reshape(-1), grid_rows) + last.bias + w
 
     @torch.no_grad()
     def step_tables(self, num_steps: int, *, value_rows: int | None = None) -> StepTables:
@@ -236,11 +236,11 @@ class T2VDenoiser(_DenoiserBase):
             logits_mbt = torch.matmul(video_emb, text_emb.T).transpose(1, 2) / self.temp  # (M, B, T)
             weights = torch.softmax(logits_mbt, dim=-1) * video_mask.unsqueeze(1).to(logits_mbt.dtype)
             grid_rows = _grid_rows(cand_idx, b)
-            vbar = torch.bmm(weights, video_emb).view(m * b, d).index_select(0, grid_rows.view(-1)).view(b, n, d)
+            vbar = gather_rows(torch.bmm(weights, video_emb).view(m * b, d), grid_rows)  # (B, N, D)
             frame_cols = torch.matmul(video_emb, w1_c.T)  # (M, T, 2D): W1_c of every frame, once
             cand = torch.bmm(weights, frame_cols)  # (M, B, 2D)
             if m > 1.5 * n:  # the decoder on the (M, B) grid would do much more than the N pairs need
-                cand = cand.view(m * b, 2 * d).index_select(0, grid_rows.view(-1)).view(b, n, 2 * d)
+                cand = gather_rows(cand.view(m * b, 2 * d), grid_rows)  # (B, N, 2D)
                 grid_rows = None
         e = self.embed_timestep(t)
         q = self.q_proj(text_emb + e)  # (B, D)
