@@ -1,4 +1,4 @@
-"""Build, cache and load the optional C kernels of this package (nothing here is required).
+"""Build, cache, load and call the optional C kernels of this package (nothing here is required).
 
 A kernel's C source is compiled once per source, compiler and CPU into a shared library under the
 user's cache directory (``$DIFFUSIONRET_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusionret`` or
@@ -18,8 +18,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from diffusionret.config_utils import atomic_write_text
 
@@ -146,3 +148,17 @@ def load_function(source_name: str, symbol: str, argtypes: list, fallback: str,
     function.argtypes = argtypes
     function.restype = ctypes.c_int
     return target, function
+
+
+def split_over_threads(call: Callable[[int, int], int], rows: int, threads: int) -> list[int]:
+    """``call(lo, hi)`` on contiguous blocks of ``rows`` rows, over up to ``threads`` threads.
+
+    A kernel's call releases the GIL (:mod:`ctypes`), so the blocks run in parallel; one thread
+    calls ``call(0, rows)`` directly. Returns the kernels' result codes, in block order.
+    """
+    threads = max(1, min(threads, rows))
+    if threads == 1:
+        return [call(0, rows)]
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(call, bounds[:-1], bounds[1:]))

@@ -8,13 +8,12 @@ with :mod:`ctypes`, which releases the GIL during the call, so query rows can be
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from diffusionret.native.build import load_function
+from diffusionret.native.build import load_function, split_over_threads
 
 SOURCE = "ddim_rerank.c"
 
@@ -93,8 +92,6 @@ class DdimKernel:
         out = torch.empty(b, n, dtype=torch.float32)
         if b == 0:
             return out
-        threads = max(1, min(threads, b))
-        bounds = [b * i // threads for i in range(threads + 1)]
 
         def run(lo: int, hi: int) -> int:
             # Pointers into rows lo..hi of the per-row tensors; banks and tables are shared.
@@ -105,12 +102,7 @@ class DdimKernel:
                                   float(out_b), *(_ptr(t) for t in coef), int(clip), _ptr(noise[lo:hi]),
                                   _ptr(out[lo:hi]))
 
-        if threads == 1:
-            codes = [run(0, b)]
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                codes = list(pool.map(run, bounds[:-1], bounds[1:]))
-        if any(codes):
+        if any(split_over_threads(run, b, threads)):
             raise MemoryError("the DDIM kernel could not allocate its scratch memory")
         return out
 

@@ -7,13 +7,12 @@ then reduces its score blocks with PyTorch ops, same numbers up to float roundin
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from diffusionret.native.build import load_function
+from diffusionret.native.build import load_function, split_over_threads
 
 SOURCE = "wti_reduce.c"
 
@@ -78,8 +77,7 @@ class WtiKernel:
         video_w = video_w.to(torch.float32).contiguous()
         text_floor, video_floor = _bytes(text_floor), _bytes(video_floor)
         # A thread per million scores at most: starting threads costs more than reducing a small block.
-        threads = max(1, min(threads, a, scores.numel() >> 20))
-        bounds = [a * i // threads for i in range(threads + 1)]
+        threads = min(threads, scores.numel() >> 20)
 
         def run(lo: int, hi: int) -> int:
             # Captions lo..hi: their offsets (absolute row numbers into scores) and output rows.
@@ -88,11 +86,7 @@ class WtiKernel:
                                   video_w.data_ptr(), video_floor.data_ptr(), out.data_ptr(), out.stride(0),
                                   out.shape[0], out.shape[1], rows[lo:].data_ptr(), cols.data_ptr())
 
-        if threads == 1:
-            codes = [run(0, a)]
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+        codes = split_over_threads(run, a, threads)
         if 2 in codes:
             raise ValueError(f"offsets must rise from 0 to at most {r} (the rows of scores) and out_rows/out_cols "
                              f"must lie inside out {tuple(out.shape)}")
