@@ -225,6 +225,18 @@ def shard_consistency(root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ hostile media corpus
+def segment_spans(root: Path) -> dict[str, list[tuple[float, float]]]:
+    """The catalogue's segments of the index at ``root``: file name -> ``[(start_s, end_s), ...]`` in order."""
+    from diffusionret.index import catalog
+
+    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
+        names = {r.id: Path(r.path).name for r in catalog.list_records(conn)}
+        out: dict[str, list[tuple[float, float]]] = {}
+        for vid, start, end in conn.execute("SELECT video_id, start_s, end_s FROM segments ORDER BY video_id, start_s"):
+            out.setdefault(names[vid], []).append((start, end))
+    return out
+
+
 def write_tiny_video(path, *, frames: int = 20, fps: int = 10, size: int = 32, fmt: str | None = None,
                      codec: str = "libx264", pts: list[int] | None = None):
     """A small real video (PyAV): frame ``i`` is a flat grey ``10 * i``; ``pts`` overrides the timestamps

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from helpers import (hostile_corpus, lying_duration_mkv, lying_duration_mp4, run_cli, save_tiny_model,
-                     slowed_decode, write_shot_video)
+                     segment_spans, slowed_decode, write_shot_video)
 from diffusionret.data.decode import probe_video
 from diffusionret.data.isolate import DecodeBudget
 from diffusionret.index import catalog
@@ -223,15 +223,6 @@ def test_a_timestamp_jump_is_a_clear_error_not_a_timeline_of_years(tmp_path: Pat
 
 
 # ------------------------------------------------------------------------------- bad input, per file
-def _spans(root: Path) -> dict[str, list[tuple[float, float]]]:
-    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
-        names = {r.id: Path(r.path).name for r in catalog.list_records(conn)}
-        out: dict[str, list[tuple[float, float]]] = {}
-        for vid, start, end in conn.execute("SELECT video_id, start_s, end_s FROM segments ORDER BY video_id, start_s"):
-            out.setdefault(names[vid], []).append((start, end))
-    return out
-
-
 def _check_rows(root: Path) -> VideoIndex:
     """Every row has a real frame and no zero feature where its mask is set; spans stay inside the video."""
     index = VideoIndex.load(root)
@@ -265,7 +256,7 @@ def test_bad_input_gives_sensible_segments_or_a_clear_error(tmp_path: Path, mode
     failures = {Path(p).name: error for p, error in report.failures}
     assert set(failures) == {"jump.mkv", "empty.mp4"} and report.added == 6, failures
     assert "frames run past 60 s" in failures["jump.mkv"] and "empty file" in failures["empty.mp4"]
-    spans = _spans(tmp_path / "idx")
+    spans = segment_spans(tmp_path / "idx")
     assert spans["short.mp4"] == [(0.0, pytest.approx(1.5))]
     assert spans["single.mp4"] == [(0.0, pytest.approx(0.04))]
     vfr_end = spans["vfr.mkv"][-1][1]  # the end of the last frame: 3.1 s
@@ -301,7 +292,7 @@ def test_hostile_corpus_with_segments_is_reported_per_file(tmp_path: Path, model
     for path in [*broken, jump]:
         assert f"failed: {path.resolve()}: " in result.stdout
     assert f"failed: {jump.resolve()}: its frames run past 24 h" in result.stdout
-    spans = _spans(root)
+    spans = segment_spans(root)
     assert set(spans) == {p.name for p in decodable}
     assert spans["lying_136_years.mkv"][-1][1] == pytest.approx(2.0, abs=0.11)
     assert f"failed: {(tmp_path / 'videos' / 'truncated.mkv').resolve()}: stream ends at" in result.stdout
@@ -324,7 +315,7 @@ def test_shots_through_index_build_and_update(tmp_path: Path, model_file: Path, 
     code, out, err = run_cli(["index", "build", "--model", str(model_file), "--videos", str(videos), "--out",
                               str(root), "--frames", "4", "--fps", "2", "--segments", "shots", "--window", "4", *base])
     assert code == 0 and out.startswith("2 videos indexed: 2 added"), (out, err)
-    spans = _spans(root)
+    spans = segment_spans(root)
     frame = 0.1
     assert len(spans["cuts.mp4"]) == 4, spans
     for (start, end), (a, b) in zip(spans["cuts.mp4"], [(0, 2.5), (2.5, 6.0), (6.0, 9.5), (9.5, 13.0)], strict=True):
@@ -338,7 +329,7 @@ def test_shots_through_index_build_and_update(tmp_path: Path, model_file: Path, 
     write_shot_video(videos / "new.mp4", [30], 50)  # added: 3 s and 2 s
     code, out, err = run_cli(["index", "update", str(root), *base])
     assert code == 0 and out.startswith("3 videos indexed: 1 added, 1 re-encoded, 0 removed, 1 unchanged"), (out, err)
-    spans = _spans(root)
+    spans = segment_spans(root)
     for (start, end), (a, b) in zip(spans["cuts.mp4"], [(0, 4.0), (4.0, 8.0), (8.0, 12.0)], strict=True):
         assert abs(start - a) <= frame + 1e-6 and abs(end - b) <= frame + 1e-6, spans["cuts.mp4"]
     assert len(spans["new.mp4"]) == 2 and abs(spans["new.mp4"][0][1] - 3.0) <= frame + 1e-6
@@ -370,7 +361,7 @@ def test_thousands_of_shot_cuts_collapse_into_sensible_segments(tmp_path: Path, 
     finally:
         encoder.close()
     assert report.added == 1 and report.failed == 0
-    spans = _spans(tmp_path / "idx")["flicker.mp4"]
+    spans = segment_spans(tmp_path / "idx")["flicker.mp4"]
     assert spans[0][0] == 0.0 and spans[-1][1] == pytest.approx(40.0)
     assert all(1.0 - 1e-6 <= end - start <= 4.0 + 1e-6 for start, end in spans), spans  # min_shot .. window
     assert len(spans) <= 40

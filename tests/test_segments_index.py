@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import (assert_same_index, make_videos, run_cli, run_two_ranks, save_tiny_model,
-                     shard_consistency, write_tiny_video)
+                     segment_spans, shard_consistency, write_tiny_video)
 from diffusionret.index import catalog
 from diffusionret.index.builder import SegmentsError, build_index, check_segments, update_index
 from diffusionret.index.features import ExtractionFailure, SegmentedFeatures
@@ -71,15 +71,6 @@ def _assert_same_rows(a: Path, b: Path) -> None:
         assert x[:3] == y[:3] and torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
 
 
-def _segments(root: Path) -> dict[str, list[tuple[float, float]]]:
-    with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
-        paths = {r.id: Path(r.path).name for r in catalog.list_records(conn)}
-        out: dict[str, list[tuple[float, float]]] = {}
-        for vid, start, end in conn.execute("SELECT video_id, start_s, end_s FROM segments ORDER BY video_id, start_s"):
-            out.setdefault(paths[vid], []).append((start, end))
-    return out
-
-
 def _info(root: Path) -> dict:
     with contextlib.closing(catalog.connect(root, readonly=True)) as conn:
         return catalog.read_info(conn)
@@ -125,7 +116,7 @@ def test_fixed_windows_are_catalogued_loaded_and_compacted(tmp_path: Path) -> No
     fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
     report = build_index(root, videos, SegmentingExtractor(), shard_size=4, progress=False, segments=fixed)
     assert report.added == 2 and report.total == 2
-    assert _segments(root) == {"long.mp4": [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (6.0, 10.0)],
+    assert segment_spans(root) == {"long.mp4": [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (6.0, 10.0)],
                                "short.mp4": [(0.0, 3.0)]}
     assert _info(root)["segments"] == fixed.resolved(4.0).to_dict()
     index = VideoIndex.load(root)
@@ -146,7 +137,7 @@ def test_fixed_windows_are_catalogued_loaded_and_compacted(tmp_path: Path) -> No
     counting = SegmentingExtractor()
     report = update_index(root, counting, shard_size=4, progress=False)
     assert counting.seen == [str(long.resolve())] and (report.replaced, report.unchanged) == (1, 1)
-    assert _segments(root) == {"long.mp4": [(0.0, 4.0), (2.0, 6.0)], "short.mp4": [(0.0, 3.0)]}
+    assert segment_spans(root) == {"long.mp4": [(0.0, 4.0), (2.0, 6.0)], "short.mp4": [(0.0, 3.0)]}
     shard_consistency(root)
     fresh = tmp_path / "fresh"
     build_index(fresh, videos, SegmentingExtractor(), shard_size=4, progress=False, segments=fixed)
@@ -156,7 +147,7 @@ def test_fixed_windows_are_catalogued_loaded_and_compacted(tmp_path: Path) -> No
     # A removed file takes its segments along.
     long.unlink()
     update_index(root, SegmentingExtractor(), shard_size=4, progress=False)
-    assert _segments(root) == {"short.mp4": [(0.0, 3.0)]} and len(VideoIndex.load(root)) == 1
+    assert segment_spans(root) == {"short.mp4": [(0.0, 3.0)]} and len(VideoIndex.load(root)) == 1
     shard_consistency(root)
 
 
@@ -203,7 +194,7 @@ def test_cli_fixed_segments_reach_search_json(tmp_path: Path, tiny_model: Path) 
                               "--out", str(root), "--frames", "2", "--segments", "fixed", *base])
     assert code == 0 and out.startswith("2 videos indexed: 2 added"), err
     assert _info(root)["segments"]["window"] == pytest.approx(2.0)
-    spans = _segments(root)
+    spans = segment_spans(root)
     assert spans["long.mp4"] == [(0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0), (4.0, 6.0)]
     assert spans["clip.mp4"] == [(0.0, 1.5)]
     code, out, err = run_cli(["index", "info", str(root), "--json"])
@@ -311,7 +302,7 @@ def test_multi_rank_build_cuts_every_ranks_videos_as_recorded(tmp_path: Path) ->
                                                   segments=fixed))
     build_index(tmp_path / "single", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
                 segments=fixed)
-    assert _segments(tmp_path / "ranks") == _segments(tmp_path / "single")
+    assert segment_spans(tmp_path / "ranks") == segment_spans(tmp_path / "single")
     _assert_same_rows(tmp_path / "ranks", tmp_path / "single")
     shard_consistency(tmp_path / "ranks")
 
@@ -340,6 +331,6 @@ def test_a_segmented_shard_written_but_not_registered_is_adopted_on_resume(tmp_p
     assert resume.seen == []  # both shards were on disk: the orphan's segments were registered, not re-encoded
     build_index(tmp_path / "clean", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
                 segments=fixed)
-    assert _segments(tmp_path / "idx") == _segments(tmp_path / "clean")
+    assert segment_spans(tmp_path / "idx") == segment_spans(tmp_path / "clean")
     _assert_same_rows(tmp_path / "idx", tmp_path / "clean")
     shard_consistency(tmp_path / "idx")
