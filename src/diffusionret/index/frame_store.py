@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusionret.index.shards import MappedShard, ShardFormatError, map_shard
+from diffusionret.index.shards import MappedShard, ShardFormatError, map_shard, read_pooled
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,22 @@ class MappedFrames:
         parts = [np.zeros((len(local), t), np.float32) if self._weights_np[s] is None else self._weights_np[s][local]
                  for s, local in groups]
         return self._assemble(order, parts, (t,), np.float32), self.weights_known[rows]
+
+    def read_pooled(self, dtype: torch.dtype) -> Tensor:
+        """(N, D) pooled embeddings of every row in ``dtype``, read shard by shard (one shard's float32
+        tensor in flight at a time, so an fp16 copy never needs the fp32 whole in RAM)."""
+        d = self._frame_shape[1]
+        pooled = torch.empty(len(self), d, dtype=dtype)
+        # One sort groups the rows by shard (a scan of every row per shard would be quadratic-ish:
+        # a 1M-row index built with 256-row shards has ~3,900 of them).
+        order, groups = self._split(torch.arange(len(self)))
+        start = 0
+        for shard, local in groups:
+            stop = start + len(local)
+            values = read_pooled(self.shards[shard], d)[torch.from_numpy(local)]
+            pooled[torch.from_numpy(order[start:stop])] = values.to(dtype)
+            start = stop
+        return pooled
 
     def describe(self) -> dict[str, object]:
         return {"frames": "memory-mapped", "shards": len(self.shards)}

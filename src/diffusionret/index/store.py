@@ -54,7 +54,7 @@ from diffusionret.index.first_stage import (
 )
 from diffusionret.index.identity import ModelMismatchError
 from diffusionret.index.frame_store import FrameStore, InMemoryFrames, MappedFrames
-from diffusionret.index.shards import SHARD_DIR, read_pooled
+from diffusionret.index.shards import SHARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class VideoIndex:
         store = MappedFrames.open(root / SHARD_DIR, [(r.shard, r.row) for r in records], sizes,
                                   num_frames=t, embed_dim=d)
         half = pooled_precision == "float16" or (pooled_precision == "auto" and n >= LARGE_INDEX_VIDEOS)
-        pooled = _read_pooled(store, d, torch.float16 if half else torch.float32)
+        pooled = store.read_pooled(torch.float16 if half else torch.float32)
         known = store.weights_known
         logger.info("loaded index %s: %d rows, %d frames x %d dims memory-mapped from %d shards, pooled %s in "
                     "memory, stored frame weights for %d", root, n, t, d, len(store.shards),
@@ -398,7 +398,7 @@ class VideoIndex:
         if self._pooled_full is None:
             if isinstance(self.frame_store, MappedFrames):  # the shards keep the float32 originals
                 logger.info("reading float32 pooled embeddings of %d rows for an exact float32 first stage", len(self))
-                self._pooled_full = _read_pooled(self.frame_store, self.info.embed_dim, torch.float32)
+                self._pooled_full = self.frame_store.read_pooled(torch.float32)
             else:
                 self._pooled_full = self.pooled.float()
         return self._pooled_full
@@ -459,20 +459,6 @@ class VideoIndex:
             return torch.zeros(queries.shape[0], 0), torch.zeros(queries.shape[0], 0, dtype=torch.long)
         stage = stage or self.first_stage or self.configure_first_stage()
         return stage.search(queries, k)
-
-
-def _read_pooled(store: MappedFrames, embed_dim: int, dtype: torch.dtype) -> Tensor:
-    """(N, D) pooled embeddings of every row of ``store`` in ``dtype``, read shard by shard (one shard's
-    float32 tensor in flight at a time, so an fp16 copy never needs the fp32 whole in RAM)."""
-    pooled = torch.empty(len(store), embed_dim, dtype=dtype)
-    # One sort groups the rows by shard (a scan of every row per shard would be quadratic-ish:
-    # a 1M-row index built with 256-row shards has ~3,900 of them).
-    order = torch.argsort(store.shard_of, stable=True)
-    counts = torch.bincount(store.shard_of.long(), minlength=len(store.shards)).tolist()
-    for shard, positions in zip(store.shards, order.split(counts), strict=True):
-        if positions.numel():
-            pooled[positions] = read_pooled(shard, embed_dim)[store.local_row[positions]].to(dtype)
-    return pooled
 
 
 def _registered_only(root: Path, records: list[VideoRecord], registered: set[str]) -> list[VideoRecord]:
