@@ -192,6 +192,24 @@ def causal_key_padding_mask(text_mask: torch.Tensor, heads: int, dtype: torch.dt
     return mask.repeat_interleave(heads, dim=0)
 
 
+def _text_tower(clip: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """The text transformer, ``ln_final`` and ``text_projection`` of embedded tokens.
+
+    Args:
+        x: (B, L, W) token + positional embeddings in the tower's dtype; attn_mask: its additive mask.
+    Returns:
+        (B, L, D) float32.
+    """
+    if not getattr(clip.transformer, "batch_first", True):
+        x = clip.transformer(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+    else:
+        x = clip.transformer(x, attn_mask=attn_mask)
+    x = clip.ln_final(x)
+    proj = clip.text_projection
+    hidden = proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
+    return hidden.float()
+
+
 def encode_text_tokens(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level text features of an open_clip ``CLIP``.
 
@@ -208,16 +226,7 @@ def encode_text_tokens(clip: nn.Module, text_ids: torch.Tensor, text_mask: torch
     dtype = clip.token_embedding.weight.dtype
     x = clip.token_embedding(text_ids).to(dtype) + clip.positional_embedding[:length].to(dtype)
     heads = clip.transformer.resblocks[0].attn.num_heads
-    mask = causal_key_padding_mask(text_mask, heads, x.dtype)
-    if not getattr(clip.transformer, "batch_first", True):
-        x = x.transpose(0, 1)
-        x = clip.transformer(x, attn_mask=mask).transpose(0, 1)
-    else:
-        x = clip.transformer(x, attn_mask=mask)
-    x = clip.ln_final(x)
-    proj = clip.text_projection
-    hidden = proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
-    hidden = hidden.float()
+    hidden = _text_tower(clip, x, causal_key_padding_mask(text_mask, heads, x.dtype))
     eot = text_ids.argmax(dim=-1)
     cls = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot]
     return hidden, cls
@@ -275,14 +284,7 @@ def encode_text_packed(clip: nn.Module, text_ids: torch.Tensor,
     dtype = clip.token_embedding.weight.dtype
     x = (clip.token_embedding(ids).to(dtype) + clip.positional_embedding[cols].to(dtype)).unsqueeze(0)  # (1, S, W)
     heads = clip.transformer.resblocks[0].attn.num_heads
-    mask = packed_attention_mask(keep, valid, heads, x.dtype)
-    if not getattr(clip.transformer, "batch_first", True):
-        x = clip.transformer(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-    else:
-        x = clip.transformer(x, attn_mask=mask)
-    x = clip.ln_final(x[0])
-    proj = clip.text_projection
-    hidden = (proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)).float()  # (S, D)
+    hidden = _text_tower(clip, x, packed_attention_mask(keep, valid, heads, x.dtype))[0]  # (S, D)
     tokens = hidden.new_zeros(batch, length, hidden.shape[-1])
     tokens[rows, cols] = hidden
     eot = text_ids.argmax(dim=-1)
