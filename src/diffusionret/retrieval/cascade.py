@@ -180,9 +180,14 @@ def encode_queries(model: nn.Module, queries: Sequence[str], max_words: int, *, 
 PACK_POSITIONS = 256
 
 
+def _kept_positions(mask: Tensor) -> Tensor:
+    """(B,) positions each text of ``mask`` (B, L) keeps when packed: its real ones plus one, at most L."""
+    return torch.clamp(mask.sum(dim=1) + 1, max=mask.shape[1])
+
+
 def _pack_groups(mask: Tensor) -> list[slice]:
     """Consecutive rows of ``mask`` (B, L) whose kept positions (real + 1) fit :data:`PACK_POSITIONS` together."""
-    keep = torch.clamp(mask.sum(dim=1) + 1, max=mask.shape[1]).tolist()
+    keep = _kept_positions(mask).tolist()
     groups, start, used = [], 0, 0
     for row, n in enumerate(keep):
         if row > start and used + n > PACK_POSITIONS:
@@ -199,7 +204,7 @@ def _packing_saves(mask: Tensor) -> bool:
     Packed, each text keeps its real positions plus one; their attention spans the whole packed
     sequence (masked), which costs little beside the linear layers at search batch sizes.
     """
-    keep = torch.clamp(mask.sum(dim=1) + 1, max=mask.shape[1])
+    keep = _kept_positions(mask)
     return mask.shape[0] > 1 and int(keep.sum()) < mask.numel()
 
 
