@@ -33,6 +33,11 @@ _ST = {torch.float32: "F32", torch.float16: "F16", torch.float64: "F64", torch.i
 _TORCH = {name: dtype for dtype, name in _ST.items()}
 
 
+def item_size(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name (one of the dtypes feature files use, e.g. ``"F16"``)."""
+    return np.dtype(_NP[dtype]).itemsize
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str], int]:
     """``(tensors, metadata, data_start)`` of a ``.safetensors`` file.
 

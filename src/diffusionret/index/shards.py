@@ -33,7 +33,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from diffusionret.config_utils import atomic_write_bytes
-from diffusionret.safetensors_mmap import mmap_from_header, read_header
+from diffusionret.safetensors_mmap import item_size, mmap_from_header, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ _FEATURE_SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pooled": (("F32",), ("D",)),
     "frame_weights": (("F32",), ("T",)),
 }
-_ITEM_SIZE = {"F32": 4, "F16": 2, "U8": 1, "BOOL": 1}
 
 
 class ShardFormatError(ValueError):
@@ -263,10 +262,8 @@ def validate_shard(path: Path, *, num_rows: int, num_frames: int, embed_dim: int
     """
     try:
         header, metadata, data_start = read_header(path)
-    except ValueError as exc:
+    except ValueError as exc:  # read_header names the file and what is wrong
         raise ShardFormatError(f"index shard {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ShardFormatError(f"index shard {path}: unreadable header: {exc}") from exc
     if metadata.get("format") != _SHARD_FORMAT:
         raise ShardFormatError(f"index shard {path}: not a diffusionret index shard "
                                f"(format {metadata.get('format')!r}, expected {_SHARD_FORMAT!r})")
@@ -288,9 +285,9 @@ def validate_shard(path: Path, *, num_rows: int, num_frames: int, embed_dim: int
         if shape != expected:
             raise ShardFormatError(f"index shard {path}: {name!r} has shape {shape}; the catalogue expects "
                                    f"{expected} ({num_rows} rows, T={num_frames}, D={embed_dim})")
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * _ITEM_SIZE[dtype]:
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * item_size(dtype):
             raise ShardFormatError(f"index shard {path}: {name!r} spans bytes [{begin}, {end}), which is not "
-                                   f"the {math.prod(shape) * _ITEM_SIZE[dtype]} bytes its shape {shape} needs")
+                                   f"the {math.prod(shape) * item_size(dtype)} bytes its shape {shape} needs")
     return header, data_start
 
 
