@@ -50,7 +50,7 @@ _MADV_DONTNEED = 4
 # ------------------------------------------------------------------------------------ the index
 def build_scale_index(n: int, root: Path, shard_size: int, features_cache: Path) -> Path:
     """A real index folder of ``n`` synthetic rows in ``root`` (written once; ``root/done`` marks it complete)."""
-    from bench_search import feature_files, frame_weights, search_model
+    from bench_search import feature_files, frame_weights, mapped_features, search_model
 
     from diffusionret.index import catalog
     from diffusionret.index.ann_build import save_ann
@@ -68,10 +68,7 @@ def build_scale_index(n: int, root: Path, shard_size: int, features_cache: Path)
     model = search_model(d, 12)
     model_id = model_fingerprint(model)
     folder = feature_files(n, t, d, features_cache)
-    frames = torch.from_file(str(folder / "frames.f16"), shared=False, size=n * t * d,
-                             dtype=torch.float16).view(n, t, d)
-    mask = torch.from_file(str(folder / "mask.u8"), shared=False, size=n * t, dtype=torch.uint8).view(n, t).bool()
-    pooled = torch.from_file(str(folder / "pooled.f32"), shared=False, size=n * d, dtype=torch.float32).view(n, d)
+    frames, mask, pooled = mapped_features(folder, n, t, d)
     weights = frame_weights(model, model_id, folder, frames, mask)
     print(f"writing a {n}-row index into {root} ({shard_size} rows per shard) ...", flush=True)
     start = time.perf_counter()

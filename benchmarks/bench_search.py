@@ -135,6 +135,16 @@ def feature_files(n: int, frames: int, dim: int, cache: Path, seed: int = 0) -> 
     return folder
 
 
+def mapped_features(folder: Path, n: int, frames: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The files of :func:`feature_files`: frames (n, T, D) float16 and pooled (n, D) float32 memory-mapped
+    (copy-on-write), mask (n, T) bool in RAM."""
+    video = torch.from_file(str(folder / "frames.f16"), shared=False, size=n * frames * dim,
+                            dtype=torch.float16).view(n, frames, dim)
+    mask = torch.from_file(str(folder / "mask.u8"), shared=False, size=n * frames, dtype=torch.uint8)
+    pooled = torch.from_file(str(folder / "pooled.f32"), shared=False, size=n * dim, dtype=torch.float32)
+    return video, mask.view(n, frames).bool(), pooled.view(n, dim)
+
+
 def synthetic_index(n: int, frames: int, dim: int, model: DiffusionRet, model_id: str, cache: Path,
                     mmap_above: int) -> VideoIndex:
     """A :class:`VideoIndex` of ``n`` synthetic videos with stored frame weights.
@@ -142,19 +152,15 @@ def synthetic_index(n: int, frames: int, dim: int, model: DiffusionRet, model_id
     The frame features are memory-mapped above ``mmap_above`` videos.
     """
     folder = feature_files(n, frames, dim, cache)
-    mapped = torch.from_file(str(folder / "frames.f16"), shared=False, size=n * frames * dim,
-                             dtype=torch.float16).view(n, frames, dim)
+    mapped, mask, pooled = mapped_features(folder, n, frames, dim)
     video = mapped if n > mmap_above else mapped.clone()
-    mask = torch.from_file(str(folder / "mask.u8"), shared=False, size=n * frames, dtype=torch.uint8)
-    mask = mask.view(n, frames).bool().clone()
-    pooled = torch.from_file(str(folder / "pooled.f32"), shared=False, size=n * dim, dtype=torch.float32)
     info = IndexInfo(model_id=model_id, model_config={"synthetic": True}, model_path=None, settings={"synthetic": True},
                      num_frames=frames, embed_dim=dim)
     records = [VideoRecord(id=f"{i:016x}", path=f"/synthetic/videos/{i:07d}.mp4", size=1_000_000, mtime_ns=0,
                            duration=30.0, width=320, height=240, num_frames=frames, shard="synthetic.safetensors", row=i)
                for i in range(n)]
     weights = frame_weights(model, model_id, folder, video, mask)
-    return VideoIndex(folder, info, records, video, mask, pooled.view(n, dim).clone(), frame_weights=weights)
+    return VideoIndex(folder, info, records, video, mask, pooled.clone(), frame_weights=weights)
 
 
 def frame_weights(model: DiffusionRet, model_id: str, folder: Path, video: torch.Tensor,
