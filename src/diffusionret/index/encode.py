@@ -17,7 +17,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -136,14 +136,8 @@ class ModelVideoEncoder:
         with it: a decode error, any other exception, the time or memory budget, a decoder crash.
         """
         requests = [DecodeRequest(str(p), self.fps, self.max_frames, self.image_size, self.sampling) for p in paths]
-        batch: list[_Decoded | ExtractionFailure] = []
-        for path, result in zip(paths, self._pool.map(requests), strict=True):
-            batch.append(self._prepare(Path(path), result))
-            if len(batch) == self.batch_size:
-                yield from self._encode(batch)
-                batch = []
-        if batch:
-            yield from self._encode(batch)
+        yield from self._in_batches(self._prepare(Path(path), result)
+                                    for path, result in zip(paths, self._pool.map(requests), strict=True))
 
     def extract_segments(self, paths: Sequence[Path],
                          config: SegmentConfig) -> Iterator[SegmentedFeatures | ExtractionFailure]:
@@ -171,20 +165,19 @@ class ModelVideoEncoder:
             requests = [SegmentRequest(DecodeRequest(str(p), self.fps, self.max_frames, self.image_size, self.sampling),
                                        config, str(Path(scratch) / str(i)), max_duration=self.max_timeline_s)
                         for i, p in enumerate(paths)]
-            batch: list[_Decoded | SegmentedFeatures | ExtractionFailure] = []
-            for path, request, decoded in zip(paths, requests, self._pool.map(requests), strict=True):
-                try:
-                    if isinstance(decoded, DecodedTimeline):
-                        batch.append(self._segment(decoded))
-                    else:
-                        batch.append(self._prepare(Path(path), decoded))
-                finally:
-                    shutil.rmtree(request.workdir, ignore_errors=True)  # whatever the worker got to write
-                if len(batch) == self.batch_size:
-                    yield from self._encode(batch)
-                    batch = []
-            if batch:
-                yield from self._encode(batch)
+
+            def prepared() -> Iterator[_Decoded | SegmentedFeatures | ExtractionFailure]:
+                for path, request, decoded in zip(paths, requests, self._pool.map(requests), strict=True):
+                    try:
+                        if isinstance(decoded, DecodedTimeline):
+                            item = self._segment(decoded)
+                        else:
+                            item = self._prepare(Path(path), decoded)
+                    finally:
+                        shutil.rmtree(request.workdir, ignore_errors=True)  # whatever the worker got to write
+                    yield item
+
+            yield from self._in_batches(prepared())
 
     def _segment(self, decoded: DecodedTimeline) -> SegmentedFeatures | ExtractionFailure:
         """Encode a worker-decoded timeline: image tower per frame, temporal module per planned segment."""
@@ -229,6 +222,18 @@ class ModelVideoEncoder:
         frames[:n] = clip
         mask = torch.arange(self.max_frames) < n
         return _Decoded(frames, mask, result.duration, result.width, result.height, result.thumbnail)
+
+    def _in_batches(self, items: Iterable[_Decoded | SegmentedFeatures | ExtractionFailure],
+                    ) -> Iterator[VideoFeatures | SegmentedFeatures | ExtractionFailure]:
+        """:meth:`_encode` ``items`` ``batch_size`` at a time, as they come; one result per item, in order."""
+        batch: list[_Decoded | SegmentedFeatures | ExtractionFailure] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from self._encode(batch)
+                batch = []
+        if batch:
+            yield from self._encode(batch)
 
     @torch.no_grad()
     def _encode(self, batch: Sequence[_Decoded | SegmentedFeatures | ExtractionFailure],
