@@ -161,13 +161,20 @@ class TimedSearch:
         return list(queries)
 
 
+def timed_batcher(duration: float = 1.0, max_batch: int = 8,
+                  regroup_s: float = 0.02) -> tuple[FakeTime, TimedSearch, SearchBatcher]:
+    """A manually started batcher on a fake clock whose every batch takes ``duration`` seconds."""
+    fake = FakeTime()
+    search = TimedSearch(fake, duration=duration)
+    batcher = SearchBatcher(search, BatchConfig(max_batch=max_batch, max_wait_s=0.0, regroup_s=regroup_s),
+                            clock=fake.clock, wait=fake.wait, start="manual")
+    return fake, search, batcher
+
+
 def test_the_answered_requests_coming_back_join_the_queued_ones() -> None:
     # A batch of 2 ran 1 s while "c" queued; its two clients send their next searches 4 ms after
     # the answers: the next batch waits for them instead of running "c" alone (a half batch).
-    fake = FakeTime()
-    search = TimedSearch(fake, duration=1.0)
-    batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.0, regroup_s=0.02), clock=fake.clock,
-                            wait=fake.wait, start="manual")
+    fake, search, batcher = timed_batcher()
     first = [batcher.submit(q, 1) for q in "ab"]
     returning: list = []
     queued_while_running: list = []
@@ -198,10 +205,7 @@ def test_the_answered_requests_coming_back_join_the_queued_ones() -> None:
 
 def test_a_regrouping_wait_is_bounded_by_regroup_s_and_a_share_of_the_batch_time() -> None:
     for duration, bound in ((1.0, 0.02), (0.04, 0.04 * REGROUP_FRACTION)):
-        fake = FakeTime()
-        search = TimedSearch(fake, duration=duration)
-        batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.0, regroup_s=0.02), clock=fake.clock,
-                                wait=fake.wait, start="manual")
+        fake, search, batcher = timed_batcher(duration)
         first = [batcher.submit(q, 1) for q in "ab"]
         batcher.start()
         assert [f.result(timeout=30) for f in first] == ["a", "b"]
@@ -216,10 +220,7 @@ def test_a_regrouping_wait_is_bounded_by_regroup_s_and_a_share_of_the_batch_time
 
 def test_a_lone_client_is_not_delayed_by_regrouping() -> None:
     # Concurrency 1: a batch of one answered, its client comes back after 3 ms and runs at once.
-    fake = FakeTime()
-    search = TimedSearch(fake, duration=1.0)
-    batcher = SearchBatcher(search, BatchConfig(max_batch=8, max_wait_s=0.0, regroup_s=0.02), clock=fake.clock,
-                            wait=fake.wait, start="manual")
+    fake, search, batcher = timed_batcher()
     futures = [batcher.submit("a", 1)]
 
     def wait(condition: threading.Condition, timeout: float | None) -> None:
@@ -243,10 +244,7 @@ def test_a_lone_client_is_not_delayed_by_regrouping() -> None:
 
 def test_regrouping_takes_a_full_queue_at_once_and_can_be_turned_off() -> None:
     for regroup_s in (0.02, 0.0):
-        fake = FakeTime()
-        search = TimedSearch(fake, duration=1.0)
-        batcher = SearchBatcher(search, BatchConfig(max_batch=2, max_wait_s=0.0, regroup_s=regroup_s),
-                                clock=fake.clock, wait=fake.wait, start="manual")
+        fake, search, batcher = timed_batcher(max_batch=2, regroup_s=regroup_s)
         futures = [batcher.submit(q, 1) for q in "abcde"]
         batcher.start()
         assert [f.result(timeout=30) for f in futures] == list("abcde")
