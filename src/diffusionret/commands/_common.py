@@ -86,6 +86,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a float above 0 (NaN refused)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def add_search_options(parser: argparse.ArgumentParser) -> None:
     """Model and cascade options shared by ``search`` and ``serve``."""
     parser.add_argument("--model", help="model checkpoint (default: the one recorded in the index)")

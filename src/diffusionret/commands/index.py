@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from diffusionret.commands._common import user_errors
+from diffusionret.commands._common import positive_float, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "it, a run whose sources lost many videos, e.g. an unmounted disk, changes nothing)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="decode again the files that failed before (default: skipped until they change)")
-    parser.add_argument("--decode-timeout", type=_positive, default=120.0, metavar="SECONDS",
+    parser.add_argument("--decode-timeout", type=positive_float, default=120.0, metavar="SECONDS",
                         help="time budget to decode one video; a decoder that takes longer is killed and the file "
                              "recorded as failed. A segmented video's whole timeline may take longer while it "
                              "progresses: it is killed after this long without progress, or when it falls below "
                              "--decode-min-speed (default: 120)")
-    parser.add_argument("--decode-min-speed", type=_positive, default=1.0, metavar="X",
+    parser.add_argument("--decode-min-speed", type=positive_float, default=1.0, metavar="X",
                         help="slowest decoding of a segmented video's timeline, in seconds of video per second: "
                              "after --decode-timeout + duration decoded / X seconds it is killed (default: 1, real "
                              "time)")
@@ -129,13 +129,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="IVF clusters (default: the power of two nearest sqrt(videos), 1024 at 1M)")
     parser.add_argument("--pq-m", type=int, default=None, metavar="M",
                         help="PQ sub-quantisers, a divisor of the embedding dimension (default: D/2, 256 at D=512)")
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _ann_config(args: argparse.Namespace) -> Any:
