@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch-max-size", type=int, default=16)
     parser.add_argument("--batch-max-wait-ms", type=float, default=0.0)
     parser.add_argument("--batch-regroup-ms", type=float, default=20.0)
+    parser.add_argument("--batch-split", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--search-timeout", type=float, default=60.0)
     parser.add_argument("--mmap-above", type=int, default=200_000)
     parser.add_argument("--cache", type=Path, default=CACHE_DIR / "search")
@@ -57,7 +58,7 @@ def main() -> None:
     app = create_app(searcher, ServeConfig(max_pending=args.max_pending, workers=args.workers,
                                            search_timeout_s=args.search_timeout, batch_max_size=args.batch_max_size,
                                            batch_max_wait_ms=args.batch_max_wait_ms,
-                                           batch_regroup_ms=args.batch_regroup_ms))
+                                           batch_regroup_ms=args.batch_regroup_ms, batch_split=args.batch_split))
     print(f"serving {len(index)} synthetic videos ({searcher.first_stage.describe()}) on port {args.port}", flush=True)
     uvicorn.Server(uvicorn_config(app, "127.0.0.1", args.port, log_level="warning", access_log=False)).run()
 

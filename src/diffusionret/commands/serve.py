@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="after a batch, wait up to this long (and at most a quarter of the batch's time) for "
                              "the clients it answered to send their next searches, so that they join the queued "
                              "ones in one batch; a lone client is never delayed (default: 20; 0: off)")
+    parser.add_argument("--batch-split", action=argparse.BooleanOptionalAction, default=True,
+                        help="with several --workers, run one batch at a time split across them, so that its "
+                             "clients are answered together (default); --no-batch-split: one batch per worker")
     parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="close connections that send no complete request headers this long (default: 10)")
     parser.add_argument("--keep-alive", type=int, default=5, metavar="SECONDS",
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                                            docs=args.docs, search_timeout_s=args.search_timeout,
                                            batch_max_size=args.batch_max_size,
                                            batch_max_wait_ms=args.batch_max_wait_ms,
-                                           batch_regroup_ms=args.batch_regroup_ms))
+                                           batch_regroup_ms=args.batch_regroup_ms, batch_split=args.batch_split))
     logger.info("serving %d videos on http://%s:%d/ (%d torch threads per search, %d workers)", len(searcher.index),
                 args.host, args.port, torch.get_num_threads(), args.workers)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="warning", access_log=False)).run()

@@ -137,6 +137,8 @@ class ServeConfig:
         batch_regroup_ms: after a batch, the longest wait for the clients it answered to send their
             next searches, so that they join the queued ones in one batch (0: off; never delays
             a lone client; :mod:`diffusionret.serve.batcher`).
+        batch_split: with several workers, run one batch at a time split across them (default) instead
+            of one batch per worker (:mod:`diffusionret.serve.batcher`).
         show_paths: answer absolute file and model paths (default: relative to the index's sources).
         docs: serve the interactive ``/docs`` page (it loads scripts from a CDN).
     """
@@ -156,6 +158,7 @@ class ServeConfig:
     batch_max_size: int = 16
     batch_max_wait_ms: float = 0.0
     batch_regroup_ms: float = 20.0
+    batch_split: bool = True
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -279,7 +282,7 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
         # Through the backend at each batch: a reloading backend runs every batch on one snapshot.
         search_batch = getattr(backend, "search_batch", None) or loop_search_batch(backend.search)
         batcher = SearchBatcher(search_batch, BatchConfig(config.batch_max_size, config.batch_max_wait_ms / 1000.0,
-                                                           config.batch_regroup_ms / 1000.0),
+                                                           config.batch_regroup_ms / 1000.0, config.batch_split),
                                 workers=config.workers, start="on_submit")
     gate = InferenceGate(config.workers, config.max_pending, config.search_timeout_s, batcher)
 
@@ -464,7 +467,8 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
         if batcher is not None:
             batching = {"max_size": batcher.config.max_batch, "max_wait_ms": batcher.config.max_wait_s * 1000.0,
                         "regroup_ms": batcher.config.regroup_s * 1000.0, "batches": batcher.batches,
-                        "queries": batcher.batched_queries}
+                        "queries": batcher.batched_queries, "workers": batcher.workers,
+                        "split": batcher.config.split}
         return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars, "batching": batching}
 
 

@@ -18,6 +18,14 @@ batch ends, the worker waits up to ``regroup_s`` (and at most a quarter of that 
 for as many requests as the batch answered plus those queued, up to ``max_batch``; it stops as
 soon as they are there, and meanwhile other idle workers leave that many queued requests to it.
 It never delays a lone client: its next request is all it expects.
+
+Splitting (``split``, the default with several workers): one batch runs at a time, its queries
+divided into one part per worker, each part a ``search_batch`` call on its own thread (torch ops
+release the GIL, so the parts run on separate cores). Independent workers that each take their
+own batch drift apart in a closed loop: a request that arrives just after every worker took a
+batch waits for a whole batch before its own starts, which made the tail at concurrency 8 about
+twice the median (BENCHMARKS.md). Split, every batch takes about half the time on two cores, all
+of its clients come back together and regroup into the next one, and the latency spread narrows.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -60,11 +68,14 @@ class BatchConfig:
         regroup_s: after a batch, the longest wait for the requests it answered to come back
             (module docstring), also bounded by :data:`REGROUP_FRACTION` of the batch's run time;
             0 turns regrouping off.
+        split: with several workers, run one batch at a time split into one part per worker
+            (module docstring); ``False``: each worker runs its own batches.
     """
 
     max_batch: int = 16
     max_wait_s: float = 0.0
     regroup_s: float = 0.02
+    split: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -113,8 +124,13 @@ class SearchBatcher:
         self._condition = threading.Condition()
         self._closed = False
         self._reserved = 0  # queued requests that regrouping workers wait for (see _next_batch)
+        self.workers = workers
+        # Split: one dispatching thread runs a part of each batch itself and the others on a pool.
+        self._parts: ThreadPoolExecutor | None = None
+        if self.config.split and workers > 1:
+            self._parts = ThreadPoolExecutor(workers - 1, thread_name_prefix="diffusionret-batch-part")
         self._threads = [threading.Thread(target=self._run, name=f"diffusionret-batch-{i}", daemon=True)
-                         for i in range(workers)]
+                         for i in range(1 if self._parts is not None else workers)]
         self.batches = 0  # batches run, and the queries in them (the mean batch size, for /api/info)
         self.batched_queries = 0
         self._start_on_submit = start == "on_submit"
@@ -157,11 +173,15 @@ class SearchBatcher:
         with self._condition:
             return len(self._queue)
 
-    def _next_batch(self, answered: int = 0, regroup_s: float = 0.0) -> list[_Request] | None:
+    def _next_batch(self, answered: int = 0, regroup_s: float = 0.0,
+                    first_answer: float = float("inf")) -> list[_Request] | None:
         """Block until a batch is due; ``None`` once closed.
 
         Args:
             answered: requests the worker's previous batch answered (0: none, or it failed).
+            first_answer: when its first request was answered (a split batch answers part by part):
+                requests queued since then may be those clients already back, so they are not
+                counted again on top of ``answered``.
             regroup_s: how long to wait for them to come back (module docstring).
         """
         cfg = self.config
@@ -170,7 +190,8 @@ class SearchBatcher:
                 # A lone client (answered 1, nothing queued) expects just its own next request:
                 # this waits for nothing more than the plain path below would.
                 # Requests other regrouping workers wait for are theirs, not counted here.
-                expected = min(cfg.max_batch, max(0, len(self._queue) - self._reserved) + answered)
+                others = sum(1 for request in self._queue if request.arrived < first_answer)
+                expected = min(cfg.max_batch, max(0, others - self._reserved) + answered)
                 # Reserved: an idle worker leaves these for this one (it would take the first
                 # to come back alone, splitting the group this wait is for).
                 self._reserved += expected
@@ -210,24 +231,38 @@ class SearchBatcher:
                     return batch
 
     def _run(self) -> None:
-        answered, regroup_s = 0, 0.0
-        while (batch := self._next_batch(answered, regroup_s)) is not None:
+        answered, regroup_s, first_answer = 0, 0.0, float("inf")
+        while (batch := self._next_batch(answered, regroup_s, first_answer)) is not None:
             self.batches += 1
             self.batched_queries += len(batch)
-            answered, started = 0, self._clock()
-            try:
-                results = self._search([r.query for r in batch], [r.k for r in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"search_batch returned {len(results)} results for {len(batch)} queries")
-            except Exception as exc:  # every request of the batch gets the failure; the worker keeps going
-                logger.exception("a batch of %d searches failed", len(batch))
-                for request in batch:
-                    request.future.set_exception(exc)
-                continue
+            started = self._clock()
+            if self._parts is None or len(batch) == 1:
+                outcomes = [self._run_part(batch)]
+            else:
+                parts = split_balanced(batch, self.workers)
+                others = [self._parts.submit(self._run_part, part) for part in parts[1:]]
+                outcomes = [self._run_part(parts[0])] + [other.result() for other in others]
+            answered = sum(n for n, _ in outcomes)
+            first_answer = min(at for _, at in outcomes)
             regroup_s = min(self.config.regroup_s, REGROUP_FRACTION * (self._clock() - started))
-            answered = len(batch)
-            for request, result in zip(batch, results, strict=True):
-                request.future.set_result(result)
+            if answered < len(batch):
+                answered = 0  # after a failure the clients do not come back together: no regrouping wait
+
+    def _run_part(self, batch: list[_Request]) -> tuple[int, float]:
+        """Run one batch (or part of one) and resolve its futures: how many got a result, and when."""
+        try:
+            results = self._search([r.query for r in batch], [r.k for r in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"search_batch returned {len(results)} results for {len(batch)} queries")
+        except Exception as exc:  # every request of the batch gets the failure; the worker keeps going
+            logger.exception("a batch of %d searches failed", len(batch))
+            for request in batch:
+                request.future.set_exception(exc)
+            return 0, self._clock()
+        answered_at = self._clock()
+        for request, result in zip(batch, results, strict=True):
+            request.future.set_result(result)
+        return len(batch), answered_at
 
     def close(self, timeout_s: float | None = 10.0) -> None:
         """Fail the queued requests with :class:`BatcherClosed` and join the threads.
@@ -246,6 +281,29 @@ class SearchBatcher:
         for thread in self._threads:
             if thread.ident is not None:
                 thread.join(timeout_s)
+        if self._parts is not None:
+            # The dispatcher waits for its parts, so after its join nothing runs there unless it is stuck.
+            self._parts.shutdown(wait=False)
+
+
+def split_balanced(items: list[_Request], parts: int) -> list[list[_Request]]:
+    """``items`` in at most ``parts`` non-empty groups of about equal search cost, each in arrival order.
+
+    A split batch ends when its slowest part does, so the parts are balanced by an estimate of
+    each query's cost (greedy: the costliest query first, each to the least loaded part). The text
+    tower's share grows with the query's length, the rest (first stage, WTI, re-ranking) is about
+    the same for every query: at 1M videos one word cost about 1.5 ms and the rest about 15 ms
+    (BENCHMARKS.md), hence ``words + 10``. Whitespace words are a cheap stand-in for tokens.
+    """
+    parts = min(parts, len(items))
+    loads = [0] * parts
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    costs = [len(item.query.split()) + 10 for item in items]
+    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
+        least = min(range(parts), key=lambda j: (loads[j], len(groups[j]), j))
+        loads[least] += costs[i]
+        groups[least].append(i)
+    return [[items[i] for i in sorted(group)] for group in groups]
 
 
 def loop_search_batch(search: Callable[[str, int], Any]) -> SearchBatch:
