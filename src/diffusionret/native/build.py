@@ -11,6 +11,7 @@ disables every kernel: callers then use their PyTorch equivalent.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Callable
 
@@ -47,15 +49,47 @@ def native_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+# Memoised lookups. Every search query loads its WTI kernel through load_library, and reading
+# /proc/cpuinfo and scanning PATH were most of that cost (0.1-1 ms per call, more with many cores);
+# a caller-held handle would have to be threaded through every WTI entry point instead. Only inputs
+# that cannot change under a running process, or are named by their own key, are memoised: the CPU
+# (a -march=native build is keyed by it), a compiler lookup keyed by $CC and $PATH (a compiler
+# installed or removed while a process runs is seen by the next process), where a package source
+# lives, and the ctypes handle of a built library's path (whose name carries the source digest).
+# The source itself is read and hashed on every call, and the library and its ``.failed`` note are
+# looked up on disk every time, so an edited source never reuses a stale build.
+
+
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and (path := shutil.which(name)):
+    return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=16)
+def _find_compiler(cc: str | None, search_path: str | None) -> str | None:
+    """The first C compiler found among ``cc``, cc, gcc, clang on ``search_path`` (memoised, see above)."""
+    for name in (cc, "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name, path=search_path)):
             return path
     return None
 
 
+@functools.cache
+def _source_file(source_name: str) -> Traversable:
+    """Where the package keeps the C file ``source_name`` (memoised: the package does not move)."""
+    return resources.files("diffusionret.native").joinpath(source_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _open_library(path: str) -> ctypes.CDLL:
+    """``ctypes.CDLL(path)``, memoised like the dynamic loader itself, which hands back the library
+    it already mapped for a path (a built library's name carries its source digest, so one path
+    always holds the same build); a fresh CDLL would rebuild its function-pointer class per call."""
+    return ctypes.CDLL(path)
+
+
+@functools.cache
 def _cpu_signature() -> str:
-    """The CPU's model and feature flags (a -march=native build must not move to another CPU)."""
+    """The CPU's model and feature flags (a -march=native build must not move to another CPU); memoised."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -100,7 +134,7 @@ def load_library(source_name: str, fallback: str, directory: Path | None = None)
     if compiler is None:
         log.info("no C compiler found: %s", fallback)
         return None
-    source = resources.files("diffusionret.native").joinpath(source_name).read_bytes()
+    source = _source_file(source_name).read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), repr(FLAG_SETS).encode(),
                                      platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:20]
     directory = directory or cache_dir()
@@ -113,7 +147,7 @@ def load_library(source_name: str, fallback: str, directory: Path | None = None)
         if not target.exists():
             log.info("building the native kernel %s with %s into %s", stem, compiler, target)
             _build(source_name, source, compiler, target)
-        library = ctypes.CDLL(str(target))
+        library = _open_library(str(target))
     except subprocess.TimeoutExpired as exc:  # a slow (loaded) machine, not a broken build: retry next time
         log.warning("native kernel %s not built in time (%s); %s", stem, exc, fallback)
         return None
