@@ -164,7 +164,7 @@ class _DenoiserBase(nn.Module):
         qe, ke = self.q_proj(e), self.k_proj(e)
         # Value path v -> proj -> decoder h-columns (row-vector convention), fused or as a chain.
         chain = (self.v_proj.weight.T, self.proj.weight.T, w1_h.T)
-        fuse = value_rows is None or value_rows >= 1.5 * d
+        fuse = self.fuses_values(value_rows)
         return StepTables(
             qe=qe, ke=ke,
             qe_k=qe @ self.k_proj.weight, ke_q=ke @ self.q_proj.weight,
@@ -174,6 +174,10 @@ class _DenoiserBase(nn.Module):
             cand_w=w1_c.T.contiguous(), cand_b=self.decoder[0].bias,
             out_w=self.decoder[2].weight[0].contiguous(), out_b=self.decoder[2].bias,
         )
+
+    def fuses_values(self, value_rows: int | None) -> bool:
+        """Whether :meth:`step_tables` fuses the value path for ``value_rows`` rows (see there)."""
+        return value_rows is None or value_rows >= 1.5 * self.dim
 
     def _tables(self, steps: int | StepTables) -> StepTables:
         return steps if isinstance(steps, StepTables) else self.step_tables(steps)

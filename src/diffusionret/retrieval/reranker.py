@@ -16,7 +16,7 @@ from torch import nn
 
 from diffusionret.diffusion.gaussian import GaussianDiffusion
 from diffusionret.models.config import DiffusionSchedule
-from diffusionret.models.denoiser import PreparedDenoiser, gather_rows
+from diffusionret.models.denoiser import PreparedDenoiser, StepTables, gather_rows
 from diffusionret.native import load_ddim_kernel
 from diffusionret.rerank import Sampler, rerank_rows
 
@@ -94,6 +94,9 @@ class Reranker:
         device = next(model.parameters()).device
         self.diffusion = (diffusion or self.config.diffusion()).to(device)
         self._sample = self._native_sampler(device, next(model.parameters()).dtype)
+        # Step tables reused between calls (see _step_tables): (denoiser name, steps, fused) ->
+        # (the denoiser's parameters and buffers, their stamp, the tables).
+        self._tables: dict[tuple[str, int, bool], tuple[tuple[torch.Tensor, ...], tuple, StepTables]] = {}
 
     def _native_sampler(self, device: torch.device, dtype: torch.dtype) -> Sampler | None:
         """The compiled DDIM loop as a :func:`rerank_rows` sampler, or None where it does not apply.
@@ -115,6 +118,38 @@ class Reranker:
                                  mix=denoise.mix, c_bias=denoise.c_bias, threads=torch.get_num_threads())
 
         return sample
+
+    def _step_tables(self, name: str, value_rows: int) -> StepTables:
+        """``step_tables`` of the denoiser ``self.model.<name>``, reused while nothing they depend on changes.
+
+        The tables depend only on the denoiser's parameters and buffers and on the number of
+        sampling steps, yet rebuilding them (three (S, D) x (D, D) products and the value chain) cost
+        about as much as a search query's whole re-ranking. An entry is reused only while every
+        parameter and buffer is the same tensor with the same version counter (which in-place
+        updates bump: optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``), storage,
+        dtype, device and shape, so training and evaluation see fresh tables after any update; the
+        cached tables are the very tensors a fresh call would compute. Not reused under autocast,
+        nor for inference-mode weights (they carry no version counter).
+
+        Args:
+            name: ``"diffusion_model"`` (text->video) or ``"diffusion_model_v"`` (video->text).
+            value_rows: as for ``step_tables`` (only whether it fuses the value path matters).
+        """
+        denoiser = getattr(self.model, name)
+        steps = self.diffusion.num_steps
+        tensors = (*denoiser.parameters(), *denoiser.buffers())
+        device_type = tensors[0].device.type
+        if torch.is_autocast_enabled(device_type) or any(t.is_inference() for t in tensors):
+            return denoiser.step_tables(steps, value_rows=value_rows)
+        stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors)
+        key = (name, steps, denoiser.fuses_values(value_rows))
+        cached = self._tables.get(key)
+        # The entry holds its tensors, so their ids cannot be reused by other tensors while it lives.
+        if cached is not None and cached[1] == stamp:
+            return cached[2]
+        tables = denoiser.step_tables(steps, value_rows=value_rows)
+        self._tables[key] = (tensors, stamp, tables)
+        return tables
 
     def _use_candidate_frames(self, pairs: int, video: torch.Tensor) -> bool:
         """Whether text->video re-ranking maps every candidate frame once (:meth:`T2VDenoiser.candidate_frames`).
@@ -149,11 +184,11 @@ class Reranker:
         frames = None
         if self._use_candidate_frames(pairs, video):
             # Every frame through the linear maps once; pairs then mix T per-frame terms.
-            tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=video.shape[0] * video.shape[1])
+            tables = self._step_tables("diffusion_model", video.shape[0] * video.shape[1])
             frames = denoiser.candidate_frames(video, tables)
         else:
             # Shared by all chunks; the value path is applied to every (query, candidate) pair.
-            tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=pairs)
+            tables = self._step_tables("diffusion_model", pairs)
 
         def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
             return denoiser.prepare(cls[rows], gather_rows(video, idx), gather_rows(frame_mask, idx), tables,
@@ -188,7 +223,7 @@ class Reranker:
         denoiser = self.model.diffusion_model
         # The tables of one query alone (value_rows: its own K rows), so each row's arithmetic, and
         # so its result, does not depend on the batch.
-        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=min(cfg.top_k, n))
+        tables = self._step_tables("diffusion_model", min(cfg.top_k, n))
         offsets = torch.arange(b, device=sim.device) * n
 
         def prepare(rows: torch.Tensor, idx: torch.Tensor) -> PreparedDenoiser:
@@ -220,7 +255,7 @@ class Reranker:
         cfg = self.config
         cls, video = cls.float(), video.float()
         denoiser = self.model.diffusion_model_v
-        tables = denoiser.step_tables(self.diffusion.num_steps, value_rows=cls.shape[0])
+        tables = self._step_tables("diffusion_model_v", cls.shape[0])
         # The candidates are texts: their projections are computed once per text, not per (video, text).
         texts = denoiser.candidate_texts(cls, tables)
 
