@@ -338,13 +338,18 @@ def _hits(final: Tensor, wti: Tensor, coarse: Tensor | None, rows: Tensor, store
     wti_rank = torch.empty_like(wti_order)
     wti_rank[wti_order] = torch.arange(1, wti_order.numel() + 1)
     order = torch.sort(final, descending=True, stable=True).indices[:k]
+    # Each column picked once and moved to Python in one .tolist() (the same Python floats and ints
+    # as float()/int() of each element) rather than four tensor indexings per hit.
+    final_s, wti_s, ranks = (t.index_select(0, order).tolist() for t in (final, wti, wti_rank))
+    picked = rows.index_select(0, order.to(rows.device)).tolist()
+    coarse_s = None if coarse is None else coarse.index_select(0, order.to(coarse.device)).tolist()
     hits = []
-    for rank, position in enumerate(order.tolist(), start=1):
-        stages = {} if coarse is None else {"coarse": float(coarse[position])}
-        stages["wti"] = float(wti[position])
+    for i in range(len(picked)):
+        stages = {} if coarse_s is None else {"coarse": coarse_s[i]}
+        stages["wti"] = wti_s[i]
         # The bonuses are positive, so the K re-ranked candidates are exactly the first K ranks.
-        if top_k > 0 and rank <= top_k:
-            stages["rerank"] = float(final[position])
-        hits.append(Hit(rank=rank, score=float(final[position]), record=store.record(int(rows[position])),
-                        stage_scores=stages, wti_rank=int(wti_rank[position])))
+        if i < top_k:
+            stages["rerank"] = final_s[i]
+        hits.append(Hit(rank=i + 1, score=final_s[i], record=store.record(picked[i]), stage_scores=stages,
+                        wti_rank=ranks[i]))
     return hits

@@ -103,11 +103,13 @@ def iou(a_start: float, a_end: float, b_start: float, b_end: float) -> float:
 
 @dataclass
 class _Open:
+    """A moment being merged: its video, span, best segment and merged segments (by position)."""
+
     video: Hashable
     start: float
     end: float
-    best: ScoredSegment
-    parts: list[ScoredSegment]
+    best: int
+    parts: list[int]
 
 
 def merge_moments(segments: Sequence[ScoredSegment], config: MomentConfig | None = None,
@@ -122,33 +124,49 @@ def merge_moments(segments: Sequence[ScoredSegment], config: MomentConfig | None
     Returns:
         Moments sorted by score, descending; within a video they never overlap.
     """
-    config = config or MomentConfig()
-    order = sorted(range(len(segments)), key=lambda i: -segments[i].score)  # stable: ties keep input order
+    opened = _merge([s.video for s in segments], [s.start for s in segments], [s.end for s in segments],
+                    [s.score for s in segments], config or MomentConfig(), k)
+    return [Moment(m.video, m.start, m.end, segments[m.best].score, segments[m.best],
+                   tuple(segments[i] for i in m.parts)) for m in opened]
+
+
+def _merge(videos: Sequence[Hashable], starts: Sequence[float], ends: Sequence[float], scores: Sequence[float],
+           config: MomentConfig, k: int | None) -> list[_Open]:
+    """:func:`merge_moments` on parallel columns (segment i is ``videos[i], starts[i], ends[i], scores[i]``).
+
+    Works on positions rather than segment objects, so :func:`moment_hits` builds neither
+    :class:`ScoredSegment` nor :class:`Moment` objects (a search query's 100 candidates spent most
+    of the merge there).
+
+    Returns:
+        the first ``k`` (``None``: all) moments by score, descending, as :class:`_Open` positions.
+    """
+    negated = [-score for score in scores]
+    order = sorted(range(len(scores)), key=negated.__getitem__)  # stable: ties keep input order
     moments: list[_Open] = []
     by_video: dict[Hashable, list[_Open]] = {}
     for i in order:
-        seg = segments[i]
-        taken = by_video.setdefault(seg.video, [])
-        near = [m for m in taken if seg.start <= m.end + _TOUCH_S and seg.end >= m.start - _TOUCH_S]
+        start, end, score = starts[i], ends[i], scores[i]
+        taken = by_video.setdefault(videos[i], [])
+        near = [m for m in taken if start <= m.end + _TOUCH_S and end >= m.start - _TOUCH_S]
         if near:
             # Overlapping or touching: join the best such moment if the score is close, else suppress.
             target = near[0]  # moments are opened best-first, so near[0] scores highest
-            overlaps = any(min(seg.end, m.end) - max(seg.start, m.start) > _TOUCH_S for m in near)
-            if seg.score >= target.best.score - config.merge_margin:
-                target.start, target.end = min(target.start, seg.start), max(target.end, seg.end)
-                target.parts.append(seg)
+            overlaps = any(min(end, m.end) - max(start, m.start) > _TOUCH_S for m in near)
+            if score >= scores[target.best] - config.merge_margin:
+                target.start, target.end = min(target.start, start), max(target.end, end)
+                target.parts.append(i)
                 _absorb(target, taken, moments)
                 continue
             if overlaps:
                 continue
         if len(taken) >= config.per_video:
             continue
-        opened = _Open(seg.video, seg.start, seg.end, seg, [seg])
+        opened = _Open(videos[i], start, end, i, [i])
         taken.append(opened)
         moments.append(opened)
-    result = [Moment(m.video, m.start, m.end, m.best.score, m.best, tuple(m.parts)) for m in moments]
-    result.sort(key=lambda m: -m.score)
-    return result if k is None else result[:k]
+    moments.sort(key=lambda m: negated[m.best])
+    return moments if k is None else moments[:k]
 
 
 def _absorb(grown: _Open, taken: list[_Open], moments: list[_Open]) -> None:
@@ -207,14 +225,13 @@ def moment_hits(hits: Sequence[Hit], config: MomentConfig | None = None, k: int 
         the moment's span (the union of the merged segments).
     """
     spans = [hit_span(h) for h in hits]
-    segments = [ScoredSegment(h.video_id, s, e if e is not None else float("inf"), h.score, i)
-                for i, (h, (s, e)) in enumerate(zip(hits, spans))]
-    moments = merge_moments(segments, config, k)
+    inf = float("inf")
+    moments = _merge([h.video_id for h in hits], [s for s, _ in spans], [inf if e is None else e for _, e in spans],
+                     [h.score for h in hits], config or MomentConfig(), k)
     out = []
     for rank, moment in enumerate(moments, start=1):
-        best = hits[int(moment.best.ref)]  # type: ignore[arg-type]
-        end = None if moment.end == float("inf") else moment.end
-        out.append(dataclasses.replace(best, rank=rank, start=moment.start, end=end))
+        end = None if moment.end == inf else moment.end
+        out.append(dataclasses.replace(hits[moment.best], rank=rank, start=moment.start, end=end))
     return out
 
 
