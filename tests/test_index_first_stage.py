@@ -225,6 +225,21 @@ def test_pq_recall_is_high_and_scores_are_exact() -> None:
     assert bool((wider[:, -1] >= scores[:, -1] - 1e-6).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pq_rescoring_equals_the_row_by_row_form(dtype: torch.dtype) -> None:
+    """The re-scoring (one reused gather buffer) returns exactly ``pooled[rows].float() @ q`` and its top k."""
+    require_faiss()
+    pooled = _clustered(3_000, 32, clusters=40).to(dtype)
+    stage = PqFirstStage.build(pooled, "f" * 24, m=8, rescore=7)
+    queries = _queries(6, 32)
+    k = 25
+    scores, rows = stage.search(queries, k)
+    _, shortlist = stage.index.search(queries.numpy(), 7 * k)
+    for i, candidates in enumerate(torch.from_numpy(shortlist).long()):
+        expected_scores, order = (pooled[candidates].float() @ queries[i]).topk(k)
+        assert torch.equal(scores[i], expected_scores) and torch.equal(rows[i], candidates[order])
+
+
 def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
     require_faiss()
     root = _build(tmp_path, ann=PQ_ON)
