@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from diffusionret.index import catalog
 from diffusionret.index.builder import build_index, update_index
 from diffusionret.index.first_stage import FirstStageConfig
-from diffusionret.index.frame_store import MappedFrames
+from diffusionret.index.frame_store import InMemoryFrames, MappedFrames
 from diffusionret.index.shards import SHARD_DIR, ShardFormatError
 from diffusionret.index.store import VideoIndex
 from diffusionret.safetensors_mmap import mmap_tensors
@@ -222,3 +222,17 @@ def test_mmap_tensors_equals_load_file_aligned_or_not(tmp_path: Path, order: lis
     mapped = mmap_tensors(path)
     for name, value in load_file(path).items():
         assert mapped[name].dtype == value.dtype and torch.equal(mapped[name], value)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 8), max_size=20), st.integers(0, 2**31 - 1))
+def test_in_memory_rows_equal_indexing(rows, seed):
+    """InMemoryFrames hands back exactly ``tensor[rows]`` (repeats, any order, none at all)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(9, 3, 4, generator=g).half()
+    mask, weights = torch.rand(9, 3, generator=g) > 0.3, torch.rand(9, 3, generator=g)
+    known = torch.rand(9, generator=g) > 0.5
+    store, index = InMemoryFrames(frames, mask, weights, known), torch.tensor(rows, dtype=torch.long)
+    got = (*store.stored(index), *store.stored_weights(index))
+    expected = (frames[index], mask[index], weights[index], known[index])
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, expected, strict=True))

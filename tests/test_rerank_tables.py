@@ -115,7 +115,8 @@ def test_other_weight_changes_and_schedules_get_fresh_tables():
     _assert_tables_equal(replaced, model.diffusion_model.step_tables(10, value_rows=3))
     # A replaced denoiser module.
     model.diffusion_model = other.diffusion_model
-    _assert_tables_equal(reranker._step_tables("diffusion_model", 3), other.diffusion_model.step_tables(10, value_rows=3))
+    _assert_tables_equal(reranker._step_tables("diffusion_model", 3),
+                         other.diffusion_model.step_tables(10, value_rows=3))
     # Another number of steps; and the fused value path (many rows) apart from the chain.
     reranker.diffusion = RerankConfig(steps=20).diffusion()
     assert reranker._step_tables("diffusion_model", 3).qe.shape[0] == 20
