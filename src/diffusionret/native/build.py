@@ -21,11 +21,13 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from diffusionret.config_utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 log = logging.getLogger(__name__)
 
