@@ -74,29 +74,27 @@ def test_no_split_gives_each_worker_its_own_batches() -> None:
     split.close()
 
 
-def test_clients_already_back_from_an_early_part_are_not_counted_twice() -> None:
-    # A batch of 4 ran as two parts: the first answered at t = 1.00 and its two clients came back at
-    # 1.01, the second answered at 1.05. The next batch waits for 4 (the two back plus two to
-    # come), not 6: it runs as soon as the last two arrive instead of waiting out the bound.
-    now = [1.05]
-    batcher = SearchBatcher(lambda q, k: q, BatchConfig(max_batch=8, regroup_s=0.02), clock=lambda: now[0],
-                            start="manual")
-    back = [batcher.submit(q, 1) for q in ("a2", "b2")]
-    for request in batcher._queue:
-        request.arrived = 1.01
-    timed_waits: list[float] = []
+def test_the_parts_of_a_batch_are_answered_together_when_the_last_ends() -> None:
+    fast_returned = threading.Event()
+    seen_by_slow_part: list[bool] = []
 
-    def wait(condition: threading.Condition, timeout: float | None) -> None:
-        assert timeout is not None
-        timed_waits.append(timeout)
-        now[0] += 0.003
-        if len(timed_waits) == 1:
-            back.extend(batcher.submit(q, 1) for q in ("c2", "d2"))
+    def search(queries: list[str], ks: list[int]) -> list[str]:
+        if "slow" in queries:
+            # Let the fast part return first; 0.1 s later, answered early, its futures would be done.
+            assert fast_returned.wait(timeout=30)
+            threading.Event().wait(0.1)
+            seen_by_slow_part.append(any(futures[q].done() for q in fast))
+        else:
+            fast.extend(queries)
+            threading.Timer(0.0, fast_returned.set).start()  # set once this part has returned
+        return list(queries)
 
-    batcher._wait = wait
-    batch = batcher._next_batch(answered=4, regroup_s=0.02, first_answer=1.0)
-    assert [r.query for r in batch] == ["a2", "b2", "c2", "d2"]
-    assert timed_waits == [pytest.approx(0.02)]  # one wait, ended by the arrivals: the bound was not waited out
+    fast: list[str] = []
+    batcher = SearchBatcher(search, BatchConfig(max_batch=8), workers=2, start="manual")
+    futures = {q: batcher.submit(q, 1) for q in ("slow", "x", "fast words here", "y")}
+    batcher.start()
+    assert {q: f.result(timeout=30) for q, f in futures.items()} == {q: q for q in futures}
+    assert fast and seen_by_slow_part == [False]
     batcher.close()
 
 

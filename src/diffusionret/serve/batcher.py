@@ -24,8 +24,9 @@ divided into one part per worker, each part a ``search_batch`` call on its own t
 release the GIL, so the parts run on separate cores). Independent workers that each take their
 own batch drift apart in a closed loop: a request that arrives just after every worker took a
 batch waits for a whole batch before its own starts, which made the tail at concurrency 8 about
-twice the median (BENCHMARKS.md). Split, every batch takes about half the time on two cores, all
-of its clients come back together and regroup into the next one, and the latency spread narrows.
+twice the median (BENCHMARKS.md). Split, every batch takes about half the time on two cores, its
+parts are answered together when the last ends, its clients come back together and regroup into
+the next one, and the latency spread narrows.
 """
 
 from __future__ import annotations
@@ -173,15 +174,11 @@ class SearchBatcher:
         with self._condition:
             return len(self._queue)
 
-    def _next_batch(self, answered: int = 0, regroup_s: float = 0.0,
-                    first_answer: float = float("inf")) -> list[_Request] | None:
+    def _next_batch(self, answered: int = 0, regroup_s: float = 0.0) -> list[_Request] | None:
         """Block until a batch is due; ``None`` once closed.
 
         Args:
             answered: requests the worker's previous batch answered (0: none, or it failed).
-            first_answer: when its first request was answered (a split batch answers part by part):
-                requests queued since then may be those clients already back, so they are not
-                counted again on top of ``answered``.
             regroup_s: how long to wait for them to come back (module docstring).
         """
         cfg = self.config
@@ -190,8 +187,7 @@ class SearchBatcher:
                 # A lone client (answered 1, nothing queued) expects just its own next request:
                 # this waits for nothing more than the plain path below would.
                 # Requests other regrouping workers wait for are theirs, not counted here.
-                others = sum(1 for request in self._queue if request.arrived < first_answer)
-                expected = min(cfg.max_batch, max(0, others - self._reserved) + answered)
+                expected = min(cfg.max_batch, max(0, len(self._queue) - self._reserved) + answered)
                 # Reserved: an idle worker leaves these for this one (it would take the first
                 # to come back alone, splitting the group this wait is for).
                 self._reserved += expected
@@ -231,38 +227,45 @@ class SearchBatcher:
                     return batch
 
     def _run(self) -> None:
-        answered, regroup_s, first_answer = 0, 0.0, float("inf")
-        while (batch := self._next_batch(answered, regroup_s, first_answer)) is not None:
+        answered, regroup_s = 0, 0.0
+        while (batch := self._next_batch(answered, regroup_s)) is not None:
             self.batches += 1
             self.batched_queries += len(batch)
             started = self._clock()
             if self._parts is None or len(batch) == 1:
-                outcomes = [self._run_part(batch)]
+                outcomes = [(batch, self._run_part(batch))]
             else:
                 parts = split_balanced(batch, self.workers)
                 others = [self._parts.submit(self._run_part, part) for part in parts[1:]]
-                outcomes = [self._run_part(parts[0])] + [other.result() for other in others]
-            answered = sum(n for n, _ in outcomes)
-            first_answer = min(at for _, at in outcomes)
+                outcomes = [(parts[0], self._run_part(parts[0]))]
+                outcomes += [(part, other.result()) for part, other in zip(parts[1:], others, strict=True)]
+            # All parts are answered together, after the last: answering the first part early would
+            # have the event loop send its responses and parse its clients' next requests on the
+            # cores the other parts still compute on (and those requests would wait for the
+            # regrouping anyway). So no client of this batch is back before all are answered.
+            answered = 0
+            for part, outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    for request in part:
+                        request.future.set_exception(outcome)
+                else:
+                    answered += len(part)
+                    for request, result in zip(part, outcome, strict=True):
+                        request.future.set_result(result)
             regroup_s = min(self.config.regroup_s, REGROUP_FRACTION * (self._clock() - started))
             if answered < len(batch):
                 answered = 0  # after a failure the clients do not come back together: no regrouping wait
 
-    def _run_part(self, batch: list[_Request]) -> tuple[int, float]:
-        """Run one batch (or part of one) and resolve its futures: how many got a result, and when."""
+    def _run_part(self, batch: list[_Request]) -> Sequence[Any] | Exception:
+        """Search one batch (or part of one): its results, or the exception that failed it."""
         try:
             results = self._search([r.query for r in batch], [r.k for r in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"search_batch returned {len(results)} results for {len(batch)} queries")
+            return results
         except Exception as exc:  # every request of the batch gets the failure; the worker keeps going
             logger.exception("a batch of %d searches failed", len(batch))
-            for request in batch:
-                request.future.set_exception(exc)
-            return 0, self._clock()
-        answered_at = self._clock()
-        for request, result in zip(batch, results, strict=True):
-            request.future.set_result(result)
-        return len(batch), answered_at
+            return exc
 
     def close(self, timeout_s: float | None = 10.0) -> None:
         """Fail the queued requests with :class:`BatcherClosed` and join the threads.
