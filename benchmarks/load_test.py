@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=300.0, help="wall-clock cap for the whole run")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                        help="raw: lean keep-alive asyncio client (default); httpx: the general client (module docstring)")
+                        help="raw: lean keep-alive asyncio client (default); httpx: the general client (see above)")
     args = parser.parse_args()
     if args.requests <= 0 or args.concurrency <= 0:
         parser.error("--requests and --concurrency must be positive")

@@ -26,6 +26,7 @@ from diffusionret.index.identity import model_fingerprint
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.models.config import DiffusionSchedule
 from diffusionret.serve.app import ServeConfig, create_app
+from diffusionret.commands.serve import settle_heap
 from diffusionret.serve.server import uvicorn_config
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     if faiss_installed() and args.videos >= LARGE_INDEX_VIDEOS:
         stage, _ = ann_stage(index, "pq", rebuild=False)
         index.configure_first_stage(config.first_stage, ann=stage)
-    searcher = Searcher(model, index, config, model_id=model_id, diffusion=DiffusionSchedule(50))
+    searcher = settle_heap(Searcher(model, index, config, model_id=model_id, diffusion=DiffusionSchedule(50)))
     app = create_app(searcher, ServeConfig(max_pending=args.max_pending, workers=args.workers,
                                            search_timeout_s=args.search_timeout, batch_max_size=args.batch_max_size,
                                            batch_max_wait_ms=args.batch_max_wait_ms,

@@ -128,8 +128,23 @@ def test_the_app_splits_batches_across_its_workers_unless_told_not_to() -> None:
             return [[q] for q in queries]
 
     split = create_app(Backend(), ServeConfig(workers=2)).state.gate.batcher  # type: ignore[arg-type]
-    apart = create_app(Backend(), ServeConfig(workers=2, batch_split=False)).state.gate.batcher  # type: ignore[arg-type]
+    apart_config = ServeConfig(workers=2, batch_split=False)
+    apart = create_app(Backend(), apart_config).state.gate.batcher  # type: ignore[arg-type]
     assert split.config.split and split.workers == 2 and len(split._threads) == 1
     assert not apart.config.split and len(apart._threads) == 2
     split.close()
     apart.close()
+
+
+def test_settle_heap_exempts_what_is_loaded_from_the_cyclic_collector() -> None:
+    import gc
+
+    from diffusionret.commands.serve import settle_heap
+
+    loaded = [{"record": i} for i in range(1000)]
+    try:
+        assert settle_heap(loaded) is loaded
+        assert gc.get_freeze_count() >= len(loaded)
+        assert not any(gc.is_tracked(x) and any(x is y for y in gc.get_objects(generation=2)) for x in loaded[:5])
+    finally:
+        gc.unfreeze()

@@ -28,10 +28,12 @@ query does not wait.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from diffusionret.commands._common import add_search_options, open_searcher, user_errors
 
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "DIFFUSIONRET_TOKEN"
 DEFAULT_THREADS = 1
+
+
+T = TypeVar("T")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,6 +115,21 @@ def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*hosts, *extra]))
 
 
+def settle_heap(loaded: T) -> T:
+    """Exempt everything alive now (the just loaded index and model) from the cyclic garbage collector.
+
+    An index's catalogue is about one Python object per video: at 1M videos a full collection
+    walked ~1.4M objects in ~0.4 s, a stall of every search in flight whenever the collector's
+    oldest generation came due. ``gc.freeze`` moves them to the permanent generation, which
+    collections skip; they are still freed by reference counting when a reload drops the old
+    index (a reference cycle among them would stay, and the catalogue records hold none).
+    Collecting first keeps today's garbage out of it. Returns ``loaded``.
+    """
+    gc.collect()
+    gc.freeze()
+    return loaded
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -160,10 +180,10 @@ def run(args: argparse.Namespace) -> int:
     if args.reload_interval > 0:
         from diffusionret.serve.reload import ReloadingBackend
 
-        searcher = ReloadingBackend(args.index, lambda: open_searcher(args), poll_s=args.reload_interval,
+        searcher = ReloadingBackend(args.index, lambda: settle_heap(open_searcher(args)), poll_s=args.reload_interval,
                                     settle_s=args.reload_interval)
     else:
-        searcher = open_searcher(args)
+        searcher = settle_heap(open_searcher(args))
     app = create_app(searcher, ServeConfig(token=token, max_pending=args.max_pending, max_k=args.max_k,
                                            workers=args.workers, allowed_hosts=hosts, show_paths=args.show_paths,
                                            docs=args.docs, search_timeout_s=args.search_timeout,
