@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "DIFFUSIONRET_TOKEN"
 DEFAULT_THREADS = 1
+#: Most search threads ``--workers`` defaults to (see :func:`default_workers`).
+MAX_DEFAULT_WORKERS = 4
 
 
 T = TypeVar("T")
@@ -60,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch intra-op threads per search (default: 1, the stable choice for tail latency; "
                              "0 keeps torch's default of one per core)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="searches run at once, each on its own thread (default: 1)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="search threads: a batch of searches is split across them (default: one per core "
+                             f"this process may use, at most {MAX_DEFAULT_WORKERS}; here {default_workers()})")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="also answer requests for this Host name or address (repeatable; '*': any host)")
     parser.add_argument("--show-paths", action="store_true",
@@ -94,6 +97,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="look for changes of the index on disk (`index update`) this often and serve the "
                              "new contents once they have been stable that long (default: 5; 0: never reload)")
     parser.set_defaults(func=run)
+
+
+def default_workers() -> int:
+    """One search thread per core this process may run on, at most :data:`MAX_DEFAULT_WORKERS`.
+
+    Each search thread runs torch with ``--threads`` (1) intra-op threads, so this fills the cores.
+    Beyond a few, a batch (at most ``--batch-max-size`` queries) would be cut into parts too small
+    for the text tower to batch well.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
 
 
 def resolve_token(args: argparse.Namespace) -> str | None:
