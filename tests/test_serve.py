@@ -7,6 +7,7 @@ and concurrency tests talk to a real uvicorn server over loopback.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -351,11 +352,13 @@ def test_serve_config_validation() -> None:
 
 def test_serve_command_defaults_to_loopback_and_reads_the_token(tmp_path: Path, monkeypatch) -> None:
     from diffusionret.cli import build_parser
-    from diffusionret.commands.serve import TOKEN_ENV, _is_loopback, resolve_token
+    from diffusionret.commands.serve import MAX_DEFAULT_WORKERS, TOKEN_ENV, _is_loopback, resolve_token
 
     args = build_parser().parse_args(["serve", "some-index"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.token is None
-    assert args.threads == 1 and args.workers == 1  # one thread per search: stable tail latency
+    # One torch thread per search (stable tail latency), one search thread per usable core.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert args.threads == 1 and args.workers == max(1, min(MAX_DEFAULT_WORKERS, cores))
     assert args.first_stage == "auto" and args.nprobe == 32
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert resolve_token(args) is None

@@ -349,6 +349,10 @@ def test_every_html_response_has_a_strict_csp_and_docs_are_off(corpus: dict) -> 
         assert_json_error(client.get("/docs"), 404)
         assert_json_error(client.get("/redoc"), 404)
         assert client.get("/openapi.json").status_code == 200
+        for response in (client.get("/api/search", params={"q": "red"}), client.get("/"), client.get("/docs")):
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["referrer-policy"] == "no-referrer"
+        assert "content-security-policy" not in client.get("/api/search", params={"q": "red"}).headers
 
 
 class DescribedSearcher(SyntheticSearcher):

@@ -53,14 +53,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffusionret.index.catalog import VideoRecord
 from diffusionret.index.searcher import SearchHit
@@ -348,34 +350,69 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
 
+# Both are plain ASGI middleware rather than ``@app.middleware("http")`` ones: Starlette's
+# BaseHTTPMiddleware runs each response through an extra task and memory stream, event-loop work
+# on every request that competed with the search threads (BENCHMARKS.md, search under concurrency).
+
+
 def _install_security_headers(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if response.headers.get("content-type", "").startswith("text/html"):
-            # Every HTML answer (/, /static/index.html, /docs), not only the page route.
-            csp = DOCS_CSP if request.url.path == "/docs" else PAGE_CSP
-            response.headers.setdefault("Content-Security-Policy", csp)
-        return response
+    app.add_middleware(SecurityHeaders)
 
 
 def _install_host_check(app: FastAPI, allowlist: HostAllowlist) -> None:
-    @app.middleware("http")
-    async def host_check(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if not allowlist.allows(request.headers.get("host")):
-            return _error(400, "invalid_host", "this server does not answer for that Host header "
-                                               "(see `diffusionret serve --allowed-host`)")
-        return await call_next(request)
+    app.add_middleware(HostCheck, allowlist=allowlist)
+
+
+class SecurityHeaders:
+    """Adds ``nosniff``, ``no-referrer`` and, to every HTML answer, a Content-Security-Policy."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                if headers.get("content-type", "").startswith("text/html"):
+                    # Every HTML answer (/, /static/index.html, /docs), not only the page route.
+                    csp = DOCS_CSP if scope["path"] == "/docs" else PAGE_CSP
+                    headers.setdefault("Content-Security-Policy", csp)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class HostCheck:
+    """Answers ``400`` to a request whose ``Host`` header is not in the allowlist (DNS rebinding)."""
+
+    def __init__(self, app: ASGIApp, allowlist: HostAllowlist) -> None:
+        self.app, self.allowlist = app, allowlist
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.allowlist.allows(Headers(scope=scope).get("host")):
+            response = _error(400, "invalid_host", "this server does not answer for that Host header "
+                                                   "(see `diffusionret serve --allowed-host`)")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-def _make_auth(config: ServeConfig, signer: UrlSigner, limiter: FailureLimiter) -> Callable[[Request], None]:
-    def auth(request: Request) -> None:
+def _make_auth(config: ServeConfig, signer: UrlSigner,
+               limiter: FailureLimiter) -> Callable[[Request], Awaitable[None]]:
+    # async although it never awaits: FastAPI runs a plain ``def`` dependency on a worker thread,
+    # a thread hop per request that competed with the search threads for the cores and the GIL.
+    # Running on the event loop also keeps the failure limiter single-threaded.
+    async def auth(request: Request) -> None:
         if config.token is None:
             return
         client = _client(request)
@@ -425,7 +462,7 @@ def _lookup(backend: SearchBackend, video_id: str) -> VideoRecord:
 
 
 def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, signer: UrlSigner,
-                    auth: Callable[[Request], None]) -> None:
+                    auth: Callable[[Request], Awaitable[None]]) -> None:
     def record_json(record: VideoRecord, index: Any) -> dict[str, Any]:
         body = {**record.to_dict(), "thumb_url": signer.url("thumbs", record.id),
                 "media_url": signer.url("media", record.id)}
@@ -472,7 +509,7 @@ def _add_api_routes(app: FastAPI, backend: SearchBackend, config: ServeConfig, s
         return {**described, "max_k": config.max_k, "max_query_chars": config.max_query_chars, "batching": batching}
 
 
-def _add_file_routes(app: FastAPI, backend: SearchBackend, auth: Callable[[Request], None]) -> None:
+def _add_file_routes(app: FastAPI, backend: SearchBackend, auth: Callable[[Request], Awaitable[None]]) -> None:
     @app.get("/media/{video_id}", tags=["videos"], dependencies=[Depends(auth)],
              summary="Stream a video (supports Range requests)", response_class=Response)
     @app.head("/media/{video_id}", dependencies=[Depends(auth)], include_in_schema=False)
