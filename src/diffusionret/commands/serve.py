@@ -9,20 +9,21 @@ Only requests whose ``Host`` header names this server are answered: ``localhost`
 clients use to reach it, e.g. ``--allowed-host search.lan``; ``--allowed-host '*'`` turns the check
 off, for a reverse proxy that does it). This stops DNS-rebinding pages from reading the API.
 
-Threads: each search runs torch (and FAISS) with ``--threads`` intra-op threads, 1 by default. Most
-of a query is small ops (the text tower on a dozen tokens, 50 DDIM steps on 32 candidates) whose
-OpenMP threads synchronise after every op; when other work competes for the cores, a second
-thread that is descheduled stalls every op, and such code measured 5-15x slower with 2 threads
-than with 1 (BENCHMARKS.md). One thread per search gives stable tail latency; ``--workers`` runs
-that many searches at once (e.g. ``--workers 2`` on two cores).
+Threads: each search thread runs torch (and FAISS) with ``--threads`` intra-op threads, 1 by
+default. Most of a query is small ops (the text tower on a dozen tokens, 50 DDIM steps on 32
+candidates) whose OpenMP threads synchronise after every op; when other work competes for the
+cores, a second thread that is descheduled stalls every op, and such code measured 5-15x slower
+with 2 threads than with 1 (BENCHMARKS.md). So parallelism comes from ``--workers`` search threads
+(default: one per usable core, at most 4), each on one core.
 
-Batching: the searches queued when a worker becomes free (up to ``--batch-max-size``; with
+Batching: the searches queued when the last batch ends (up to ``--batch-max-size``; with
 ``--batch-max-wait-ms`` the first also waits that long for others; after a batch, ``--batch-regroup-ms``
 waits briefly for the clients it answered, so that they join the queued ones) run as one batch: the text
 tower reads its weights once for all of them, and the first stage and the re-ranking run once per
-batch. Each query gets the result it gets alone. At 1M videos and 8 concurrent clients this raised
-the throughput 1.3-1.9x with one worker and 1.8-2.6x with ``--workers 2`` (BENCHMARKS.md); a lone
-query does not wait.
+batch. Each query gets the result it gets alone. A batch is split across the workers, balanced by
+query length, and answered when its last part ends (``--no-batch-split``: one batch per worker). At
+1M videos and 8 concurrent clients on two cores this ran at 2.7-2.9x the unbatched server's
+throughput with a p99 of 213-233 ms (BENCHMARKS.md); a lone query does not wait.
 """
 
 from __future__ import annotations
