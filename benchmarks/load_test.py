@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -123,73 +124,68 @@ async def run_load(url: str, queries: list[str], *, requests: int, concurrency: 
                    max_seconds: float, timeout: float, client: str = "raw") -> dict:
     """Send ``requests`` searches, ``concurrency`` at a time; returns latencies and status counts."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def params(i: int) -> dict[str, object]:
+        return {"q": queries[i % len(queries)], "k": k}
+
     if client == "raw":
-        return await _run_raw(url, queries, headers, requests=requests, concurrency=concurrency, k=k,
-                              max_seconds=max_seconds, timeout=timeout)
+        connections = [RawConnection(url, headers) for _ in range(concurrency)]
+
+        def raw_sender(connection: RawConnection) -> Send:
+            async def send(i: int) -> str:
+                try:
+                    status, _ = await asyncio.wait_for(connection.get("/api/search", params(i)), timeout)
+                    return str(status)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                    await connection.close()
+                    return type(exc).__name__
+            return send
+
+        try:
+            for connection in connections:  # warm-up and connect (the first call loads caches)
+                await connection.get("/api/search", params(0))
+            return await _drive([raw_sender(c) for c in connections], requests, max_seconds)
+        finally:
+            for connection in connections:
+                await connection.close()
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as http:
+        async def send(i: int) -> str:
+            try:
+                return str((await http.get("/api/search", params=params(i))).status_code)
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        await http.get("/api/search", params=params(0))  # warm-up (first call loads caches)
+        return await _drive([send] * concurrency, requests, max_seconds)
+
+
+#: ``send(i)``: run request ``i``; its HTTP status, or the name of the error that stopped it.
+Send = Callable[[int], Awaitable[str]]
+
+
+async def _drive(senders: list[Send], requests: int, max_seconds: float) -> dict:
+    """Run ``requests`` requests, one concurrent client per sender; latencies of the ``200`` answers and status counts."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     deadline = time.monotonic() + max_seconds
     counter = iter(range(requests))
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(send: Send) -> None:
         for i in counter:
             if time.monotonic() > deadline:
                 statuses["not sent (time cap)"] = statuses.get("not sent (time cap)", 0) + 1
                 continue
             start = time.perf_counter()
-            try:
-                response = await client.get("/api/search", params={"q": queries[i % len(queries)], "k": k})
-                key = str(response.status_code)
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
-            except httpx.HTTPError as exc:
-                key = type(exc).__name__
+            key = await send(i)
+            if key == "200":
+                latencies.append(time.perf_counter() - start)
             statuses[key] = statuses.get(key, 0) + 1
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
-        await client.get("/api/search", params={"q": queries[0], "k": k})  # warm-up (first call loads caches)
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return {"latencies": latencies, "statuses": statuses, "elapsed": elapsed}
-
-
-async def _run_raw(url: str, queries: list[str], headers: dict[str, str], *, requests: int, concurrency: int, k: int,
-                   max_seconds: float, timeout: float) -> dict:
-    """:func:`run_load` over :class:`RawConnection` (one per concurrent client)."""
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    deadline = time.monotonic() + max_seconds
-    counter = iter(range(requests))
-
-    async def worker(connection: RawConnection) -> None:
-        try:
-            for i in counter:
-                if time.monotonic() > deadline:
-                    statuses["not sent (time cap)"] = statuses.get("not sent (time cap)", 0) + 1
-                    continue
-                start = time.perf_counter()
-                try:
-                    status, _ = await asyncio.wait_for(
-                        connection.get("/api/search", {"q": queries[i % len(queries)], "k": k}), timeout)
-                    key = str(status)
-                    if status == 200:
-                        latencies.append(time.perf_counter() - start)
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-                    key = type(exc).__name__
-                    await connection.close()
-                statuses[key] = statuses.get(key, 0) + 1
-        finally:
-            await connection.close()
-
-    connections = [RawConnection(url, headers) for _ in range(concurrency)]
-    for connection in connections:  # warm-up and connect (the first call loads caches)
-        await connection.get("/api/search", {"q": queries[0], "k": k})
     start = time.perf_counter()
-    await asyncio.gather(*(worker(connection) for connection in connections))
-    elapsed = time.perf_counter() - start
-    return {"latencies": latencies, "statuses": statuses, "elapsed": elapsed}
+    await asyncio.gather(*(worker(send) for send in senders))
+    return {"latencies": latencies, "statuses": statuses, "elapsed": time.perf_counter() - start}
 
 
 def free_port() -> int:
