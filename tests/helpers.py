@@ -120,27 +120,48 @@ def save_tiny_model(folder: Path) -> Path:
     return save_model(model, folder / "tiny.safetensors")
 
 
-def run_two_ranks(rank_main) -> dict[int, object]:
-    """``rank_main(rank, barrier)`` on two threads sharing a real barrier, as two ranks would; their results.
+def run_two_ranks(rank_main, expect_errors: bool = False) -> dict[int, object]:
+    """``rank_main(rank, agree)`` on two threads, as two ranks would; their results (with
+    ``expect_errors``: the exception each rank raised, by rank).
 
-    An exception on either rank aborts the barrier (so the other rank does not wait forever) and fails.
+    ``agree(failed)`` is a real two-party agreement (a barrier and a shared flag per round): it
+    returns on both threads whether either passed ``True``, like ``distributed.any_rank``. An
+    exception on either rank also aborts the barrier (so the other rank does not wait forever) and
+    fails the test.
     """
     barrier = threading.Barrier(2, timeout=60)
+    lock = threading.Lock()
+    rounds: dict[int, bool] = {}
     results: dict[int, object] = {}
-    errors: list[BaseException] = []
+    errors: dict[int, BaseException] = {}
+
+    def agreement() -> object:
+        calls = [0]
+
+        def agree(failed: bool) -> bool:
+            calls[0] += 1
+            with lock:
+                rounds[calls[0]] = rounds.get(calls[0], False) or failed
+            barrier.wait()
+            return rounds[calls[0]]
+
+        return agree
 
     def run(rank: int) -> None:
         try:
-            results[rank] = rank_main(rank, barrier)
+            results[rank] = rank_main(rank, agreement())
         except BaseException as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
-            barrier.abort()
+            errors[rank] = exc
+            if not expect_errors:
+                barrier.abort()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if expect_errors:
+        return errors  # type: ignore[return-value]
     assert not errors, errors
     return results
 

@@ -248,13 +248,41 @@ def test_undecodable_files_are_recorded_not_retried(tmp_path: Path) -> None:
     assert fixed.seen == [str(broken.resolve())] and report.total == 4
 
 
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """No rank is left waiting for a failed one: each raises (its own error, or OtherRankFailedError)."""
+    from diffusionret.index.builder import OtherRankFailedError
+
+    make_videos(tmp_path / "videos", 6)
+    videos = discover_videos(tmp_path / "videos")
+    # Planning fails on rank 0 (no index to update): rank 1 must not wait for its plan.
+    errors = run_two_ranks(lambda rank, agree: sync_index(tmp_path / "missing", videos, SyntheticExtractor(),
+                                                            create=False, rank=rank, world_size=2, agree=agree,
+                                                            progress=False), expect_errors=True)
+    assert isinstance(errors[0], FileNotFoundError) and isinstance(errors[1], OtherRankFailedError)
+
+    class BrokenExtractor(SyntheticExtractor):
+        def extract(self, paths):  # type: ignore[no-untyped-def]  # a broken encoder: fewer results than videos
+            return iter([])
+
+    # Encoding fails on rank 1: rank 0 must not wait for its shards, and commits nothing.
+    errors = run_two_ranks(lambda rank, agree: sync_index(tmp_path / "half", videos,
+                                                            BrokenExtractor() if rank else SyntheticExtractor(),
+                                                            rank=rank, world_size=2, agree=agree, progress=False),
+                           expect_errors=True)
+    assert isinstance(errors[1], RuntimeError) and "results for" in str(errors[1])
+    assert isinstance(errors[0], OtherRankFailedError)
+    assert catalog.read_commit_marker(tmp_path / "half") is None
+    # The same build on one healthy process resumes and completes.
+    assert build_index(tmp_path / "half", tmp_path / "videos", SyntheticExtractor(), progress=False).total == 6
+
+
 def test_multi_rank_build_merges_shards(tmp_path: Path) -> None:
-    """Two ranks (threads with a real barrier) build the same index as one process."""
+    """Two ranks (threads with a real agreement) build the same index as one process."""
     make_videos(tmp_path / "videos", 21)
     videos = discover_videos(tmp_path / "videos")
-    reports = run_two_ranks(lambda rank, barrier: sync_index(tmp_path / "ranks", videos, SyntheticExtractor(),
+    reports = run_two_ranks(lambda rank, agree: sync_index(tmp_path / "ranks", videos, SyntheticExtractor(),
                                                              shard_size=8, rank=rank, world_size=2,
-                                                             barrier=barrier.wait, progress=False))
+                                                             agree=agree, progress=False))
     assert reports[1].added == 10  # each rank counts its own work; rank 0 reports the whole job
     assert reports[0].added == reports[0].total == 21
     assert reports[0].shards_written == reports[1].shards_written == 2  # 11 + 10 videos: 8 + 3 and 8 + 2

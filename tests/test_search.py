@@ -312,6 +312,27 @@ def test_torchrun_build_equals_single_process_build(setup: dict, tmp_path: Path)
     assert shard_ranks == {"r000", "r001"}  # both ranks wrote shards
 
 
+@pytest.mark.slow  # torchrun: two processes
+def test_torchrun_update_refused_on_rank_0_ends_both_ranks(setup: dict, tmp_path: Path) -> None:
+    """Rank 0 refuses to prune most of the index while planning: rank 1 stops too instead of waiting for it."""
+    videos = tmp_path / "videos"
+    shutil.copytree(setup["corpus"].video_dir, videos)
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--model", str(setup["models"]["a"]), "--videos", str(videos), "--out", str(out),
+                 "--frames", str(FRAMES), "--fps", str(FPS), "--no-progress"]) == 0
+    for path in sorted(videos.iterdir())[:10]:
+        path.unlink()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "diffusionret", "index", "update", str(out), "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "refusing to remove 10 videos" in result.stderr, result.stderr[-3000:]
+    assert "another rank failed while planning the build" in result.stderr, result.stderr[-3000:]
+    # Both ranks report a user error (exit code 2), not a crash (torchrun adds its own summary).
+    assert "[rank 0] ERROR" in result.stderr and "[rank 1] ERROR" in result.stderr
+
+
 def test_cli_update_and_info(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     videos = tmp_path / "videos"
     shutil.copytree(setup["corpus"].video_dir, videos)

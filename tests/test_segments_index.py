@@ -297,8 +297,8 @@ def test_multi_rank_build_cuts_every_ranks_videos_as_recorded(tmp_path: Path) ->
         _write(tmp_path / "videos" / f"v{i}.mp4", 5.0 + i)
     videos = discover_videos(tmp_path / "videos")
     fixed = SegmentConfig(mode="fixed", window=4.0, stride=2.0)
-    run_two_ranks(lambda rank, barrier: sync_index(tmp_path / "ranks", videos, SegmentingExtractor(), shard_size=2,
-                                                  rank=rank, world_size=2, barrier=barrier.wait, progress=False,
+    run_two_ranks(lambda rank, agree: sync_index(tmp_path / "ranks", videos, SegmentingExtractor(), shard_size=2,
+                                                  rank=rank, world_size=2, agree=agree, progress=False,
                                                   segments=fixed))
     build_index(tmp_path / "single", tmp_path / "videos", SegmentingExtractor(), shard_size=2, progress=False,
                 segments=fixed)

@@ -34,7 +34,7 @@ def user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
-        from diffusionret.index.builder import IndexLockedError, PruneRefusedError, SegmentsError
+        from diffusionret.index.builder import IndexLockedError, OtherRankFailedError, PruneRefusedError, SegmentsError
         from diffusionret.index.first_stage import AnnUnavailableError
         from diffusionret.index.identity import ModelMismatchError
         from diffusionret.models.checkpoint import CheckpointError
@@ -42,7 +42,7 @@ def user_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return func(args)
         except (ModelMismatchError, IndexLockedError, FileNotFoundError, CheckpointError, AnnUnavailableError,
-                PruneRefusedError, SegmentsError) as exc:
+                PruneRefusedError, SegmentsError, OtherRankFailedError) as exc:
             logger.error("%s", exc)
             return 2
 

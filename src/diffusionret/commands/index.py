@@ -161,17 +161,21 @@ def _encoder(args: argparse.Namespace, model_path: str, device: str | None, sett
 
 
 def _distributed(device: str | None):
-    """Join the torchrun job when there is one: (rank, world_size, barrier, device, context)."""
+    """Join the torchrun job when there is one: (rank, world_size, agree, device, context).
+
+    ``agree(failed)`` is the builder's synchronisation point: it returns on every rank whether any
+    rank failed (:func:`~diffusionret.distributed.any_rank`).
+    """
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         import torch
 
         return 0, 1, None, device or ("cuda" if torch.cuda.is_available() else "cpu"), None
-    from diffusionret.distributed import barrier, init_distributed
+    from diffusionret.distributed import any_rank, init_distributed
 
     ctx = init_distributed(device)
-    return ctx.rank, ctx.world_size, (lambda: barrier(ctx)), str(ctx.device), ctx
+    return ctx.rank, ctx.world_size, (lambda failed: any_rank(failed, ctx)), str(ctx.device), ctx
 
 
 def _finish(ctx: Any) -> None:
@@ -196,12 +200,12 @@ def _sync(args: argparse.Namespace, model_path: str, sync: Callable[..., Any],
     """Encode with the model at ``model_path`` and run ``sync(encoder, **options)`` (build or update) on every rank."""
     ann = _ann_config(args)
     segments = _segment_config(args)  # a bad combination fails before the model loads
-    rank, world_size, barrier, device, ctx = _distributed(args.device)
+    rank, world_size, agree, device, ctx = _distributed(args.device)
     try:
         encoder = _encoder(args, model_path, device, settings=settings)
         try:
             report = sync(encoder, video_root=args.video_root, shard_size=args.shard_size, rank=rank,
-                          world_size=world_size, barrier=barrier, progress=not args.no_progress, ann=ann,
+                          world_size=world_size, agree=agree, progress=not args.no_progress, ann=ann,
                           prune=args.prune, retry_failed=args.retry_failed, segments=segments)
         finally:
             encoder.close()  # stops the decoding worker processes

@@ -159,7 +159,7 @@ def build_index(
     shard_size: int = 256,
     rank: int = 0,
     world_size: int = 1,
-    barrier: Callable[[], None] | None = None,
+    agree: Callable[[bool], bool] | None = None,
     progress: bool = True,
     ann: AnnBuildConfig | None = None,
     prune: bool = False,
@@ -177,7 +177,8 @@ def build_index(
         extractor: decoder + model (e.g. :class:`~diffusionret.index.encode.ModelVideoEncoder`).
         video_root: folder that relative paths in list files refer to (default: the list's folder).
         shard_size: videos per atomically written shard.
-        rank, world_size, barrier: torchrun sharding (each rank encodes ``pending[rank::world_size]``).
+        rank, world_size, agree: torchrun sharding (each rank encodes ``pending[rank::world_size]``; see
+            :func:`sync_index`).
         progress: show a progress bar.
         ann: whether to write an ANN (PQ or IVF) first-stage file (default: for indexes of 100k+
             videos when FAISS is installed; see :class:`AnnBuildConfig`).
@@ -195,7 +196,7 @@ def build_index(
     root_dir = str(Path(video_root).expanduser().resolve()) if video_root is not None else None
     return sync_index(root, _discover_some(sources, root_dir, prune), extractor, sources=sources,
                       video_root=root_dir, create=True, shard_size=shard_size, rank=rank, world_size=world_size,
-                      barrier=barrier, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed,
+                      agree=agree, progress=progress, ann=ann, prune=prune, retry_failed=retry_failed,
                       segments=segments)
 
 
@@ -265,7 +266,7 @@ def sync_index(
     shard_size: int = 256,
     rank: int = 0,
     world_size: int = 1,
-    barrier: Callable[[], None] | None = None,
+    agree: Callable[[bool], bool] | None = None,
     progress: bool = True,
     ann: AnnBuildConfig | None = None,
     prune: bool = False,
@@ -285,7 +286,10 @@ def sync_index(
         create: allow creating a new index (``index build``); ``False`` requires an existing one.
         shard_size: videos per shard file (the unit of atomic progress).
         rank, world_size: this process's place in a torchrun job.
-        barrier: synchronises ranks (required when ``world_size > 1``).
+        agree: synchronises the ranks (required when ``world_size > 1``): every rank calls
+            ``agree(failed)`` at the same points, and it returns on all of them whether any rank
+            failed, so that a failure on one rank ends the job on all (a plain barrier would leave
+            the others waiting for the failed one until the process group's timeout).
         progress: show a tqdm bar (rank 0).
         ann: whether to keep an ANN first-stage file (default :class:`AnnBuildConfig`: for large indexes).
         prune: allow removing more than a few videos (see :data:`PRUNE_FREE_FRACTION`) or every
@@ -312,56 +316,76 @@ def sync_index(
     ann = ann or AnnBuildConfig()
     if ann.mode == "on" and rank == 0:
         import_faiss()
-    if world_size > 1 and barrier is None:
-        raise ValueError("a multi-rank build needs a barrier")
+    if world_size > 1 and agree is None:
+        raise ValueError("a multi-rank build needs an agreement function (agree)")
     wanted_segments = check_segments(segments, extractor.settings)
     if wanted_segments is not None and wanted_segments["mode"] != "whole" and \
             getattr(extractor, "extract_segments", None) is None:
         raise SegmentsError(f"--segments {wanted_segments['mode']} needs an extractor that encodes segments; "
                             f"{type(extractor).__name__} encodes whole videos only")
-    sync = barrier or (lambda: None)
+    agree = agree or (lambda failed: failed)
     root = Path(root)
     report = SyncReport(discovered=len(videos))
     with contextlib.ExitStack() as stack:
         conn: sqlite3.Connection | None = None
-        if rank == 0:
-            stack.enter_context(exclusive_lock(root, create))
-            conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
-            clean_stale_temp_files(root)
-            _init_or_check(conn, extractor, sources, video_root, create, wanted_segments)
-            _recover(conn, root, extractor.identity.model_id)
-            plan = _plan(conn, videos, retry_failed=retry_failed)
-            plan = dataclasses.replace(plan, segments=recorded_segments(catalog.read_info(conn)))
-            if not prune:
-                check_removals(conn, plan.gone)
-            _record_sources(conn, sources, video_root)
-            if world_size > 1:
-                # One plan for every rank: ranks planning on their own could see different catalogue
-                # states (rank 0 registers shards as it goes) or file states, and slice differently.
-                atomic_write_text(root / PLAN_NAME, json.dumps(plan.to_json()))
-            report.removed = catalog.remove_paths(conn, plan.gone)
-        sync()
-        if rank != 0:
-            plan = _Plan.from_json(json.loads((root / PLAN_NAME).read_text()))
-        report.unchanged = plan.unchanged
-        mine = plan.pending[rank::world_size]
-        _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress,
-                    _segment_config(plan.segments))
-        sync()
-        if conn is not None:
-            _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
-            _compact(conn, root, shard_size, extractor)
-            catalog.write_info(conn, {"updated_at": time.time()})
-            refresh_ann(conn, root, ann)
-            _count_outcomes(conn, plan, report)
-            (root / PLAN_NAME).unlink(missing_ok=True)
-            write_commit_marker(conn, root)  # last: the ANN file and every catalogue write come before
-        sync()
+        with _agreed(agree, "planning the build"):
+            if rank == 0:
+                stack.enter_context(exclusive_lock(root, create))
+                conn = stack.enter_context(contextlib.closing(catalog.connect(root)))
+                clean_stale_temp_files(root)
+                _init_or_check(conn, extractor, sources, video_root, create, wanted_segments)
+                _recover(conn, root, extractor.identity.model_id)
+                plan = _plan(conn, videos, retry_failed=retry_failed)
+                plan = dataclasses.replace(plan, segments=recorded_segments(catalog.read_info(conn)))
+                if not prune:
+                    check_removals(conn, plan.gone)
+                _record_sources(conn, sources, video_root)
+                if world_size > 1:
+                    # One plan for every rank: ranks planning on their own could see different catalogue
+                    # states (rank 0 registers shards as it goes) or file states, and slice differently.
+                    atomic_write_text(root / PLAN_NAME, json.dumps(plan.to_json()))
+                report.removed = catalog.remove_paths(conn, plan.gone)
+        with _agreed(agree, "encoding"):
+            if rank != 0:
+                plan = _Plan.from_json(json.loads((root / PLAN_NAME).read_text()))
+            report.unchanged = plan.unchanged
+            mine = plan.pending[rank::world_size]
+            _encode_all(root, mine, plan.replaced, extractor, shard_size, rank, conn, report, progress,
+                        _segment_config(plan.segments))
+        with _agreed(agree, "committing the index"):
+            if conn is not None:
+                _recover(conn, root, extractor.identity.model_id)  # merge the other ranks' shards
+                _compact(conn, root, shard_size, extractor)
+                catalog.write_info(conn, {"updated_at": time.time()})
+                refresh_ann(conn, root, ann)
+                _count_outcomes(conn, plan, report)
+                (root / PLAN_NAME).unlink(missing_ok=True)
+                write_commit_marker(conn, root)  # last: the ANN file and every catalogue write come before
     logger.info(
         "index %s: %d added, %d replaced, %d removed, %d failed, %d unchanged; %d videos",
         root, report.added, report.replaced, report.removed, report.failed, report.unchanged, report.total,
     )
     return report
+
+
+class OtherRankFailedError(RuntimeError):
+    """Another rank of a multi-rank build failed (its own error is in its log); this one stopped too."""
+
+
+@contextlib.contextmanager
+def _agreed(agree: Callable[[bool], bool], step: str) -> Iterator[None]:
+    """Run a step of a multi-rank build, then agree with the other ranks on whether any failed.
+
+    This rank's own exception is raised after the agreement (so every rank reaches it); when only
+    another rank failed, :class:`OtherRankFailedError` is raised here.
+    """
+    try:
+        yield
+    except Exception:
+        agree(True)
+        raise
+    if agree(False):
+        raise OtherRankFailedError(f"another rank failed while {step}; see its error")
 
 
 def write_commit_marker(conn: sqlite3.Connection, root: Path) -> dict[str, Any]:
