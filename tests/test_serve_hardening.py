@@ -470,15 +470,39 @@ def test_serve_command_wires_the_limits_into_app_and_server(corpus: dict, monkey
     monkeypatch.delenv(serve_command.TOKEN_ENV, raising=False)
     args = build_parser().parse_args([
         "serve", str(corpus["root"] / "idx"), "--reload-interval", "0", "--host", "192.168.1.4", "--allowed-host",
-        "search.lan", "--show-paths", "--search-timeout", "7", "--header-timeout", "3", "--max-connections", "9"])
+        "search.lan", "--show-paths", "--search-timeout", "7", "--header-timeout", "3", "--max-connections", "9",
+        "--forwarded-allow-ips", "10.0.0.7"])
     assert args.func(args) == 0
     config = started["config"]
     assert (config.host, config.limit_concurrency, config.timeout_keep_alive) == ("192.168.1.4", 9, 5)
+    assert config.forwarded_allow_ips == "10.0.0.7" and config.proxy_headers
     app = config.app
     assert app.state.config.allowed_hosts == ("localhost", "127.0.0.1", "[::1]", "192.168.1.4", "search.lan")
     assert app.state.config.show_paths and app.state.config.search_timeout_s == 7.0 and not app.state.config.docs
     with TestClient(app, base_url="http://search.lan:8000") as client:
         assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1", ""])
+def test_failed_logins_count_per_forwarded_client_behind_a_trusted_proxy(corpus: dict, trusted: str) -> None:
+    """A reverse proxy on a trusted address: each client behind it has its own failure budget;
+    from an untrusted sender X-Forwarded-For is ignored (one budget for the sender, not a way around it)."""
+    import httpx
+
+    from diffusionret.serve.server import uvicorn_config
+
+    app = create_app(SyntheticSearcher(corpus["index"]),
+                     ServeConfig(token=TOKEN, auth_failures_per_minute=1, auth_failure_burst=2))
+    def make(port: int) -> uvicorn.Config:
+        return uvicorn_config(app, "127.0.0.1", port, log_level="warning", forwarded_allow_ips=trusted)
+
+    with running_server(app, make) as port:
+        def guess(client_ip: str) -> int:
+            headers = {"Authorization": "Bearer wrong-guess", "X-Forwarded-For": client_ip}
+            return httpx.get(f"http://127.0.0.1:{port}/api/info", headers=headers, timeout=30).status_code
+
+        assert [guess("203.0.113.5") for _ in range(3)] == [401, 401, 429]
+        assert guess("203.0.113.6") == (401 if trusted else 429)
 
 
 def test_a_dropped_download_releases_its_file(tmp_path: Path) -> None:

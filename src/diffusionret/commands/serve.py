@@ -94,6 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="close idle keep-alive connections after this long (default: 5)")
     parser.add_argument("--max-connections", type=int, default=100,
                         help="connections served at once; more get 503 (default: 100)")
+    parser.add_argument("--forwarded-allow-ips", default="127.0.0.1", metavar="ADDRESSES",
+                        help="comma-separated addresses of reverse proxies whose X-Forwarded-For names the client "
+                             "(failed-login limits then count per real client, not per proxy); '*' trusts any "
+                             "sender, '' none (default: 127.0.0.1, a proxy on this machine)")
     parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                         help="look for changes of the index on disk (`index update`) this often and serve the "
                              "new contents once they have been stable that long (default: 5; 0: never reload)")
@@ -207,5 +211,6 @@ def run(args: argparse.Namespace) -> int:
                                            batch_regroup_ms=args.batch_regroup_ms, batch_split=args.batch_split))
     logger.info("serving %d videos on http://%s:%d/ (%d torch threads per search, %d workers)", len(searcher.index),
                 args.host, args.port, torch.get_num_threads(), args.workers)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="warning", access_log=False)).run()
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level="warning", access_log=False,
+                                  forwarded_allow_ips=args.forwarded_allow_ips)).run()
     return 0
