@@ -105,7 +105,8 @@ class SearchBatcher:
     Args:
         search_batch: the batched search (e.g. a backend's ``search_batch``).
         config: batch size and wait bound.
-        workers: threads, each running one batch at a time.
+        workers: search threads. With ``config.split`` (default) one batch runs at a time, split
+            into one part per thread; otherwise each thread runs its own batches.
         clock: monotonic seconds (tests inject a fake clock).
         wait: how a worker blocks on the queue's condition (tests inject one that advances the
             fake clock instead of sleeping).
