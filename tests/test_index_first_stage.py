@@ -240,6 +240,29 @@ def test_pq_rescoring_equals_the_row_by_row_form(dtype: torch.dtype) -> None:
         assert torch.equal(scores[i], expected_scores) and torch.equal(rows[i], candidates[order])
 
 
+def test_pq_reservoir_scan_finds_what_faiss_default_scan_finds() -> None:
+    """The fast-scan implementation PqFirstStage picks gives the shortlist of FAISS's own choice."""
+    require_faiss()
+    from diffusionret.index.first_stage import FAST_SCAN_IMPLEM
+
+    pooled = _clustered(20_000, 32, clusters=60)
+    stage = PqFirstStage.build(pooled, "f" * 24, m=8, rescore=20)
+    assert stage.index.implem == FAST_SCAN_IMPLEM
+    for n in (1, 3, 8):
+        queries = _queries(n, 32)
+        scores, rows = stage.search(queries, 50)
+        short_d, short_rows = stage.index.search(queries.numpy(), 1_000)
+        stage.index.implem = 0  # FAISS chooses
+        try:
+            default_scores, default_rows = stage.search(queries, 50)
+            default_d, default_short = stage.index.search(queries.numpy(), 1_000)
+        finally:
+            stage.index.implem = FAST_SCAN_IMPLEM
+        assert torch.equal(scores, default_scores) and torch.equal(rows, default_rows)
+        for mine, theirs in zip(short_rows, default_short, strict=True):
+            assert set(mine.tolist()) == set(theirs.tolist())
+
+
 def test_pq_file_is_built_named_by_content_and_searched(tmp_path: Path) -> None:
     require_faiss()
     root = _build(tmp_path, ann=PQ_ON)
