@@ -32,6 +32,7 @@ def _inputs(model, seed: int = 1, nt: int = 3, nv: int = 7, frames: int = 4):
     return torch.rand(nt, nv, generator=g), cls, video, mask, g
 
 
+@torch.no_grad()  # as evaluation and search call the re-ranker
 def _run_all(reranker: Reranker, model) -> list[torch.Tensor]:
     """t2v, v2t and t2v_rows (the search path) on fixed inputs and noise."""
     sim, cls, video, mask, g = _inputs(model)
@@ -43,6 +44,12 @@ def _run_all(reranker: Reranker, model) -> list[torch.Tensor]:
     rows = reranker.t2v_rows(sim[:, :4].contiguous(), cls, rows_video, rows_mask,
                              noise=torch.randn(sim.shape[0], min(k, 4), generator=g))
     return [t2v, v2t, rows]
+
+
+def _tables(reranker: Reranker, name: str, value_rows: int):
+    """The re-ranker's step tables as search and evaluation get them (gradients off)."""
+    with torch.no_grad():
+        return reranker._step_tables(name, value_rows)
 
 
 def _fresh(self, name: str, value_rows: int):
@@ -74,8 +81,8 @@ def _assert_tables_equal(a, b) -> None:
 def test_tables_are_reused_until_an_optimizer_step_changes_the_weights():
     model = _model()
     reranker = Reranker(model, RerankConfig(steps=10, top_k=3))
-    before = reranker._step_tables("diffusion_model", 3)
-    assert reranker._step_tables("diffusion_model", 3) is before  # reused
+    before = _tables(reranker, "diffusion_model", 3)
+    assert _tables(reranker, "diffusion_model", 3) is before  # reused
     before_qe = before.qe.clone()
     before_out = _run_all(reranker, model)
 
@@ -88,7 +95,7 @@ def test_tables_are_reused_until_an_optimizer_step_changes_the_weights():
     x0.square().sum().backward()
     optimizer.step()
 
-    after = reranker._step_tables("diffusion_model", 3)
+    after = _tables(reranker, "diffusion_model", 3)
     assert after is not before and not torch.equal(after.qe, before_qe)
     _assert_tables_equal(after, denoiser.step_tables(10, value_rows=3))
     after_out = _run_all(reranker, model)
@@ -100,28 +107,39 @@ def test_tables_are_reused_until_an_optimizer_step_changes_the_weights():
 def test_other_weight_changes_and_schedules_get_fresh_tables():
     model = _model()
     reranker = Reranker(model, RerankConfig(steps=10, top_k=3))
-    tables = reranker._step_tables("diffusion_model", 3)
+    tables = _tables(reranker, "diffusion_model", 3)
     # load_state_dict copies in place (the version counters move).
     other = _model(seed=5)
     model.diffusion_model.load_state_dict(other.diffusion_model.state_dict())
-    loaded = reranker._step_tables("diffusion_model", 3)
+    loaded = _tables(reranker, "diffusion_model", 3)
     assert loaded is not tables
     _assert_tables_equal(loaded, other.diffusion_model.step_tables(10, value_rows=3))
     # Replaced storage (.data) without an in-place update.
     weight = model.diffusion_model.q_proj.weight
     weight.data = weight.data * 2
-    replaced = reranker._step_tables("diffusion_model", 3)
+    replaced = _tables(reranker, "diffusion_model", 3)
     assert replaced is not loaded
     _assert_tables_equal(replaced, model.diffusion_model.step_tables(10, value_rows=3))
     # A replaced denoiser module.
     model.diffusion_model = other.diffusion_model
-    _assert_tables_equal(reranker._step_tables("diffusion_model", 3),
+    _assert_tables_equal(_tables(reranker, "diffusion_model", 3),
                          other.diffusion_model.step_tables(10, value_rows=3))
     # Another number of steps; and the fused value path (many rows) apart from the chain.
     reranker.diffusion = RerankConfig(steps=20).diffusion()
-    assert reranker._step_tables("diffusion_model", 3).qe.shape[0] == 20
-    fused = reranker._step_tables("diffusion_model", 10_000)
-    assert len(fused.value_chain) == 1 and len(reranker._step_tables("diffusion_model", 3).value_chain) == 3
+    assert _tables(reranker, "diffusion_model", 3).qe.shape[0] == 20
+    fused = _tables(reranker, "diffusion_model", 10_000)
+    assert len(fused.value_chain) == 1 and len(_tables(reranker, "diffusion_model", 3).value_chain) == 3
     # The video->text denoiser has its own tables.
-    _assert_tables_equal(reranker._step_tables("diffusion_model_v", 3),
+    _assert_tables_equal(_tables(reranker, "diffusion_model_v", 3),
                          model.diffusion_model_v.step_tables(20, value_rows=3))
+
+
+def test_tables_are_not_kept_with_gradients_enabled():
+    model = _model()
+    reranker = Reranker(model, RerankConfig(steps=10, top_k=3))
+    sim, cls, video, mask, g = _inputs(model)
+    reranker.t2v(sim, cls, video, mask, noise=torch.randn(sim.shape[0], 3, generator=g))
+    assert not reranker._tables  # they would hold an autograd graph
+    with torch.no_grad():
+        reranker.t2v(sim, cls, video, mask, noise=torch.randn(sim.shape[0], 3, generator=g))
+    assert reranker._tables

@@ -129,7 +129,7 @@ class Reranker:
         updates bump: optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``), storage,
         dtype, device and shape, so training and evaluation see fresh tables after any update; the
         cached tables are the very tensors a fresh call would compute. Not reused under autocast,
-        nor for inference-mode weights (they carry no version counter).
+        for inference-mode weights (they carry no version counter), nor with gradients enabled.
 
         Args:
             name: ``"diffusion_model"`` (text->video) or ``"diffusion_model_v"`` (video->text).
@@ -139,7 +139,10 @@ class Reranker:
         steps = self.diffusion.num_steps
         tensors = (*denoiser.parameters(), *denoiser.buffers())
         device_type = tensors[0].device.type
-        if torch.is_autocast_enabled(device_type) or any(t.is_inference() for t in tensors):
+        # Not under autocast, for inference-mode weights, or where the tables would carry an
+        # autograd graph (a reused graph could not be backpropagated through twice).
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if grads or torch.is_autocast_enabled(device_type) or any(t.is_inference() for t in tensors):
             return denoiser.step_tables(steps, value_rows=value_rows)
         stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors)
         key = (name, steps, denoiser.fuses_values(value_rows))
