@@ -352,13 +352,17 @@ def test_serve_config_validation() -> None:
 
 def test_serve_command_defaults_to_loopback_and_reads_the_token(tmp_path: Path, monkeypatch) -> None:
     from diffusionret.cli import build_parser
-    from diffusionret.commands.serve import MAX_DEFAULT_WORKERS, TOKEN_ENV, _is_loopback, resolve_token
+    from diffusionret.commands.serve import (MAX_DEFAULT_WORKERS, TOKEN_ENV, _is_loopback, default_workers,
+                                             resolve_token)
 
     args = build_parser().parse_args(["serve", "some-index"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.token is None
-    # One torch thread per search (stable tail latency), one search thread per usable core.
+    # One torch thread per search (stable tail latency); search threads fill the usable cores.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    assert args.threads == 1 and args.workers == max(1, min(MAX_DEFAULT_WORKERS, cores))
+    assert args.threads == 1 and args.workers is None  # resolved when the server starts
+    assert default_workers(1) == max(1, min(MAX_DEFAULT_WORKERS, cores))
+    assert default_workers(0) == 1  # torch's own threads already span every core
+    assert default_workers(2) == max(1, min(MAX_DEFAULT_WORKERS, cores // 2))
     assert args.first_stage == "auto" and args.nprobe == 32
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert resolve_token(args) is None

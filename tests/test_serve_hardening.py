@@ -479,6 +479,7 @@ def test_serve_command_wires_the_limits_into_app_and_server(corpus: dict, monkey
     app = config.app
     assert app.state.config.allowed_hosts == ("localhost", "127.0.0.1", "[::1]", "192.168.1.4", "search.lan")
     assert app.state.config.show_paths and app.state.config.search_timeout_s == 7.0 and not app.state.config.docs
+    assert app.state.config.workers == serve_command.default_workers(1)  # --workers unset: fill the cores
     with TestClient(app, base_url="http://search.lan:8000") as client:
         assert client.get("/healthz").status_code == 200
 

@@ -63,9 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch intra-op threads per search (default: 1, the stable choice for tail latency; "
                              "0 keeps torch's default of one per core)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="search threads: a batch of searches is split across them (default: one per core "
-                             f"this process may use, at most {MAX_DEFAULT_WORKERS}; here {default_workers()})")
+    parser.add_argument("--workers", type=int,
+                        help="search threads: a batch of searches is split across them (default: the cores this "
+                             f"process may use divided by --threads, at most {MAX_DEFAULT_WORKERS}; here "
+                             f"{default_workers(DEFAULT_THREADS)} with --threads {DEFAULT_THREADS})")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="also answer requests for this Host name or address (repeatable; '*': any host)")
     parser.add_argument("--show-paths", action="store_true",
@@ -104,15 +105,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def default_workers() -> int:
-    """One search thread per core this process may run on, at most :data:`MAX_DEFAULT_WORKERS`.
+def default_workers(threads: int) -> int:
+    """As many search threads as fill the cores this process may run on, at most :data:`MAX_DEFAULT_WORKERS`.
 
-    Each search thread runs torch with ``--threads`` (1) intra-op threads, so this fills the cores.
-    Beyond a few, a batch (at most ``--batch-max-size`` queries) would be cut into parts too small
-    for the text tower to batch well.
+    Each search thread runs torch with ``threads`` intra-op threads (``--threads``; 0: torch's
+    default of one per core), so ``cores // threads`` of them fill the cores without
+    oversubscribing them. Beyond a few, a batch (at most ``--batch-max-size`` queries) would be cut
+    into parts too small for the text tower to batch well.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // (threads or cores)))
 
 
 def resolve_token(args: argparse.Namespace) -> str | None:
@@ -167,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     from diffusionret.serve.security import MIN_TOKEN_CHARS, check_token
     from diffusionret.serve.server import ServerLimits, uvicorn_config
 
+    if args.workers is None:
+        args.workers = default_workers(args.threads)
     if args.threads < 0 or args.workers <= 0 or args.reload_interval < 0:
         logger.error("--threads and --reload-interval must be >= 0 and --workers positive")
         return 2
