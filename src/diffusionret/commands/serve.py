@@ -14,7 +14,7 @@ default. Most of a query is small ops (the text tower on a dozen tokens, 50 DDIM
 candidates) whose OpenMP threads synchronise after every op; when other work competes for the
 cores, a second thread that is descheduled stalls every op, and such code measured 5-15x slower
 with 2 threads than with 1 (BENCHMARKS.md). So parallelism comes from ``--workers`` search threads
-(default: one per usable core, at most 4), each on one core.
+(default: the usable cores divided by ``--threads``, at most 4), each on its own core(s).
 
 Batching: the searches queued when the last batch ends (up to ``--batch-max-size``; with
 ``--batch-max-wait-ms`` the first also waits that long for others; after a batch, ``--batch-regroup-ms``
