@@ -84,6 +84,7 @@ class RawConnection:
 
     async def get(self, path: str, params: dict[str, object]) -> tuple[int, bytes]:
         request = f"GET {path}?{urlencode(params)} HTTP/1.1\r\n{self.head_lines}\r\n".encode()
+        # One retry on a fresh connection: the server may have closed an idle keep-alive one.
         for attempt in (0, 1):
             if self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)

@@ -21,12 +21,12 @@ import uvicorn
 from _common import CACHE_DIR
 
 from bench_search import ann_stage, faiss_installed, search_model, synthetic_index
+from diffusionret.commands.serve import settle_heap
 from diffusionret.index.first_stage import LARGE_INDEX_VIDEOS, FirstStageConfig
 from diffusionret.index.identity import model_fingerprint
 from diffusionret.index.searcher import SearchConfig, Searcher
 from diffusionret.models.config import DiffusionSchedule
 from diffusionret.serve.app import ServeConfig, create_app
-from diffusionret.commands.serve import settle_heap
 from diffusionret.serve.server import uvicorn_config
 
 

@@ -281,7 +281,8 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
     # stops them.
     batcher = None
     if config.batch_max_size > 1:
-        # Through the backend at each batch: a reloading backend runs every batch on one snapshot.
+        # Through the backend at each call: a reloading backend runs every batch (every part of a
+        # split batch) on one snapshot.
         search_batch = getattr(backend, "search_batch", None) or loop_search_batch(backend.search)
         batcher = SearchBatcher(search_batch, BatchConfig(config.batch_max_size, config.batch_max_wait_ms / 1000.0,
                                                            config.batch_regroup_ms / 1000.0, config.batch_split),
@@ -312,8 +313,8 @@ def create_app(backend: SearchBackend, config: ServeConfig | None = None, *,
     app.state.signer = signer
     app.state.auth_limiter = limiter
     _install_error_handlers(app)
-    _install_security_headers(app)
-    _install_host_check(app, HostAllowlist(config.allowed_hosts))  # last added: runs first
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(HostCheck, allowlist=HostAllowlist(config.allowed_hosts))  # last added: runs first
     auth = _make_auth(config, signer, limiter)
     _add_page_routes(app)
     _add_api_routes(app, backend, config, signer, auth)
@@ -353,14 +354,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 # Both are plain ASGI middleware rather than ``@app.middleware("http")`` ones: Starlette's
 # BaseHTTPMiddleware runs each response through an extra task and memory stream, event-loop work
 # on every request that competed with the search threads (BENCHMARKS.md, search under concurrency).
-
-
-def _install_security_headers(app: FastAPI) -> None:
-    app.add_middleware(SecurityHeaders)
-
-
-def _install_host_check(app: FastAPI, allowlist: HostAllowlist) -> None:
-    app.add_middleware(HostCheck, allowlist=allowlist)
 
 
 class SecurityHeaders:
